@@ -37,8 +37,30 @@ class BackboneSpec:
     imagenet: Callable[[], Tuple[Dict[str, torch.Tensor], str]]
 
 
+def _fold_resnet_batchnorm(model: nn.Module) -> None:
+    """Folds every eval-mode BatchNorm into the convolution before it (w' = w * g / s, b' = ...).
+
+    The same function, one pass over memory less per layer: faster on the CPU, and the stem's
+    (B, 64, H/2, W/2) BatchNorm output (134 MB at batch 32, 256 x 256) is never allocated.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    model.conv1, model.bn1 = fuse_conv_bn_eval(model.conv1, model.bn1), nn.Identity()
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            for i in (1, 2, 3):
+                if hasattr(block, f"conv{i}"):
+                    fused = fuse_conv_bn_eval(getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
+                    setattr(block, f"conv{i}", fused)
+                    setattr(block, f"bn{i}", nn.Identity())
+            if block.downsample is not None:
+                block.downsample = fuse_conv_bn_eval(block.downsample[0], block.downsample[1])
+
+
 def _resnet_stages(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    _fold_resnet_batchnorm(model)
+    stem = nn.Sequential(model.conv1, model.relu, model.maxpool)
     return [("stem", stem)] + [(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 5)]
 
 

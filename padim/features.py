@@ -22,10 +22,11 @@ def embed(feature_maps: Sequence[torch.Tensor], channel_idx: torch.Tensor) -> to
 
     feature_maps: list of (B, C_l, h_l, w_l), shallow to deep (h_0 >= h_1 >= ...)
     channel_idx:  (d,) sorted indices into the concatenation of all C_l channels
-    returns:      (B, d, h_0, w_0)
+    returns:      (B, h_0, w_0, d), channels last: each patch's embedding is a contiguous row
 
     Equal to upsampling every map (nearest) to (h_0, w_0), concatenating and then keeping
-    ``channel_idx``, but selects first, so unused channels are never upsampled.
+    ``channel_idx``, but selects first, so unused channels are never upsampled. Works in the
+    channels-last layout the backbone runs in, so no transposing copy of the embeddings is made.
     """
     grid = feature_maps[0].shape[-2:]
     parts: List[torch.Tensor] = []
@@ -34,9 +35,9 @@ def embed(feature_maps: Sequence[torch.Tensor], channel_idx: torch.Tensor) -> to
         stop = start + fmap.shape[1]
         local = channel_idx[(channel_idx >= start) & (channel_idx < stop)] - start
         if len(local):
-            part = fmap.index_select(1, local.to(fmap.device))
-            if part.shape[-2:] != grid:
-                part = F.interpolate(part, size=grid, mode="nearest")
+            part = fmap.permute(0, 2, 3, 1).index_select(3, local.to(fmap.device))  # (B, h_l, w_l, k)
+            if part.shape[1:3] != grid:
+                part = F.interpolate(part.permute(0, 3, 1, 2), size=grid, mode="nearest").permute(0, 2, 3, 1)
             parts.append(part)
         start = stop
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=3)

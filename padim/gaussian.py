@@ -15,29 +15,33 @@ from .config import COVARIANCE_EPSILON
 class GaussianAccumulator:
     """Streams embeddings batch by batch into per-position mean and covariance, in float64.
 
-    Memory stays O(P * C^2) whatever the number of images: no embedding is kept. Sums are taken
-    around a shift (the first batch's mean), which keeps the one-pass covariance formula accurate
-    when features have a large mean relative to their spread.
+    Memory stays O(P * C^2) whatever the number of images: no embedding is kept. Sums are taken around
+    a shift (the first batch's mean), which keeps the one-pass covariance formula accurate when features
+    have a large mean relative to their spread. Positions are processed ``chunk`` at a time so that the
+    float64 temporaries stay small; outer products are added in place (``baddbmm_``, no temporary).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = 512) -> None:
+        self.chunk = chunk
         self.count = 0
         self.shift = None  # (P, C)
         self.sum = None  # (P, C)       sum of (x - shift)
         self.outer = None  # (P, C, C)  sum of (x - shift)(x - shift)^T
 
     def update(self, embeddings: torch.Tensor) -> None:
-        """embeddings: (B, C, P), any float dtype."""
-        x = embeddings.to(torch.float64).permute(2, 0, 1)  # (P, B, C)
+        """embeddings: (B, P, C), any float dtype (row p of image b is that patch's embedding)."""
+        n_img, n_pos, n_ch = embeddings.shape
         if self.shift is None:
-            self.shift = x.mean(dim=1)
-            n_pos, _, n_ch = x.shape
-            self.sum = torch.zeros(n_pos, n_ch, dtype=torch.float64, device=x.device)
-            self.outer = torch.zeros(n_pos, n_ch, n_ch, dtype=torch.float64, device=x.device)
-        x = x - self.shift.unsqueeze(1)
-        self.sum += x.sum(dim=1)
-        self.outer.baddbmm_(x.transpose(1, 2), x)  # (P, C, B) @ (P, B, C), in place
-        self.count += embeddings.shape[0]
+            self.shift = embeddings.to(torch.float64).mean(dim=0)
+            self.sum = torch.zeros(n_pos, n_ch, dtype=torch.float64, device=embeddings.device)
+            self.outer = torch.zeros(n_pos, n_ch, n_ch, dtype=torch.float64, device=embeddings.device)
+        for start in range(0, n_pos, self.chunk):
+            stop = min(start + self.chunk, n_pos)
+            x = embeddings[:, start:stop].transpose(0, 1).to(torch.float64)  # (p, B, C)
+            x = x - self.shift[start:stop].unsqueeze(1)
+            self.sum[start:stop] += x.sum(dim=1)
+            self.outer[start:stop].baddbmm_(x.transpose(1, 2), x)  # += (p, C, B) @ (p, B, C)
+        self.count += n_img
 
     def finalize(self, epsilon: float = COVARIANCE_EPSILON) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns mean (P, C) and unbiased covariance + epsilon * I (P, C, C), both float64.
@@ -75,12 +79,12 @@ def precision_factor(cov: torch.Tensor, chunk: int = 256, dtype: torch.dtype = t
 def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Mahalanobis distance of every patch to its position's Gaussian.
 
-    embeddings: (B, C, P); mean: (P, C); factor: (P, C, C) from ``precision_factor``
-    returns:    (B, P) = sqrt((x - mean)^T cov^-1 (x - mean))
+    embeddings: (B, P, C); mean: (P, C); factor: (P, C, C) from ``precision_factor``
+    returns:    (B, P) = sqrt((x - mean)^T cov^-1 (x - mean)) = ||W (x - mean)||
     """
-    delta = embeddings.permute(2, 1, 0).to(factor.dtype) - mean.to(factor.dtype).unsqueeze(2)  # (P, C, B)
-    whitened = torch.bmm(factor, delta)  # (P, C, B)
-    return whitened.square().sum(dim=1).sqrt().transpose(0, 1)  # (B, P)
+    delta = embeddings.transpose(0, 1).to(factor.dtype) - mean.to(factor.dtype).unsqueeze(1)  # (P, B, C)
+    whitened = torch.bmm(delta, factor.transpose(1, 2))  # (P, B, C): row-vector form of W (x - mean)
+    return whitened.square().sum(dim=2).sqrt().transpose(0, 1)  # (B, P)
 
 
 def pack_lower(matrices: torch.Tensor) -> torch.Tensor:

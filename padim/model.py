@@ -27,6 +27,10 @@ from .features import embed, random_channel_subset
 from .gaussian import GaussianAccumulator, mahalanobis, pack_lower, precision_factor, unpack_lower
 from .images import ImageInput, load_image, prefetched
 from .maps import anomaly_maps, image_scores
+from .memory import release_free_memory
+
+
+CPU_FORWARD_CHUNK = 8
 
 
 def default_device() -> str:
@@ -140,9 +144,16 @@ class PaDiM:
 
     # ----------------------------------------------------------------------------- features
     def _embeddings(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, d, h, w) PaDiM embeddings."""
+        """(B, 3, H, W) normalised images -> (B, h, w, d) PaDiM embeddings (channels last).
+
+        On the CPU the backbone sees at most ``CPU_FORWARD_CHUNK`` images at a time: per image it is
+        as fast as a batch of 32, and its activations (the largest buffers of a fit) take a quarter
+        of the memory. The statistics still get the whole batch at once.
+        """
         batch = batch.to(self._device_, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return embed(self._extractor(batch), self.channel_idx_)
+        chunk = CPU_FORWARD_CHUNK if self._device_.type == "cpu" else len(batch)
+        parts = [embed(self._extractor(part), self.channel_idx_) for part in batch.split(chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _batches(self, images: Sequence[ImageInput], desc: str) -> Iterator[Tuple[torch.Tensor, List]]:
         """Yields (B, 3, H, W) inputs and their original (height, width) sizes, decoded ahead."""
@@ -173,9 +184,11 @@ class PaDiM:
         stats = GaussianAccumulator()
         with torch.inference_mode():
             for batch, _ in self._batches(images, "fit"):
-                emb = self._embeddings(batch)  # (B, d, h, w)
-                self.feature_hw_ = tuple(emb.shape[-2:])
-                stats.update(emb.flatten(2))  # (B, d, P)
+                emb = self._embeddings(batch)  # (B, h, w, d)
+                self.feature_hw_ = tuple(emb.shape[1:3])
+                stats.update(emb.flatten(1, 2))  # (B, P, d)
+                del emb
+                release_free_memory()
             mean, cov = stats.finalize()
             del stats
             self.precision_factor_ = precision_factor(cov)  # (P, d, d)
@@ -201,10 +214,10 @@ class PaDiM:
         config = self.config_
         with torch.inference_mode():
             for batch, sizes in self._batches(images, desc):
-                emb = self._embeddings(batch)  # (B, d, h, w)
-                if tuple(emb.shape[-2:]) != tuple(self.feature_hw_):
-                    raise PadimError(f"feature grid {tuple(emb.shape[-2:])} differs from the fitted {self.feature_hw_}")
-                distances = mahalanobis(emb.flatten(2), self.mean_, self.precision_factor_)  # (B, P)
+                emb = self._embeddings(batch)  # (B, h, w, d)
+                if tuple(emb.shape[1:3]) != tuple(self.feature_hw_):
+                    raise PadimError(f"feature grid {tuple(emb.shape[1:3])} differs from the fitted {self.feature_hw_}")
+                distances = mahalanobis(emb.flatten(1, 2), self.mean_, self.precision_factor_)  # (B, P)
                 maps = anomaly_maps(distances.view(-1, *self.feature_hw_), config.input_size, config.sigma)
                 yield image_scores(maps).cpu(), maps.cpu(), sizes
 
