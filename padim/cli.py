@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -218,6 +219,8 @@ def cmd_predict(args) -> None:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     if args.output is not None and model.pixel_threshold_ is None:
         print("note: the model has no pixel threshold (run 'padim test' first): writing heatmaps, no masks", file=sys.stderr)
+    # outputs mirror the inputs' folders below their common parent, so equal file names never collide
+    common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
     done = 0
     for scores, maps, sizes in model.iter_predict(paths):
         for score, anomaly_map, size in zip(scores.tolist(), maps, sizes):
@@ -229,13 +232,14 @@ def cmd_predict(args) -> None:
             if model.uses_random_weights:
                 record["warning"] = "random backbone weights"
             if args.output is not None:
+                stem = args.output / path.resolve().parent.relative_to(common) / path.stem
                 full = to_original_resolution(anomaly_map, size) if model.config_.crop is None else anomaly_map.numpy()
                 if model.pixel_threshold_ is not None:
                     vmin, vmax = 0.0, 2 * model.pixel_threshold_
-                    save_png(mask_image(full >= model.pixel_threshold_), args.output / f"{path.stem}_mask.png")
+                    save_png(mask_image(full >= model.pixel_threshold_), stem.with_name(stem.name + "_mask.png"))
                 else:
                     vmin, vmax = float(full.min()), float(full.max())
-                save_png(heatmap_overlay(open_image(path), full, vmin, vmax), args.output / f"{path.stem}_heatmap.png")
+                save_png(heatmap_overlay(open_image(path), full, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
             print(json.dumps(record), flush=True)
 
 

@@ -1,0 +1,29 @@
+"""Shared fixtures: small synthetic categories generated in code (nothing shipped as files)."""
+
+import shutil
+
+import pytest
+
+from padim.data.synthetic import make_synthetic_category
+
+SMALL = dict(n_train=12, n_test_good=4, n_test_per_defect=2, size=64)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A data root holding one small synthetic category, 'fabric' (64 x 64 PNGs). Read-only."""
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic_category(root, name="fabric", **SMALL)
+    return root
+
+
+@pytest.fixture
+def writable_root(tmp_path, synthetic_root):
+    """A private copy of the synthetic data root, for tests that break it."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+# Fast settings for fitting on the synthetic category: untrained ResNet-18 at 64 x 64 on the CPU.
+FAST = dict(backbone="resnet18", weights="random", image_size=64, batch_size=8, device="cpu")

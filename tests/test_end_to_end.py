@@ -1,0 +1,116 @@
+"""Fit, save, load, test and predict on a synthetic category, through the API and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from padim import PaDiM
+from padim.cli import main
+from padim.data import find_category
+from padim.errors import NotFittedError
+
+from conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_root, tmp_path_factory):
+    category = find_category(synthetic_root, "fabric", need_test=True)
+    model = PaDiM(**FAST).fit(category.train)
+    path = tmp_path_factory.mktemp("model") / "fabric.safetensors"
+    model.save(path)
+    return model, path, category
+
+
+def test_fit_sets_the_fitted_attributes(fitted):
+    model, _, category = fitted
+    h, w = model.feature_hw_
+    assert (h, w) == (16, 16)  # layer1 has stride 4
+    assert model.mean_.shape == (h * w, 100)
+    assert model.precision_factor_.shape == (h * w, 100, 100)
+    assert model.channel_idx_.shape == (100,)
+    assert model.n_train_images_ == len(category.train)
+
+
+def test_loaded_model_gives_the_same_scores_and_maps(fitted):
+    model, path, category = fitted
+    images = [s.path for s in category.test]
+    in_memory = model.predict(images)
+    loaded = PaDiM.load(path, device="cpu").predict(images)
+    np.testing.assert_allclose(loaded.scores, in_memory.scores, rtol=1e-6)
+    np.testing.assert_allclose(loaded.maps, in_memory.maps, rtol=1e-6, atol=1e-6)
+    assert in_memory.maps.shape == (len(images), 64, 64)
+    assert in_memory.labels is None  # no threshold yet
+
+
+def test_maps_at_original_resolution(fitted, tmp_path):
+    from PIL import Image
+
+    model, _, category = fitted
+    wide = tmp_path / "wide.png"
+    Image.open(category.test[0].path).resize((96, 48)).save(wide)
+    result = model.predict([wide], original_resolution=True)
+    assert result.maps[0].shape == (48, 96)
+
+
+def test_unfitted_model_says_so():
+    with pytest.raises(NotFittedError):
+        PaDiM(**FAST).predict([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_grayscale_and_rgba_arrays_are_accepted(fitted):
+    model, _, _ = fitted
+    gray = np.full((80, 50), 128, np.uint8)
+    rgba = np.full((64, 64, 4), 200, np.uint8)
+    assert model.score_samples([gray, rgba]).shape == (2,)
+
+
+def test_cli_fit_test_predict(synthetic_root, tmp_path, capsys):
+    model_path = tmp_path / "m.safetensors"
+    out = tmp_path / "out"
+    assert main(["fit", "--data-root", str(synthetic_root), "--category", "fabric", "--backbone", "resnet18",
+                 "--weights", "random", "--image-size", "64", "--batch-size", "8", "--device", "cpu",
+                 "--output", str(model_path)]) == 0
+    assert "RANDOM backbone weights" in capsys.readouterr().err
+
+    assert main(["test", "--model", str(model_path), "--data-root", str(synthetic_root), "--category", "fabric",
+                 "--device", "cpu", "--output", str(out), "--save-images"]) == 0
+    printed = capsys.readouterr()
+    assert "| fabric |" in printed.out and "chosen on the test set" in printed.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO"):
+        assert 0.0 <= metrics[key] <= 1.0
+    for key in ("fit_s", "test_s", "test_ms_per_image"):
+        assert metrics[key] > 0
+    assert metrics["random_weights"] is True
+    assert len(list((out / "images").rglob("*.png"))) == metrics["n_test_images"]
+
+    # the thresholds went into the model file
+    reloaded = PaDiM.load(model_path, device="cpu")
+    assert reloaded.image_threshold_ == pytest.approx(metrics["image_threshold"])
+    assert reloaded.pixel_threshold_ == pytest.approx(metrics["pixel_threshold"])
+
+    test_dir = synthetic_root / "fabric" / "test"
+    images = sorted((test_dir / "spot").glob("*.png")) + sorted((test_dir / "good").glob("*.png"))[:1]
+    pred_out = tmp_path / "pred"
+    assert main(["predict", "--model", str(model_path), *map(str, images), "--device", "cpu",
+                 "--output", str(pred_out)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == list(map(str, images))
+    for line in lines:
+        assert line["label"] in ("good", "anomalous")
+        assert (line["score"] >= metrics["image_threshold"]) == (line["label"] == "anomalous")
+        assert line["warning"] == "random backbone weights"
+    # same file names in two folders: both kept, in mirrored sub-folders
+    assert sorted(p.relative_to(pred_out).as_posix() for p in pred_out.rglob("*.png")) == [
+        "good/000_heatmap.png", "good/000_mask.png", "spot/000_heatmap.png", "spot/000_mask.png",
+        "spot/001_heatmap.png", "spot/001_mask.png"]
+
+
+def test_seed_changes_the_channels_and_is_saved(synthetic_root, tmp_path):
+    category = find_category(synthetic_root, "fabric")
+    a = PaDiM(**FAST, seed=1).fit(category.train[:4])
+    a.save(tmp_path / "a.safetensors")
+    b = PaDiM.load(tmp_path / "a.safetensors", device="cpu")
+    assert b.channel_idx_.tolist() == a.channel_idx_.tolist()
+    assert a.channel_idx_.tolist() != PaDiM(**FAST, seed=2).fit(category.train[:4]).channel_idx_.tolist()

@@ -1,0 +1,83 @@
+"""Gaussian statistics and Mahalanobis distances against NumPy / SciPy on the same numbers."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+from padim.gaussian import GaussianAccumulator, mahalanobis, pack_lower, precision_factor, unpack_lower
+
+
+def _embeddings(seed, n_img=41, n_pos=7, n_ch=5):
+    rng = np.random.default_rng(seed)
+    # a large common offset makes a naive one-pass covariance lose digits
+    return rng.normal(0, 1, (n_img, n_pos, n_ch)) * rng.uniform(0.5, 3, n_ch) + 1e3
+
+
+@pytest.mark.parametrize("splits", [[41], [1, 40], [7, 7, 7, 20], [2] * 20 + [1]])
+def test_accumulated_statistics_equal_numpy_whatever_the_batch_split(splits):
+    x = _embeddings(0)  # (B, P, C) float64
+    acc = GaussianAccumulator(chunk=3)
+    start = 0
+    for size in splits:
+        acc.update(torch.from_numpy(x[start : start + size]))
+        start += size
+    mean, cov = acc.finalize(epsilon=0.01)
+
+    for p in range(x.shape[1]):
+        expected_cov = np.cov(x[:, p, :], rowvar=False) + 0.01 * np.eye(x.shape[2])
+        np.testing.assert_allclose(cov[p].numpy(), expected_cov, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(mean[p].numpy(), x[:, p, :].mean(axis=0), rtol=1e-12)
+
+
+def test_float32_embeddings_are_accumulated_in_float64():
+    x32 = _embeddings(1).astype(np.float32)
+    acc = GaussianAccumulator()
+    acc.update(torch.from_numpy(x32))
+    mean, cov = acc.finalize()
+    assert cov.dtype == torch.float64
+    expected = np.cov(x32[:, 0, :].astype(np.float64), rowvar=False) + 0.01 * np.eye(5)
+    np.testing.assert_allclose(cov[0].numpy(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_one_image_is_not_enough():
+    acc = GaussianAccumulator()
+    acc.update(torch.zeros(1, 3, 2))
+    with pytest.raises(ValueError, match="at least 2"):
+        acc.finalize()
+
+
+def test_precision_factor_whitens_the_covariance():
+    x = _embeddings(2)
+    acc = GaussianAccumulator()
+    acc.update(torch.from_numpy(x))
+    _, cov = acc.finalize()
+    factor = precision_factor(cov, chunk=3, dtype=torch.float64)
+    for p in range(cov.shape[0]):
+        w = factor[p].numpy()
+        np.testing.assert_allclose(w.T @ w, np.linalg.inv(cov[p].numpy()), rtol=1e-8, atol=1e-10)
+        assert np.allclose(np.triu(w, 1), 0)
+
+
+def test_mahalanobis_equals_scipy():
+    rng = np.random.default_rng(3)
+    n_pos, n_ch = 6, 4
+    a = rng.normal(size=(n_pos, n_ch, n_ch))
+    cov = a @ a.transpose(0, 2, 1) + 0.5 * np.eye(n_ch)
+    mean = rng.normal(size=(n_pos, n_ch))
+    x = rng.normal(size=(3, n_pos, n_ch)) * 2  # (B, P, C)
+
+    factor = precision_factor(torch.from_numpy(cov), dtype=torch.float64)
+    ours = mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), factor).numpy()  # (B, P)
+
+    for b in range(3):
+        for p in range(n_pos):
+            expected = scipy_mahalanobis(x[b, p], mean[p], np.linalg.inv(cov[p]))
+            assert ours[b, p] == pytest.approx(expected, rel=1e-10)
+
+
+def test_pack_lower_round_trip_keeps_the_lower_triangle():
+    m = torch.tril(torch.randn(3, 5, 5))
+    packed = pack_lower(m)
+    assert packed.shape == (3, 15)
+    assert torch.equal(unpack_lower(packed, 5), m)
