@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", required=True, type=Path, help="folder for the results and the report")
     _device_option(bench)
 
+    download = commands.add_parser("download", help="download MVTec AD and unpack chosen categories",
+                                   description="Download MVTec AD from its official location (resuming a broken "
+                                               "download), verify its SHA-256 and unpack the asked categories.")
+    download.add_argument("dataset", choices=("mvtec",), help="the data set (mvtec: MVTec AD, about 4.9 GB)")
+    download.add_argument("--to", required=True, type=Path, help="folder to download into; use it as --data-root")
+    download.add_argument("--categories", default="all", help="'all' or comma-separated category names (default: all)")
+    download.add_argument("--url", default=None, help="a mirror of the archive (default: the official location)")
+    download.add_argument("--sha256", default=None, help="the mirror's SHA-256 (default: the official archive's)")
+
     demo = commands.add_parser("demo", help="generate a synthetic category, fit, test, report (offline)",
                                description="Generate a synthetic fabric category with defects, fit efficientnet_lite0 "
                                            "with ImageNet weights, test it and write the results and report.html.")
@@ -229,6 +238,20 @@ def cmd_benchmark(args) -> None:
     _print_results(args.output)
 
 
+def cmd_download(args) -> None:
+    from dataclasses import replace
+
+    from .benchmark import parse_categories
+    from .download import MVTEC_AD, extract, fetch
+
+    archive = replace(MVTEC_AD, url=args.url or MVTEC_AD.url, sha256=(args.sha256 or MVTEC_AD.sha256).lower())
+    categories = None if args.categories.strip() == "all" else parse_categories(args.categories)
+    path = fetch(archive, args.to)
+    print(f"{path}: sha256 verified")
+    done = extract(path, args.to, categories)
+    print(f"unpacked {', '.join(done)} into {args.to}; use --data-root {args.to}")
+
+
 def cmd_demo(args) -> None:
     from .benchmark import run_benchmark
     from .data.synthetic import make_synthetic_category
@@ -243,7 +266,8 @@ def cmd_demo(args) -> None:
     print(f"demo done in {time.perf_counter() - started:.0f} s")
 
 
-COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark, "demo": cmd_demo}
+COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark, "download": cmd_download,
+            "demo": cmd_demo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
