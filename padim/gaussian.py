@@ -60,20 +60,22 @@ class GaussianAccumulator:
         return mean, cov
 
 
-def precision_factor(cov: torch.Tensor, chunk: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Lower-triangular W with W^T W = cov^-1 (W = L^-1 for the Cholesky factor cov = L L^T).
+def packed_precision_factor(cov: torch.Tensor, chunk: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Lower-triangular W with W^T W = cov^-1 (W = L^-1 for the Cholesky factor cov = L L^T), packed.
 
-    cov: (P, C, C) symmetric positive definite -> (P, C, C) in ``dtype``.
-    Cholesky and a triangular solve rather than an explicit inverse: stabler, and the distance
-    becomes ||W (x - mean)||. Done ``chunk`` positions at a time to bound the float64 temporaries.
+    cov: (P, C, C) symmetric positive definite -> (P, C (C + 1) / 2) in ``dtype`` (``unpack_lower``
+    gives (P, C, C)). Cholesky and a triangular solve rather than an explicit inverse: stabler, and
+    the distance becomes ||W (x - mean)||. Done ``chunk`` positions at a time, packed, so that next to
+    the float64 covariances only half a float32 factor is held (the peak memory of a fit).
     """
     n_pos, n_ch, _ = cov.shape
-    factor = torch.empty(n_pos, n_ch, n_ch, dtype=dtype, device=cov.device)
+    rows, cols = torch.tril_indices(n_ch, n_ch, device=cov.device)
+    packed = torch.empty(n_pos, len(rows), dtype=dtype, device=cov.device)
     eye = torch.eye(n_ch, dtype=cov.dtype, device=cov.device)
     for start in range(0, n_pos, chunk):
         lower = torch.linalg.cholesky(cov[start : start + chunk])
-        factor[start : start + chunk] = torch.linalg.solve_triangular(lower, eye, upper=False)
-    return factor
+        packed[start : start + chunk] = torch.linalg.solve_triangular(lower, eye, upper=False)[:, rows, cols]
+    return packed
 
 
 def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

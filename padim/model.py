@@ -24,7 +24,7 @@ from .backbones import build_extractor, get_spec
 from .config import PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError
 from .features import embed, random_channel_subset
-from .gaussian import GaussianAccumulator, mahalanobis, pack_lower, precision_factor, unpack_lower
+from .gaussian import GaussianAccumulator, mahalanobis, pack_lower, packed_precision_factor, unpack_lower
 from .images import ImageInput, load_image, prefetched
 from .maps import anomaly_maps, image_scores
 from .memory import release_free_memory
@@ -191,8 +191,10 @@ class PaDiM:
                 release_free_memory()
             mean, cov = stats.finalize()
             del stats
-            self.precision_factor_ = precision_factor(cov)  # (P, d, d)
+            packed = packed_precision_factor(cov)  # (P, d (d + 1) / 2)
             del cov
+            release_free_memory()
+            self.precision_factor_ = unpack_lower(packed, config.n_features)  # (P, d, d)
         self.mean_ = mean.float()
         self.n_train_images_ = len(images)
         self.fit_seconds_ = time.perf_counter() - started

@@ -11,7 +11,6 @@ from typing import Callable, Optional
 
 from . import __version__
 from .data.mvtec import find_category
-from .evaluate import METRIC_KEYS, THRESHOLDS_NOTE, evaluate
 from .model import PaDiM
 
 RANDOM_WEIGHTS_WARNING = "WARNING: this model uses RANDOM backbone weights (--weights random): for tests only, not a real detector"
@@ -38,6 +37,8 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
                   note: Callable[[str], None] = _stderr) -> dict:
     """Tests a saved model on a category: writes OUTPUT/metrics.json (and pictures), stores the
     F1-maximising thresholds in the model file, and returns the metrics.json content."""
+    from .evaluate import METRIC_KEYS, THRESHOLDS_NOTE, evaluate  # scikit-learn, scipy: not needed to fit
+
     model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None)
     found = find_category(data_root, category, need_test=True)
     if model.uses_random_weights:

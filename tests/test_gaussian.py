@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from padim.gaussian import GaussianAccumulator, mahalanobis, pack_lower, precision_factor, unpack_lower
+from padim.gaussian import GaussianAccumulator, mahalanobis, pack_lower, packed_precision_factor, unpack_lower
 
 
 def _embeddings(seed, n_img=41, n_pos=7, n_ch=5):
@@ -52,7 +52,7 @@ def test_precision_factor_whitens_the_covariance():
     acc = GaussianAccumulator()
     acc.update(torch.from_numpy(x))
     _, cov = acc.finalize()
-    factor = precision_factor(cov, chunk=3, dtype=torch.float64)
+    factor = unpack_lower(packed_precision_factor(cov, chunk=3, dtype=torch.float64), cov.shape[-1])
     for p in range(cov.shape[0]):
         w = factor[p].numpy()
         np.testing.assert_allclose(w.T @ w, np.linalg.inv(cov[p].numpy()), rtol=1e-8, atol=1e-10)
@@ -67,7 +67,7 @@ def test_mahalanobis_equals_scipy():
     mean = rng.normal(size=(n_pos, n_ch))
     x = rng.normal(size=(3, n_pos, n_ch)) * 2  # (B, P, C)
 
-    factor = precision_factor(torch.from_numpy(cov), dtype=torch.float64)
+    factor = unpack_lower(packed_precision_factor(torch.from_numpy(cov), dtype=torch.float64), n_ch)
     ours = mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), factor).numpy()  # (B, P)
 
     for b in range(3):
