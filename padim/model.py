@@ -24,7 +24,7 @@ from .backbones import build_extractor, get_spec
 from .config import PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError
 from .features import embed, random_channel_subset
-from .gaussian import GaussianAccumulator, mahalanobis, pack_lower, packed_precision_factor, unpack_lower
+from .gaussian import GaussianAccumulator, mahalanobis, unpack_lower
 from .images import ImageInput, load_image, prefetched
 from .maps import anomaly_maps, image_scores
 from .memory import release_free_memory
@@ -67,7 +67,8 @@ class PaDiM:
     """PaDiM (Defard et al. 2020) with a scikit-learn style interface.
 
     Parameters are stored as given; ``fit`` sets the trailing-underscore attributes:
-    ``mean_`` (P, d), ``precision_factor_`` (P, d, d) lower triangular with W^T W = cov^-1,
+    ``mean_`` (P, d), ``precision_factor_packed_`` (P, d (d + 1) / 2): the lower triangle of the
+    factor W with W^T W = cov^-1 (``precision_factor_`` unpacks it to (P, d, d) when scoring needs it),
     ``channel_idx_`` (d,), ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
     ``weights_source_``, ``fit_seconds_``, ``fit_date_``. ``image_threshold_`` and
     ``pixel_threshold_`` are None until set (``padim test`` sets them from the test set).
@@ -139,6 +140,15 @@ class PaDiM:
             raise NotFittedError("this PaDiM model is not fitted yet: call fit() or PaDiM.load() first")
 
     @property
+    def precision_factor_(self) -> torch.Tensor:
+        """(P, d, d) lower-triangular factor, unpacked on first use (scoring) and kept. A fit never
+        needs it whole, so fitting wide backbones (d = 550) holds only the packed half."""
+        self._check_fitted()
+        if getattr(self, "_precision_factor", None) is None:
+            self._precision_factor = unpack_lower(self.precision_factor_packed_, len(self.channel_idx_))
+        return self._precision_factor
+
+    @property
     def uses_random_weights(self) -> bool:
         return str(self.weights) == "random"
 
@@ -189,12 +199,11 @@ class PaDiM:
                 stats.update(emb.flatten(1, 2))  # (B, P, d)
                 del emb
                 release_free_memory()
-            mean, cov = stats.finalize()
+            mean, packed = stats.finalize()  # (P, d), (P, d (d + 1) / 2)
             del stats
-            packed = packed_precision_factor(cov)  # (P, d (d + 1) / 2)
-            del cov
             release_free_memory()
-            self.precision_factor_ = unpack_lower(packed, config.n_features)  # (P, d, d)
+            self.precision_factor_packed_ = packed
+            self._precision_factor = None
         self.mean_ = mean.float()
         self.n_train_images_ = len(images)
         self.fit_seconds_ = time.perf_counter() - started
@@ -259,7 +268,7 @@ class PaDiM:
         self._check_fitted()
         tensors = {
             "mean": self.mean_,  # (P, d)
-            "precision_factor_packed": pack_lower(self.precision_factor_),  # (P, d (d + 1) / 2)
+            "precision_factor_packed": self.precision_factor_packed_,  # (P, d (d + 1) / 2)
             "channel_idx": self.channel_idx_,  # (d,)
         }
         metadata = {
@@ -308,7 +317,7 @@ class PaDiM:
         model._extractor = extractor.to(model._device_, memory_format=torch.channels_last)
         model.weights_source_ = source
         model.mean_ = tensors["mean"].to(model._device_)
-        model.precision_factor_ = unpack_lower(packed, d).to(model._device_)
+        model.precision_factor_packed_ = packed.to(model._device_)
         model.channel_idx_ = tensors["channel_idx"].long().to(model._device_)
         model.feature_hw_ = feature_hw
         model.n_train_images_ = meta.get("n_train_images")

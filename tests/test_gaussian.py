@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from padim.gaussian import GaussianAccumulator, mahalanobis, pack_lower, packed_precision_factor, unpack_lower
+from padim.gaussian import GaussianAccumulator, mahalanobis, unpack_lower
 
 
 def _embeddings(seed, n_img=41, n_pos=7, n_ch=5):
@@ -22,7 +22,7 @@ def test_accumulated_statistics_equal_numpy_whatever_the_batch_split(splits):
     for size in splits:
         acc.update(torch.from_numpy(x[start : start + size]))
         start += size
-    mean, cov = acc.finalize(epsilon=0.01)
+    cov, mean = acc.covariance(epsilon=0.01), acc.mean()
 
     for p in range(x.shape[1]):
         expected_cov = np.cov(x[:, p, :], rowvar=False) + 0.01 * np.eye(x.shape[2])
@@ -34,7 +34,7 @@ def test_float32_embeddings_are_accumulated_in_float64():
     x32 = _embeddings(1).astype(np.float32)
     acc = GaussianAccumulator()
     acc.update(torch.from_numpy(x32))
-    mean, cov = acc.finalize()
+    cov = acc.covariance()
     assert cov.dtype == torch.float64
     expected = np.cov(x32[:, 0, :].astype(np.float64), rowvar=False) + 0.01 * np.eye(5)
     np.testing.assert_allclose(cov[0].numpy(), expected, rtol=1e-9, atol=1e-9)
@@ -45,17 +45,23 @@ def test_one_image_is_not_enough():
     acc.update(torch.zeros(1, 3, 2))
     with pytest.raises(ValueError, match="at least 2"):
         acc.finalize()
+    with pytest.raises(ValueError, match="at least 2"):
+        acc.covariance()
 
 
 def test_precision_factor_whitens_the_covariance():
     x = _embeddings(2)
-    acc = GaussianAccumulator()
-    acc.update(torch.from_numpy(x))
-    _, cov = acc.finalize()
-    factor = unpack_lower(packed_precision_factor(cov, chunk=3, dtype=torch.float64), cov.shape[-1])
-    for p in range(cov.shape[0]):
+    acc = GaussianAccumulator(chunk=3)
+    acc.update(torch.from_numpy(x[:20]))
+    acc.update(torch.from_numpy(x[20:]))
+    mean, packed = acc.finalize(dtype=torch.float64)
+    assert packed.shape == (7, 15)
+    factor = unpack_lower(packed, 5)
+    np.testing.assert_allclose(mean.numpy(), x.mean(axis=0), rtol=1e-12)
+    for p in range(7):
         w = factor[p].numpy()
-        np.testing.assert_allclose(w.T @ w, np.linalg.inv(cov[p].numpy()), rtol=1e-8, atol=1e-10)
+        expected_cov = np.cov(x[:, p, :], rowvar=False) + 0.01 * np.eye(5)
+        np.testing.assert_allclose(w.T @ w, np.linalg.inv(expected_cov), rtol=1e-7, atol=1e-10)
         assert np.allclose(np.triu(w, 1), 0)
 
 
@@ -67,7 +73,7 @@ def test_mahalanobis_equals_scipy():
     mean = rng.normal(size=(n_pos, n_ch))
     x = rng.normal(size=(3, n_pos, n_ch)) * 2  # (B, P, C)
 
-    factor = unpack_lower(packed_precision_factor(torch.from_numpy(cov), dtype=torch.float64), n_ch)
+    factor = torch.from_numpy(np.linalg.cholesky(np.linalg.inv(cov)).transpose(0, 2, 1))  # W^T W = cov^-1
     ours = mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), factor).numpy()  # (B, P)
 
     for b in range(3):
@@ -76,8 +82,7 @@ def test_mahalanobis_equals_scipy():
             assert ours[b, p] == pytest.approx(expected, rel=1e-10)
 
 
-def test_pack_lower_round_trip_keeps_the_lower_triangle():
-    m = torch.tril(torch.randn(3, 5, 5))
-    packed = pack_lower(m)
-    assert packed.shape == (3, 15)
-    assert torch.equal(unpack_lower(packed, 5), m)
+def test_unpack_lower_fills_the_lower_triangle_row_by_row():
+    packed = torch.arange(1.0, 7.0).view(1, 6)
+    expected = torch.tensor([[[1.0, 0, 0], [2, 3, 0], [4, 5, 6]]])
+    assert torch.equal(unpack_lower(packed, 3), expected)
