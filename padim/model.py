@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import __version__
 from . import io as model_io
 from .backbones import build_extractor, get_spec
-from .config import PadimConfig
+from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError
 from .features import embed, random_channel_subset
 from .gaussian import GaussianAccumulator, mahalanobis, unpack_lower
@@ -84,6 +84,7 @@ class PaDiM:
         crop: Union[int, Tuple[int, int], None] = None,
         seed: int = 0,
         sigma: float = 4.0,
+        epsilon: float = COVARIANCE_EPSILON,
         batch_size: int = 32,
         device: Optional[str] = None,
         workers: int = 2,
@@ -97,6 +98,7 @@ class PaDiM:
         self.crop = crop
         self.seed = seed
         self.sigma = sigma
+        self.epsilon = epsilon
         self.batch_size = batch_size
         self.device = device
         self.workers = workers
@@ -127,6 +129,7 @@ class PaDiM:
             crop=crop,
             seed=int(self.seed),
             sigma=float(self.sigma),
+            epsilon=float(self.epsilon),
         )
 
     def _device(self) -> torch.device:
@@ -199,7 +202,7 @@ class PaDiM:
                 stats.update(emb.flatten(1, 2))  # (B, P, d)
                 del emb
                 release_free_memory()
-            mean, packed = stats.finalize()  # (P, d), (P, d (d + 1) / 2)
+            mean, packed = stats.finalize(config.epsilon)  # (P, d), (P, d (d + 1) / 2)
             del stats
             release_free_memory()
             self.precision_factor_packed_ = packed
@@ -304,7 +307,7 @@ class PaDiM:
 
         model = cls(backbone=config.backbone, weights=config.weights, layers=config.layers,
                     n_features=config.n_features, image_size=config.image_size, crop=config.crop,
-                    seed=config.seed, sigma=config.sigma, batch_size=batch_size, device=device,
+                    seed=config.seed, sigma=config.sigma, epsilon=config.epsilon, batch_size=batch_size, device=device,
                     workers=workers, progress=progress)
         model.config_ = config
         model._device_ = model._device()
