@@ -26,7 +26,7 @@ class GaussianAccumulator:
     """
 
     def __init__(self, chunk: Optional[int] = None) -> None:
-        self.chunk = chunk  # positions per block; None: as many as keep a block's C x C products near 64 MB
+        self.chunk = chunk  # positions per block; None: as many as keep a block's C x C products near 16 MB
         self.count = 0
         self.shift = None  # (P, C)              first batch's mean
         self.sum = None  # (P, C)                sum of (x - shift)
@@ -37,7 +37,7 @@ class GaussianAccumulator:
         n_img, n_pos, n_ch = embeddings.shape
         device = embeddings.device
         if self.shift is None:
-            self.chunk = self.chunk or max(1, min(n_pos, (8 << 20) // (n_ch * n_ch)))
+            self.chunk = self.chunk or max(1, min(n_pos, (2 << 20) // (n_ch * n_ch)))
             self.shift = embeddings.to(torch.float64).mean(dim=0)
             self.sum = torch.zeros(n_pos, n_ch, dtype=torch.float64, device=device)
             rows, cols = torch.tril_indices(n_ch, n_ch, device=device)
