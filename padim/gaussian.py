@@ -10,6 +10,9 @@ from typing import Optional, Tuple
 import torch
 
 from .config import COVARIANCE_EPSILON
+from .memory import release_free_memory
+
+RELEASE_EVERY_BYTES = 256 << 20
 
 
 class GaussianAccumulator:
@@ -92,9 +95,14 @@ class GaussianAccumulator:
         n_pos, n_ch = mean.shape
         factor = torch.empty(n_pos, n_ch * (n_ch + 1) // 2, dtype=dtype, device=mean.device)
         eye = torch.eye(n_ch, dtype=torch.float64, device=mean.device)
+        released = 0
         for index in range(len(self.outer)):
             lower = torch.linalg.cholesky(self._covariance_block(index, epsilon))
-            self.outer[index] = None  # release this block's sums
+            released += self.outer[index].numel() * 8
+            self.outer[index] = None  # release this block's sums...
+            if released > RELEASE_EVERY_BYTES:  # ...and hand them back, or the allocator keeps them
+                release_free_memory()
+                released = 0
             start = index * self.chunk
             inverse = torch.linalg.solve_triangular(lower, eye, upper=False)  # (p, C, C)
             factor[start : start + len(inverse)] = inverse.reshape(len(inverse), -1).index_select(1, self._lower)
