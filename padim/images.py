@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable, Iterator, List, Sequence, Tuple, TypeVar, Union
 
 import numpy as np

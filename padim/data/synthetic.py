@@ -4,7 +4,6 @@ defects (scratches, spots, missing pieces) with their masks. For tests and the d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
