@@ -147,26 +147,19 @@ def _metrics_table(category: str, metrics: dict) -> str:
     return "\n".join([header, rule, row])
 
 
-def run_test(model_path: Path, data_root: Path, category: str, output: Path, save_images: bool,
-             device: Optional[str], batch_size: int, max_images: Optional[int] = None) -> dict:
-    """``padim test``: the test job, then the table and where everything went."""
+def cmd_test(args) -> None:
     from .runs import test_category
 
-    summary = test_category(model_path, data_root, category, output, save_images, max_images, device, batch_size)
-    print(_metrics_table(category, summary))
+    output = args.output if args.output is not None else Path("padim-test") / args.category
+    summary = test_category(args.model, args.data_root, args.category, output, args.save_images, args.max_images,
+                            args.device, args.batch_size)
+    print(_metrics_table(args.category, summary))
     print(f"{summary['n_test_images']} test images in {summary['test_s']:.1f} s "
           f"({summary['test_ms_per_image']:.1f} ms/image); metrics -> {output / 'metrics.json'}")
     print(f"thresholds chosen on the test set (max F1; optimistic): image {summary['image_threshold']:.4g}, "
-          f"pixel {summary['pixel_threshold']:.4g}; saved in {model_path}")
-    if save_images:
+          f"pixel {summary['pixel_threshold']:.4g}; saved in {args.model}")
+    if args.save_images:
         print(f"{len(summary['pictures'])} pictures -> {output}")
-    return summary
-
-
-def cmd_test(args) -> None:
-    output = args.output if args.output is not None else Path("padim-test") / args.category
-    run_test(args.model, args.data_root, args.category, output, args.save_images, args.device, args.batch_size,
-             args.max_images)
 
 
 def _expand_paths(paths: List[Path]) -> List[Path]:
