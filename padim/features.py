@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,27 +17,37 @@ def random_channel_subset(n_channels: int, d: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_channels, generator=generator)[:d].sort().values
 
 
-def embed(feature_maps: Sequence[torch.Tensor], channel_idx: torch.Tensor) -> torch.Tensor:
+def embed(feature_maps: Sequence[torch.Tensor], channel_idx: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Concatenates the selected channels of every layer on the first layer's grid.
 
     feature_maps: list of (B, C_l, h_l, w_l), shallow to deep (h_0 >= h_1 >= ...)
     channel_idx:  (d,) sorted indices into the concatenation of all C_l channels
+    out:          optional (B, h_0, w_0, d) tensor to write into (e.g. a slice of a larger batch)
     returns:      (B, h_0, w_0, d), channels last: each patch's embedding is a contiguous row
 
     Equal to upsampling every map (nearest) to (h_0, w_0), concatenating and then keeping
-    ``channel_idx``, but selects first, so unused channels are never upsampled. Works in the
-    channels-last layout the backbone runs in, so no transposing copy of the embeddings is made.
+    ``channel_idx``, but selects first, so unused channels are never upsampled, and writes each
+    layer's channels straight into their columns of the result: when the grids differ by whole
+    factors (the usual strides 4, 8, 16), nearest upsampling is a broadcast copy into (s_h, s_w)
+    blocks, with no upsampled temporary and no concatenating copy.
     """
-    grid = feature_maps[0].shape[-2:]
-    parts: List[torch.Tensor] = []
-    start = 0
+    first = feature_maps[0]
+    grid = tuple(first.shape[-2:])
+    if out is None:
+        out = first.new_empty(first.shape[0], *grid, len(channel_idx))
+    start = column = 0
     for fmap in feature_maps:
         stop = start + fmap.shape[1]
         local = channel_idx[(channel_idx >= start) & (channel_idx < stop)] - start
         if len(local):
             part = fmap.permute(0, 2, 3, 1).index_select(3, local.to(fmap.device))  # (B, h_l, w_l, k)
-            if part.shape[1:3] != grid:
-                part = F.interpolate(part.permute(0, 3, 1, 2), size=grid, mode="nearest").permute(0, 2, 3, 1)
-            parts.append(part)
+            target = out[..., column : column + len(local)]  # (B, h_0, w_0, k)
+            h_l, w_l = part.shape[1:3]
+            if grid[0] % h_l == 0 and grid[1] % w_l == 0:
+                blocks = target.unflatten(2, (w_l, grid[1] // w_l)).unflatten(1, (h_l, grid[0] // h_l))
+                blocks.copy_(part[:, :, None, :, None, :])  # (B, h_l, s_h, w_l, s_w, k)
+            else:
+                target.copy_(F.interpolate(part.permute(0, 3, 1, 2), size=grid, mode="nearest").permute(0, 2, 3, 1))
+            column += len(local)
         start = stop
-    return torch.cat(parts, dim=3)
+    return out

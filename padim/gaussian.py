@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import COVARIANCE_EPSILON
-from .memory import release_free_memory
+from .memory import Workspace, release_free_memory
 
 RELEASE_EVERY_BYTES = 256 << 20
 
@@ -110,15 +110,28 @@ class GaussianAccumulator:
         return mean, factor
 
 
-def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor,
+                workspace: Optional[Workspace] = None) -> torch.Tensor:
     """Mahalanobis distance of every patch to its position's Gaussian.
 
     embeddings: (B, P, C); mean: (P, C); factor: (P, C, C) from ``precision_factor``
     returns:    (B, P) = sqrt((x - mean)^T cov^-1 (x - mean)) = ||W (x - mean)||
+    workspace:  optional; its reused buffers hold the (B, P, C) temporaries (see ``Workspace``)
+
+    The mean is subtracted in the embeddings' own (contiguous) layout; the product then reads the
+    (P, B, C) view directly: a transposing copy costs as much as the subtraction itself.
     """
-    delta = embeddings.transpose(0, 1).to(factor.dtype) - mean.to(factor.dtype).unsqueeze(1)  # (P, B, C)
-    whitened = torch.bmm(delta, factor.transpose(1, 2))  # (P, B, C): row-vector form of W (x - mean)
-    return whitened.square().sum(dim=2).sqrt().transpose(0, 1)  # (B, P)
+    n_img, n_pos, n_ch = embeddings.shape
+    mean = mean.to(factor.dtype)
+    if workspace is None:
+        delta = embeddings.to(factor.dtype) - mean  # (B, P, C)
+        whitened = torch.bmm(delta.transpose(0, 1), factor.transpose(1, 2))  # (P, B, C): row form of W (x - mean)
+    else:
+        delta = workspace.get("delta", (n_img, n_pos, n_ch), factor.dtype, factor.device)
+        torch.sub(embeddings, mean, out=delta)
+        whitened = workspace.get("whitened", (n_pos, n_img, n_ch), factor.dtype, factor.device)
+        torch.bmm(delta.transpose(0, 1), factor.transpose(1, 2), out=whitened)
+    return torch.linalg.vector_norm(whitened, dim=2).T  # (B, P)
 
 
 def unpack_lower(packed: torch.Tensor, n_channels: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Tuple
 
 import torch
@@ -16,21 +17,44 @@ def gaussian_kernel1d(sigma: float, dtype=torch.float32, device=None) -> torch.T
     return kernel / kernel.sum()
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, H, W) -> (B, H, W), blurred with reflected borders, as two 1-D passes (separable Gaussian:
-    2K instead of K^2 multiplies per pixel)."""
-    kernel = gaussian_kernel1d(sigma, maps.dtype, maps.device)
+def blur_last_dim(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, L) -> (N, L): 1-D Gaussian blur of each row with reflected borders (d c b | a b c d)."""
+    kernel = gaussian_kernel1d(sigma, x.dtype, x.device)
     radius = kernel.numel() // 2
-    x = maps.unsqueeze(1)  # (B, 1, H, W)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
+    return F.conv1d(F.pad(x.unsqueeze(1), (radius, radius), mode="reflect"), kernel.view(1, 1, -1)).squeeze(1)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, H, W) -> (B, H, W), blurred with reflected borders, as two 1-D passes (separable Gaussian)."""
+    batch, height, width = maps.shape
+    rows = blur_last_dim(maps.reshape(-1, width), sigma).view(batch, height, width)
+    return blur_last_dim(rows.transpose(1, 2).reshape(-1, height), sigma).view(batch, width, height).transpose(1, 2)
+
+
+@lru_cache(maxsize=16)
+def upsample_blur_matrix(n_in: int, n_out: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in) matrix R with R @ v = blur(linear upsampling of v), for one axis.
+
+    Linear upsampling (align_corners=False) and the reflect-border blur are both linear and separable,
+    so a whole map is R_h @ D @ R_w^T: the blur is computed once here (in float64) on the basis
+    vectors instead of on every map. Per 64 x 64 -> 256 x 256 map that is two small matrix products
+    (5 M multiply-adds) in place of an upsampled copy and two 33-tap convolutions over 65 k pixels.
+    """
+    basis = torch.eye(n_in, dtype=torch.float64)
+    upsampled = F.interpolate(basis.unsqueeze(1), size=n_out, mode="linear", align_corners=False).squeeze(1)
+    return blur_last_dim(upsampled, sigma).T.contiguous().to(dtype=dtype, device=device)  # (n_out, n_in)
 
 
 def anomaly_maps(patch_scores: torch.Tensor, size: Tuple[int, int], sigma: float) -> torch.Tensor:
-    """(B, h, w) patch distances -> (B, H, W) anomaly maps: bilinear upsampling, then the blur."""
-    upsampled = F.interpolate(patch_scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
-    return gaussian_blur(upsampled.squeeze(1), sigma)
+    """(B, h, w) patch distances -> (B, H, W) anomaly maps: bilinear upsampling, then the sigma blur.
+
+    Equal to F.interpolate(bilinear, align_corners=False) followed by ``gaussian_blur`` (tested),
+    computed as R_h @ D @ R_w^T with ``upsample_blur_matrix``.
+    """
+    _, h, w = patch_scores.shape
+    rows = upsample_blur_matrix(h, size[0], float(sigma), patch_scores.dtype, patch_scores.device)  # (H, h)
+    cols = upsample_blur_matrix(w, size[1], float(sigma), patch_scores.dtype, patch_scores.device)  # (W, w)
+    return rows @ patch_scores @ cols.T
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import os
 import sys
 from functools import lru_cache
+
+import torch
 
 
 @lru_cache(maxsize=1)
@@ -24,8 +28,50 @@ def _libc():
         return None
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+LARGEST_MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit systems
+
+
+@lru_cache(maxsize=1)
+def reuse_large_buffers() -> bool:
+    """Asks glibc to serve buffers up to 32 MB from its heap and to keep freed memory for reuse.
+
+    Why: by default glibc's thresholds move with the allocation pattern, and a batch loop with
+    buffers of 10-50 MB ends up returning its heap top to the system after one batch and faulting it
+    back in during the next (batches then alternate between 28 and 37 ms per image). Fixed
+    thresholds make scoring on the CPU 20-30 % faster. Process-wide and kept (glibc cannot restore
+    its moving thresholds), so it is done once, on the first CPU scoring, and not during fits, whose
+    peak memory it would raise (they trim the heap after every batch instead).
+    Set PADIM_KEEP_MALLOC=1 to leave the allocator alone. Returns whether it was applied.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt") or os.environ.get("PADIM_KEEP_MALLOC") == "1":
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def release_free_memory() -> None:
     """Returns the allocator's free memory to the operating system (glibc only)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+class Workspace:
+    """Scratch tensors reused from batch to batch, by name.
+
+    Why: a fresh buffer of tens of MB is a fresh mmap on Linux, and the page faults of its first
+    touch cost about as much as a pass of arithmetic over it. Scoring allocates three such buffers
+    per batch (embeddings, centred embeddings, whitened embeddings); reusing them keeps the pages.
+    """
+
+    def __init__(self) -> None:
+        self._buffers = {}
+
+    def get(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` (contents undefined), sharing storage with earlier calls."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != torch.device(device):
+            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(tuple(shape))

@@ -25,9 +25,9 @@ from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError
 from .features import embed, random_channel_subset
 from .gaussian import GaussianAccumulator, mahalanobis, unpack_lower
-from .images import ImageInput, load_image, prefetched
+from .images import ImageInput, load_pixels, prefetched, to_input
 from .maps import anomaly_maps, image_scores
-from .memory import release_free_memory
+from .memory import Workspace, release_free_memory, reuse_large_buffers
 
 
 CPU_FORWARD_CHUNK = 8
@@ -156,7 +156,7 @@ class PaDiM:
         return str(self.weights) == "random"
 
     # ----------------------------------------------------------------------------- features
-    def _embeddings(self, batch: torch.Tensor) -> torch.Tensor:
+    def _embeddings(self, batch: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, h, w, d) PaDiM embeddings (channels last).
 
         On the CPU the backbone sees at most ``CPU_FORWARD_CHUNK`` images at a time: per image it is
@@ -165,16 +165,27 @@ class PaDiM:
         """
         batch = batch.to(self._device_, non_blocking=True).contiguous(memory_format=torch.channels_last)
         chunk = CPU_FORWARD_CHUNK if self._device_.type == "cpu" else len(batch)
-        parts = [embed(self._extractor(part), self.channel_idx_) for part in batch.split(chunk)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = None
+        for start in range(0, len(batch), chunk):
+            feature_maps = self._extractor(batch[start : start + chunk])
+            if out is None:
+                shape = (len(batch), *feature_maps[0].shape[-2:], len(self.channel_idx_))
+                out = (workspace.get("embeddings", shape, feature_maps[0].dtype, feature_maps[0].device)
+                       if workspace is not None else feature_maps[0].new_empty(shape))
+            embed(feature_maps, self.channel_idx_, out=out[start : start + chunk])
+            del feature_maps
+        return out
 
     def _batches(self, images: Sequence[ImageInput], desc: str) -> Iterator[Tuple[torch.Tensor, List]]:
-        """Yields (B, 3, H, W) inputs and their original (height, width) sizes, decoded ahead."""
+        """Yields (B, 3, H, W) normalised channels_last inputs and their original (height, width)
+        sizes; files are decoded (to uint8) in threads, a batch ahead when the model runs on a GPU."""
         config = self.config_
-        batches = prefetched(list(images), self.batch_size, lambda item: load_image(item, config), self.workers)
+        ahead = 0 if self._device_.type == "cpu" else 1  # see ``prefetched``
+        batches = prefetched(list(images), self.batch_size, lambda item: load_pixels(item, config), self.workers, ahead)
         total = -(-len(images) // self.batch_size)
         for loaded in tqdm(batches, total=total, desc=desc, unit="batch", disable=self._progress_off()):
-            yield torch.stack([x for x, _ in loaded]), [hw for _, hw in loaded]
+            pixels = torch.from_numpy(np.stack([x for x, _ in loaded]))  # (B, H, W, 3) uint8
+            yield to_input(pixels, config), [hw for _, hw in loaded]
 
     def _progress_off(self) -> Optional[bool]:
         return {False: True, None: None, True: False}[self.progress]
@@ -226,12 +237,15 @@ class PaDiM:
         """Yields, batch by batch: scores (B,), maps (B, H, W) on the CPU, original sizes [(h, w)]."""
         self._check_fitted()
         config = self.config_
+        if self._device_.type == "cpu":
+            reuse_large_buffers()
+        workspace = Workspace()  # the batch-sized temporaries, reused (nothing yielded lives in it)
         with torch.inference_mode():
             for batch, sizes in self._batches(images, desc):
-                emb = self._embeddings(batch)  # (B, h, w, d)
+                emb = self._embeddings(batch, workspace)  # (B, h, w, d)
                 if tuple(emb.shape[1:3]) != tuple(self.feature_hw_):
                     raise PadimError(f"feature grid {tuple(emb.shape[1:3])} differs from the fitted {self.feature_hw_}")
-                distances = mahalanobis(emb.flatten(1, 2), self.mean_, self.precision_factor_)  # (B, P)
+                distances = mahalanobis(emb.flatten(1, 2), self.mean_, self.precision_factor_, workspace)  # (B, P)
                 maps = anomaly_maps(distances.view(-1, *self.feature_hw_), config.input_size, config.sigma)
                 yield image_scores(maps).cpu(), maps.cpu(), sizes
 

@@ -26,3 +26,20 @@ def test_embed_equals_upsample_concatenate_then_select():
     ours = embed([m.contiguous(memory_format=torch.channels_last) for m in maps], idx)
     assert ours.shape == (2, 8, 8, 7)
     np.testing.assert_array_equal(ours.numpy(), expected)
+
+
+def test_embed_with_grids_that_are_not_whole_multiples_matches_nearest_upsampling():
+    # e.g. a 250-pixel input: ResNet grids 63, 32, 16; nearest picks source index floor(i * in / out)
+    rng = np.random.default_rng(1)
+    maps = [torch.from_numpy(rng.normal(size=s).astype(np.float32)) for s in [(1, 3, 7, 7), (1, 4, 4, 3)]]
+    idx = torch.tensor([1, 2, 3, 6])
+    rows, cols = (np.arange(7) * 4) // 7, (np.arange(7) * 3) // 7
+    deep = maps[1].numpy()[:, :, rows][:, :, :, cols]
+    full = np.concatenate([maps[0].numpy(), deep], axis=1)
+    expected = full[:, idx.numpy()].transpose(0, 2, 3, 1)
+
+    out = torch.full((2, 7, 7, 4), float("nan"))
+    ours = embed(maps, idx, out=out[1:])  # writes into a slice of a larger buffer
+    np.testing.assert_array_equal(ours.numpy(), expected)
+    np.testing.assert_array_equal(out[1].numpy(), expected[0])
+    assert torch.isnan(out[0]).all()

@@ -6,6 +6,7 @@ import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from padim.gaussian import GaussianAccumulator, mahalanobis, unpack_lower
+from padim.memory import Workspace
 
 
 def _embeddings(seed, n_img=41, n_pos=7, n_ch=5):
@@ -65,7 +66,8 @@ def test_precision_factor_whitens_the_covariance():
         assert np.allclose(np.triu(w, 1), 0)
 
 
-def test_mahalanobis_equals_scipy():
+@pytest.mark.parametrize("reuse_buffers", [False, True])
+def test_mahalanobis_equals_scipy(reuse_buffers):
     rng = np.random.default_rng(3)
     n_pos, n_ch = 6, 4
     a = rng.normal(size=(n_pos, n_ch, n_ch))
@@ -74,7 +76,12 @@ def test_mahalanobis_equals_scipy():
     x = rng.normal(size=(3, n_pos, n_ch)) * 2  # (B, P, C)
 
     factor = torch.from_numpy(np.linalg.cholesky(np.linalg.inv(cov)).transpose(0, 2, 1))  # W^T W = cov^-1
-    ours = mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), factor).numpy()  # (B, P)
+    if reuse_buffers:  # a workspace that already served a larger batch: its buffers are sliced
+        workspace = Workspace()
+        mahalanobis(torch.from_numpy(np.concatenate([x, x])), torch.from_numpy(mean), factor, workspace)
+        ours = mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), factor, workspace).numpy()
+    else:
+        ours = mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), factor).numpy()  # (B, P)
 
     for b in range(3):
         for p in range(n_pos):

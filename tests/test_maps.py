@@ -34,3 +34,15 @@ def test_anomaly_map_has_input_size_and_score_is_its_max():
     # the hot patch (row 2, column 5) covers pixels 16..23 x 40..47 of the 64 x 64 map
     assert 16 <= peak[0] <= 23 and 40 <= peak[1] <= 47
     assert image_scores(maps).item() == maps.max().item()
+
+
+@pytest.mark.parametrize("grid, size", [((16, 16), (64, 64)), ((7, 9), (56, 40))])
+def test_anomaly_map_equals_bilinear_upsampling_then_scipy_blur(grid, size):
+    # reference: torch's own bilinear interpolation, then SciPy's filter (neither uses padim's matrices)
+    rng = np.random.default_rng(1)
+    patch = torch.from_numpy(rng.random((3, *grid)) * 10 + 1)
+    upsampled = torch.nn.functional.interpolate(patch[:, None], size=size, mode="bilinear", align_corners=False)
+    expected = np.stack([gaussian_filter(m, sigma=4.0, mode="mirror", truncate=4.0) for m in upsampled[:, 0].numpy()])
+    np.testing.assert_allclose(anomaly_maps(patch, size, sigma=4.0).numpy(), expected, rtol=1e-10)
+    float32 = anomaly_maps(patch.float(), size, sigma=4.0).numpy()
+    np.testing.assert_allclose(float32, expected, rtol=1e-5)
