@@ -73,7 +73,7 @@ def to_input(pixels: Union[np.ndarray, torch.Tensor], config: PadimConfig) -> to
     pixels = torch.as_tensor(pixels)
     scale = 1.0 / (255.0 * torch.tensor(config.std, dtype=torch.float32))
     shift = -torch.tensor(config.mean, dtype=torch.float32) / torch.tensor(config.std, dtype=torch.float32)
-    x = pixels.permute(0, 3, 1, 2).to(torch.float32)  # keeps the channels_last strides
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32, copy=True)  # keeps the channels_last strides
     return x.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))
 
 
