@@ -280,7 +280,9 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--equivalence-images", type=int, default=64)
+    parser.add_argument("--equivalence-images", type=int, default=256,
+                        help="training images of the equivalence fit (fewer than d + 1 leaves the covariances "
+                             "singular but for the 0.01 ridge, and anomalib's float32 inverse then dominates)")
     parser.add_argument("--floor-pairs", type=int, default=2, help="floor / padim test passes alternated per run")
     parser.add_argument("--skip-anomalib", action="store_true", help="padim's figures only")
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
