@@ -10,7 +10,8 @@ anomalib, repeated --repeats times; medians are reported with the ratios ours / 
 
 Figures: fit wall seconds; test ms per image (decoding included, metrics excluded); peak RSS of fit
 and of test; model size on disk; image/pixel AUROC; the backbone-only forward time on the same test
-batches (channels_last under inference_mode: the floor) and padim's test time over it; and the
+batches (channels_last under inference_mode: the floor) and padim's test time over it, the two
+alternated warm in one process (see ``phase_floor``); and the
 equivalence check: both fitted on the same input tensors with the same channel subset, the maximum
 relative difference between the two anomaly maps. The last line is a JSON summary.
 

@@ -122,15 +122,11 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tens
     (P, B, C) view directly: a transposing copy costs as much as the subtraction itself.
     """
     n_img, n_pos, n_ch = embeddings.shape
-    mean = mean.to(factor.dtype)
-    if workspace is None:
-        delta = embeddings.to(factor.dtype) - mean  # (B, P, C)
-        whitened = torch.bmm(delta.transpose(0, 1), factor.transpose(1, 2))  # (P, B, C): row form of W (x - mean)
-    else:
-        delta = workspace.get("delta", (n_img, n_pos, n_ch), factor.dtype, factor.device)
-        torch.sub(embeddings, mean, out=delta)
-        whitened = workspace.get("whitened", (n_pos, n_img, n_ch), factor.dtype, factor.device)
-        torch.bmm(delta.transpose(0, 1), factor.transpose(1, 2), out=whitened)
+    workspace = workspace if workspace is not None else Workspace()
+    delta = workspace.get("delta", (n_img, n_pos, n_ch), factor.dtype, factor.device)
+    torch.sub(embeddings, mean.to(factor.dtype), out=delta)
+    whitened = workspace.get("whitened", (n_pos, n_img, n_ch), factor.dtype, factor.device)
+    torch.bmm(delta.transpose(0, 1), factor.transpose(1, 2), out=whitened)  # (P, B, C): row form of W (x - mean)
     return torch.linalg.vector_norm(whitened, dim=2).T  # (B, P)
 
 

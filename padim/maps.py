@@ -24,13 +24,6 @@ def blur_last_dim(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv1d(F.pad(x.unsqueeze(1), (radius, radius), mode="reflect"), kernel.view(1, 1, -1)).squeeze(1)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, H, W) -> (B, H, W), blurred with reflected borders, as two 1-D passes (separable Gaussian)."""
-    batch, height, width = maps.shape
-    rows = blur_last_dim(maps.reshape(-1, width), sigma).view(batch, height, width)
-    return blur_last_dim(rows.transpose(1, 2).reshape(-1, height), sigma).view(batch, width, height).transpose(1, 2)
-
-
 @lru_cache(maxsize=16)
 def upsample_blur_matrix(n_in: int, n_out: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(n_out, n_in) matrix R with R @ v = blur(linear upsampling of v), for one axis.
@@ -48,8 +41,8 @@ def upsample_blur_matrix(n_in: int, n_out: int, sigma: float, dtype: torch.dtype
 def anomaly_maps(patch_scores: torch.Tensor, size: Tuple[int, int], sigma: float) -> torch.Tensor:
     """(B, h, w) patch distances -> (B, H, W) anomaly maps: bilinear upsampling, then the sigma blur.
 
-    Equal to F.interpolate(bilinear, align_corners=False) followed by ``gaussian_blur`` (tested),
-    computed as R_h @ D @ R_w^T with ``upsample_blur_matrix``.
+    Equal to F.interpolate(bilinear, align_corners=False) followed by a separable Gaussian blur with
+    reflected borders (tested against SciPy), computed as R_h @ D @ R_w^T with ``upsample_blur_matrix``.
     """
     _, h, w = patch_scores.shape
     rows = upsample_blur_matrix(h, size[0], float(sigma), patch_scores.dtype, patch_scores.device)  # (H, h)

@@ -165,13 +165,13 @@ class PaDiM:
         """
         batch = batch.to(self._device_, non_blocking=True).contiguous(memory_format=torch.channels_last)
         chunk = CPU_FORWARD_CHUNK if self._device_.type == "cpu" else len(batch)
+        workspace = workspace if workspace is not None else Workspace()
         out = None
         for start in range(0, len(batch), chunk):
             feature_maps = self._extractor(batch[start : start + chunk])
             if out is None:
                 shape = (len(batch), *feature_maps[0].shape[-2:], len(self.channel_idx_))
-                out = (workspace.get("embeddings", shape, feature_maps[0].dtype, feature_maps[0].device)
-                       if workspace is not None else feature_maps[0].new_empty(shape))
+                out = workspace.get("embeddings", shape, feature_maps[0].dtype, feature_maps[0].device)
             embed(feature_maps, self.channel_idx_, out=out[start : start + chunk])
             del feature_maps
         return out
