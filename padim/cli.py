@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders of images")
     predict.add_argument("--output", type=Path, default=None,
                          help="folder for a heatmap overlay and (with a pixel threshold) a binary mask PNG per image, "
-                              "at the image's original resolution")
+                              "at the image's original resolution (for a model fitted with --crop: at the crop, "
+                              "over the resized and cropped image the model saw)")
     _device_option(predict)
 
     bench = commands.add_parser("benchmark", help="fit and test every category: results table and HTML report",
@@ -180,7 +181,9 @@ def _expand_paths(paths: List[Path]) -> List[Path]:
 
 
 def cmd_predict(args) -> None:
-    from .images import open_image
+    from PIL import Image
+
+    from .images import load_pixels, open_image
     from .model import PaDiM, to_original_resolution
     from .visualize import heatmap_overlay, mask_image, save_png
 
@@ -206,13 +209,16 @@ def cmd_predict(args) -> None:
                 record["warning"] = "random backbone weights"
             if args.output is not None:
                 stem = args.output / path.resolve().parent.relative_to(common) / path.stem
-                full = to_original_resolution(anomaly_map, size) if model.config_.crop is None else anomaly_map.numpy()
+                if model.config_.crop is None:  # the map and the picture at the image's own size
+                    full, picture = to_original_resolution(anomaly_map, size), open_image(path)
+                else:  # a crop has no full-size map: both at the crop the model saw
+                    full, picture = anomaly_map.numpy(), Image.fromarray(load_pixels(path, model.config_)[0])
                 if model.pixel_threshold_ is not None:
                     vmin, vmax = 0.0, 2 * model.pixel_threshold_
                     save_png(mask_image(full >= model.pixel_threshold_), stem.with_name(stem.name + "_mask.png"))
                 else:
                     vmin, vmax = float(full.min()), float(full.max())
-                save_png(heatmap_overlay(open_image(path), full, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
+                save_png(heatmap_overlay(picture, full, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
             print(json.dumps(record), flush=True)
 
 

@@ -111,6 +111,35 @@ def test_cli_fit_test_predict(synthetic_root, tmp_path, capsys):
         "spot/001_heatmap.png", "spot/001_mask.png"]
 
 
+@pytest.mark.parametrize("crop", [None, 48])
+def test_cli_predict_pictures_have_the_maps_geometry(fitted, synthetic_root, tmp_path, crop):
+    """Without a crop the heatmap is at the image's own size; with one, at the crop (no full-size map
+    exists), drawn over the resized and centre-cropped image rather than over the whole image."""
+    from PIL import Image
+
+    if crop is None:
+        path = fitted[1]
+    else:
+        model = PaDiM(**FAST, crop=crop).fit(find_category(synthetic_root, "fabric").train)
+        path = tmp_path / "cropped.safetensors"
+        model.save(path)
+    # black where a 64 -> 48 centre crop looks (rows 6..42, columns 12..84 of 48 x 96), white around it
+    picture = np.full((48, 96, 3), 255, np.uint8)
+    picture[6:42, 12:84] = 0
+    source = tmp_path / "in" / "wide.png"
+    source.parent.mkdir()
+    Image.fromarray(picture).save(source)
+    assert main(["predict", "--model", str(path), str(source), "--device", "cpu", "--output", str(tmp_path / "out")]) == 0
+    heatmap = Image.open(tmp_path / "out" / "wide_heatmap.png")
+    assert heatmap.size == ((96, 48) if crop is None else (crop, crop))
+    # a 50/50 blend over white keeps every channel >= 127; over black, no jet colour gets there
+    over_white = (np.asarray(heatmap).min(axis=2) >= 100).mean()
+    if crop is None:
+        assert over_white == pytest.approx(1 - 36 * 72 / (48 * 96), abs=0.05)
+    else:
+        assert over_white < 0.05  # over the whole image squeezed to 48 x 48 it would be ~0.44
+
+
 def test_seed_changes_the_channels_and_is_saved(synthetic_root, tmp_path):
     category = find_category(synthetic_root, "fabric")
     a = PaDiM(**FAST, seed=1).fit(category.train[:4])
