@@ -25,6 +25,8 @@ class PadimConfig:
     seed:        seeds the channel subset (and random backbone weights)
     sigma:       standard deviation of the Gaussian blur of the anomaly map, in pixels
     epsilon:     added to every covariance's diagonal (the paper's 0.01)
+    factor_dtype: "float32", or "float16" to store the precision factor in half the space (scoring
+                 still computes in float32)
     """
 
     backbone: str = "resnet18"
@@ -38,6 +40,7 @@ class PadimConfig:
     epsilon: float = COVARIANCE_EPSILON
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
+    factor_dtype: str = "float32"
 
     @property
     def input_size(self) -> Tuple[int, int]:

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import COVARIANCE_EPSILON
+from .errors import PadimError
 from .memory import Workspace, release_free_memory
 
 RELEASE_EVERY_BYTES = 256 << 20
@@ -130,9 +131,27 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tens
     return torch.linalg.vector_norm(whitened, dim=2).T  # (B, P)
 
 
-def unpack_lower(packed: torch.Tensor, n_channels: int) -> torch.Tensor:
-    """(P, C (C + 1) / 2) row-major lower triangles (``torch.tril_indices`` order) -> (P, C, C)."""
+def unpack_lower(packed: torch.Tensor, n_channels: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(P, C (C + 1) / 2) row-major lower triangles (``torch.tril_indices`` order) -> (P, C, C) of
+    ``dtype`` (default: the packed dtype). Converted in blocks of positions: a float16 file
+    never needs a float32 copy of all its triangles on top of the result."""
     rows, cols = torch.tril_indices(n_channels, n_channels, device=packed.device)
-    out = packed.new_zeros(packed.shape[0], n_channels, n_channels)
-    out[:, rows, cols] = packed
+    out = torch.zeros(packed.shape[0], n_channels, n_channels, dtype=dtype or packed.dtype, device=packed.device)
+    for start in range(0, packed.shape[0], UNPACK_BLOCK):
+        out[start : start + UNPACK_BLOCK, rows, cols] = packed[start : start + UNPACK_BLOCK].to(out.dtype)
     return out
+
+
+UNPACK_BLOCK = 256  # positions per conversion block
+FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def store_factor(packed: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """The packed factor in its storage dtype (``FACTOR_DTYPES``). float16 halves the model file and
+    the factor's memory; scoring still computes in float32 (``unpack_lower(..., dtype=float32)``).
+    Refuses a factor float16 cannot hold (entries beyond 65504), rather than storing infinities."""
+    stored = packed.to(FACTOR_DTYPES[dtype_name])
+    if not torch.isfinite(stored).all():
+        raise PadimError(f"the precision factor has entries beyond {dtype_name}'s range "
+                         f"(largest {packed.abs().max().item():.3g}): fit with factor_dtype float32")
+    return stored

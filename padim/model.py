@@ -24,7 +24,7 @@ from .backbones import build_extractor, get_spec
 from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError
 from .features import embed, random_channel_subset
-from .gaussian import GaussianAccumulator, mahalanobis, unpack_lower
+from .gaussian import FACTOR_DTYPES, GaussianAccumulator, mahalanobis, store_factor, unpack_lower
 from .images import ImageInput, load_pixels, prefetched, to_input
 from .maps import anomaly_maps, image_scores
 from .memory import Workspace, release_free_memory, reuse_large_buffers
@@ -67,8 +67,8 @@ class PaDiM:
     """PaDiM (Defard et al. 2020) with a scikit-learn style interface.
 
     Parameters are stored as given; ``fit`` sets the trailing-underscore attributes:
-    ``mean_`` (P, d), ``precision_factor_packed_`` (P, d (d + 1) / 2): the lower triangle of the
-    factor W with W^T W = cov^-1 (``precision_factor_`` unpacks it to (P, d, d) when scoring needs it),
+    ``mean_`` (P, d), ``precision_factor_packed_`` (P, d (d + 1) / 2, in ``factor_dtype``): the lower
+    triangle of the factor W with W^T W = cov^-1 (``precision_factor_`` unpacks it to (P, d, d) when scoring needs it),
     ``channel_idx_`` (d,), ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
     ``weights_source_``, ``fit_seconds_``, ``fit_date_``. ``image_threshold_`` and
     ``pixel_threshold_`` are None until set (``padim test`` sets them from the test set).
@@ -85,6 +85,7 @@ class PaDiM:
         seed: int = 0,
         sigma: float = 4.0,
         epsilon: float = COVARIANCE_EPSILON,
+        factor_dtype: str = "float32",
         batch_size: int = 32,
         device: Optional[str] = None,
         workers: int = 2,
@@ -99,6 +100,7 @@ class PaDiM:
         self.seed = seed
         self.sigma = sigma
         self.epsilon = epsilon
+        self.factor_dtype = factor_dtype
         self.batch_size = batch_size
         self.device = device
         self.workers = workers
@@ -117,6 +119,8 @@ class PaDiM:
             raise PadimError(f"crop {crop} is larger than the image size {image_size}")
         if self.batch_size < 1:
             raise PadimError(f"batch size must be positive, got {self.batch_size}")
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise PadimError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
         weights = str(self.weights)
         if weights not in ("imagenet", "random"):
             weights = os.path.abspath(weights)  # so the saved model finds the file from any folder
@@ -130,6 +134,7 @@ class PaDiM:
             seed=int(self.seed),
             sigma=float(self.sigma),
             epsilon=float(self.epsilon),
+            factor_dtype=self.factor_dtype,
         )
 
     def _device(self) -> torch.device:
@@ -144,11 +149,11 @@ class PaDiM:
 
     @property
     def precision_factor_(self) -> torch.Tensor:
-        """(P, d, d) lower-triangular factor, unpacked on first use (scoring) and kept. A fit never
-        needs it whole, so fitting wide backbones (d = 550) holds only the packed half."""
+        """(P, d, d) lower-triangular float32 factor, unpacked on first use (scoring) and kept. A fit
+        never needs it whole, so fitting wide backbones (d = 550) holds only the packed half."""
         self._check_fitted()
         if getattr(self, "_precision_factor", None) is None:
-            self._precision_factor = unpack_lower(self.precision_factor_packed_, len(self.channel_idx_))
+            self._precision_factor = unpack_lower(self.precision_factor_packed_, len(self.channel_idx_), torch.float32)
         return self._precision_factor
 
     @property
@@ -216,7 +221,7 @@ class PaDiM:
             mean, packed = stats.finalize(config.epsilon)  # (P, d), (P, d (d + 1) / 2)
             del stats
             release_free_memory()
-            self.precision_factor_packed_ = packed
+            self.precision_factor_packed_ = store_factor(packed, config.factor_dtype)
             self._precision_factor = None
         self.mean_ = mean.float()
         self.n_train_images_ = len(images)
@@ -318,10 +323,13 @@ class PaDiM:
         if (n_pos != feature_hw[0] * feature_hw[1] or d != config.n_features
                 or tuple(packed.shape) != (n_pos, d * (d + 1) // 2) or tensors["channel_idx"].numel() != d):
             raise ModelFileError(f"model file {path}: tensor shapes do not match its metadata")
+        if FACTOR_DTYPES.get(config.factor_dtype) != packed.dtype:
+            raise ModelFileError(f"model file {path}: its factor is {packed.dtype}, its metadata says {config.factor_dtype}")
 
         model = cls(backbone=config.backbone, weights=config.weights, layers=config.layers,
                     n_features=config.n_features, image_size=config.image_size, crop=config.crop,
-                    seed=config.seed, sigma=config.sigma, epsilon=config.epsilon, batch_size=batch_size, device=device,
+                    seed=config.seed, sigma=config.sigma, epsilon=config.epsilon, factor_dtype=config.factor_dtype,
+                    batch_size=batch_size, device=device,
                     workers=workers, progress=progress)
         model.config_ = config
         model._device_ = model._device()

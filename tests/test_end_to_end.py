@@ -157,3 +157,32 @@ def test_demo_runs_offline_and_detects_the_synthetic_defects(tmp_path, capsys):
     assert metrics["backbone"] == "efficientnet_lite0" and metrics["random_weights"] is False
     assert metrics["image_AUROC"] >= 0.9
     assert "| synthetic_fabric |" in capsys.readouterr().out
+
+
+def test_float16_factor_storage_halves_the_factor_and_keeps_the_scores(fitted, synthetic_root, tmp_path):
+    from padim import io as model_io
+    from padim.errors import ModelFileError, PadimError
+
+    model32, path32, category = fitted
+    model16 = PaDiM(**FAST, factor_dtype="float16").fit(category.train)
+    # the stored factor is the float32 one rounded to float16 (NumPy's rounding as the reference)
+    np.testing.assert_array_equal(model16.precision_factor_packed_.numpy(),
+                                  model32.precision_factor_packed_.numpy().astype(np.float16))
+    path16 = tmp_path / "half.safetensors"
+    model16.save(path16)
+    saved_bytes = path32.stat().st_size - path16.stat().st_size
+    assert abs(saved_bytes - 2 * model32.precision_factor_packed_.numel()) < 1024  # 2 bytes per entry
+
+    images = [s.path for s in category.test]
+    loaded = PaDiM.load(path16, device="cpu")
+    assert loaded.config_.factor_dtype == "float16"
+    np.testing.assert_allclose(loaded.predict(images).scores, model32.predict(images).scores, rtol=1e-2)
+
+    # a file whose factor's dtype contradicts its metadata is refused
+    tensors, meta = model_io.load(path16, PaDiM._TENSORS)
+    tensors["precision_factor_packed"] = tensors["precision_factor_packed"].float()
+    model_io.save(tmp_path / "mixed.safetensors", tensors, {k: v for k, v in meta.items() if not k.startswith("format")})
+    with pytest.raises(ModelFileError, match="metadata says float16"):
+        PaDiM.load(tmp_path / "mixed.safetensors", device="cpu")
+    with pytest.raises(PadimError, match="factor_dtype"):
+        PaDiM(**FAST, factor_dtype="int8").fit(category.train)
