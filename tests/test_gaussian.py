@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from padim.gaussian import GaussianAccumulator, mahalanobis, unpack_lower
+from padim.gaussian import GaussianAccumulator, mahalanobis, store_factor, unpack_lower
 from padim.memory import Workspace
 
 
@@ -93,3 +93,13 @@ def test_unpack_lower_fills_the_lower_triangle_row_by_row():
     packed = torch.arange(1.0, 7.0).view(1, 6)
     expected = torch.tensor([[[1.0, 0, 0], [2, 3, 0], [4, 5, 6]]])
     assert torch.equal(unpack_lower(packed, 3), expected)
+
+
+def test_store_factor_refuses_values_float16_cannot_hold():
+    from padim.errors import PadimError
+
+    packed = torch.tensor([[1.0, -2.5, 6.0e4], [0.5, 0.25, 7.0e4]])  # float16's largest is 65504
+    assert store_factor(packed, "float32") is packed
+    assert store_factor(packed[:, :2], "float16").tolist() == [[1.0, -2.5], [0.5, 0.25]]
+    with pytest.raises(PadimError, match="beyond float16's range"):
+        store_factor(packed, "float16")
