@@ -14,6 +14,8 @@ from .errors import PadimError
 from .memory import Workspace, release_free_memory
 
 RELEASE_EVERY_BYTES = 256 << 20
+UNPACK_BLOCK = 256  # positions per dtype conversion or check block
+FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # storage of the packed factor
 
 
 class GaussianAccumulator:
@@ -140,10 +142,6 @@ def unpack_lower(packed: torch.Tensor, n_channels: int, dtype: Optional[torch.dt
     for start in range(0, packed.shape[0], UNPACK_BLOCK):
         out[start : start + UNPACK_BLOCK, rows, cols] = packed[start : start + UNPACK_BLOCK].to(out.dtype)
     return out
-
-
-UNPACK_BLOCK = 256  # positions per conversion block
-FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def store_factor(packed: torch.Tensor, dtype_name: str) -> torch.Tensor:

@@ -44,9 +44,10 @@ def reuse_large_buffers() -> bool:
     thresholds make scoring on the CPU 20-30 % faster. The padding stops what is left of it: with
     the default (128 kB) the heap still shrank and grew by ~200 MB per batch of 32, and the
     backbone's first touches of those pages made it ~25 % slower inside scoring than alone
-    (efficientnet_lite0, 2 cores: 22 -> 17.5 ms per image; the process's peak grew by < 20 MB). Process-wide and kept (glibc cannot restore
-    its moving thresholds), so it is done once, on the first CPU scoring, and not during fits, whose
-    peak memory it would raise (they trim the heap after every batch instead).
+    (efficientnet_lite0, 2 cores: 22 -> 17.5 ms per image; the process's peak grew by < 20 MB).
+    Process-wide and kept (glibc cannot restore its moving thresholds), so it is done once, on the
+    first CPU scoring, and not during fits, whose peak memory it would raise (they trim the heap
+    after every batch instead).
     Set PADIM_KEEP_MALLOC=1 to leave the allocator alone. Returns whether it was applied.
     """
     libc = _libc()

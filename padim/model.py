@@ -68,8 +68,8 @@ class PaDiM:
 
     Parameters are stored as given; ``fit`` sets the trailing-underscore attributes:
     ``mean_`` (P, d), ``precision_factor_packed_`` (P, d (d + 1) / 2, in ``factor_dtype``): the lower
-    triangle of the factor W with W^T W = cov^-1 (``precision_factor_`` unpacks it to (P, d, d) when scoring needs it),
-    ``channel_idx_`` (d,), ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
+    triangle of the factor W with W^T W = cov^-1 (``precision_factor_`` unpacks it to (P, d, d) for
+    scoring), ``channel_idx_`` (d,), ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
     ``weights_source_``, ``fit_seconds_``, ``fit_date_``. ``image_threshold_`` and
     ``pixel_threshold_`` are None until set (``padim test`` sets them from the test set).
     """
