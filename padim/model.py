@@ -329,8 +329,7 @@ class PaDiM:
         model = cls(backbone=config.backbone, weights=config.weights, layers=config.layers,
                     n_features=config.n_features, image_size=config.image_size, crop=config.crop,
                     seed=config.seed, sigma=config.sigma, epsilon=config.epsilon, factor_dtype=config.factor_dtype,
-                    batch_size=batch_size, device=device,
-                    workers=workers, progress=progress)
+                    batch_size=batch_size, device=device, workers=workers, progress=progress)
         model.config_ = config
         model._device_ = model._device()
         extractor, source = build_extractor(config.backbone, config.weights, config.layers, config.seed)
