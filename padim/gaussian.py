@@ -5,13 +5,13 @@ Shapes: B images, C = d channels, P = h * w patch positions.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from .config import COVARIANCE_EPSILON
 from .errors import PadimError
-from .memory import Workspace, release_free_memory
+from .memory import Workspace
 
 RELEASE_EVERY_BYTES = 256 << 20
 UNPACK_BLOCK = 256  # positions per dtype conversion or check block
@@ -86,13 +86,15 @@ class GaussianAccumulator:
         self._check_count()
         return torch.cat([self._covariance_block(i, epsilon) for i in range(len(self.outer))])
 
-    def finalize(self, epsilon: float = COVARIANCE_EPSILON, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    def finalize(self, epsilon: float = COVARIANCE_EPSILON, dtype: torch.dtype = torch.float32,
+                 release: Optional[Callable[[], None]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns mean (P, C) float64 and the packed precision factor (P, T) in ``dtype``: the lower
         triangle of W = L^-1, where covariance + epsilon * I = L L^T, so that W^T W = its inverse.
 
         Cholesky and a triangular solve rather than an explicit inverse: stabler, and the distance is
         ||W (x - mean)||. Each block of sums is released once its factor is computed; afterwards the
-        accumulator is empty.
+        accumulator is empty. ``release`` (e.g. ``padim.memory.release_free_memory``) is called after
+        every 256 MB of released sums, so that the allocator hands them back as it goes.
         """
         mean = self.mean()
         n_pos, n_ch = mean.shape
@@ -103,8 +105,8 @@ class GaussianAccumulator:
             lower = torch.linalg.cholesky(self._covariance_block(index, epsilon))
             released += self.outer[index].numel() * 8
             self.outer[index] = None  # release this block's sums...
-            if released > RELEASE_EVERY_BYTES:  # ...and hand them back, or the allocator keeps them
-                release_free_memory()
+            if released > RELEASE_EVERY_BYTES and release is not None:  # ...and hand them back
+                release()
                 released = 0
             start = index * self.chunk
             inverse = torch.linalg.solve_triangular(lower, eye, upper=False)  # (p, C, C)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List, Sequence, Tuple, TypeVar, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from .config import PadimConfig
 from .errors import DataError
@@ -121,3 +122,18 @@ def prefetched(items: Sequence[T], batch_size: int, load: Callable[[T], object],
             for waiting in pending:
                 for future in waiting:
                     future.cancel()
+
+
+def input_batches(images: Sequence[ImageInput], config: PadimConfig, batch_size: int, device: torch.device,
+                  workers: int = 2, progress: Optional[bool] = False,
+                  desc: str = "") -> Iterator[Tuple[torch.Tensor, List[Tuple[int, int]]]]:
+    """Yields (B, 3, H, W) normalised channels_last inputs (on the CPU) and their images' original
+    (height, width); files are decoded to uint8 in ``workers`` threads, a batch ahead when ``device``
+    is a GPU (see ``prefetched``). progress: False never, None on a terminal only, True always."""
+    ahead = 0 if torch.device(device).type == "cpu" else 1
+    batches = prefetched(list(images), batch_size, lambda item: load_pixels(item, config), workers, ahead)
+    total = -(-len(images) // batch_size)
+    disable = {False: True, None: None, True: False}[progress]
+    for loaded in tqdm(batches, total=total, desc=desc, unit="batch", disable=disable):
+        pixels = torch.from_numpy(np.stack([x for x, _ in loaded]))  # (B, H, W, 3) uint8
+        yield to_input(pixels, config), [hw for _, hw in loaded]

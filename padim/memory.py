@@ -1,8 +1,9 @@
-"""Keeping the resident memory of long loops flat on Linux.
+"""Keeping the resident memory of long loops flat on Linux, and reusable scratch buffers.
 
 glibc's allocator keeps freed buffers (here: the backbone's activations, tens of MB each) in its heap;
 from batch to batch the heap fragments and the process grows. ``malloc_trim`` hands the free pages
-back to the system. It costs well under a millisecond per call; elsewhere it is a no-op.
+back to the system (it changes no setting). It costs well under a millisecond per call; elsewhere
+it is a no-op. ``tune_malloc_for_scoring`` does change settings, process-wide: only on request.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ HEAP_TOP_PAD = 256 << 20  # address space only: pages count as resident once tou
 
 
 @lru_cache(maxsize=1)
-def reuse_large_buffers() -> bool:
+def tune_malloc_for_scoring() -> bool:
     """Asks glibc to serve buffers up to 32 MB from its heap, to keep freed memory for reuse and to
-    grow its heap in 256 MB steps.
+    grow its heap in 256 MB steps. Opt-in: the ``padim`` command calls it before it scores; the
+    library itself never does (it would change its host process's allocator behind its back).
 
     Why: by default glibc's thresholds move with the allocation pattern, and a batch loop with
     buffers of 10-50 MB ends up returning its heap top to the system after one batch and faulting it
@@ -45,10 +47,10 @@ def reuse_large_buffers() -> bool:
     the default (128 kB) the heap still shrank and grew by ~200 MB per batch of 32, and the
     backbone's first touches of those pages made it ~25 % slower inside scoring than alone
     (efficientnet_lite0, 2 cores: 22 -> 17.5 ms per image; the process's peak grew by < 20 MB).
-    Process-wide and kept (glibc cannot restore its moving thresholds), so it is done once, on the
-    first CPU scoring, and not during fits, whose peak memory it would raise (they trim the heap
-    after every batch instead).
-    Set PADIM_KEEP_MALLOC=1 to leave the allocator alone. Returns whether it was applied.
+    Process-wide and kept (glibc cannot restore its moving thresholds), and inherited by forked
+    workers: call it once, in a process that scores on the CPU, before scoring, and not before
+    fits, whose peak memory it would raise (they trim the heap after every batch instead).
+    PADIM_KEEP_MALLOC=1 makes it a no-op. Returns whether it was applied.
     """
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt") or os.environ.get("PADIM_KEEP_MALLOC") == "1":

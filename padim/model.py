@@ -3,34 +3,36 @@
     model = PaDiM(backbone="resnet18").fit(train_paths)
     result = model.predict(test_paths)   # result.scores (N,), result.maps (N, H, W)
     model.save("bottle.safetensors"); PaDiM.load("bottle.safetensors")
+
+This module is the estimator only: its parameters, fit, predict and the mapping to and from model
+files. Features live in ``features``, statistics in ``gaussian``, scoring in ``scoring``, decoding in
+``images`` and the file format in ``modelfile``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
+import re
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from . import __version__
-from . import io as model_io
-from .backbones import build_extractor, get_spec
+from . import modelfile
+from .backbones import build_extractor, file_sha256, get_spec, is_weights_file
 from .config import COVARIANCE_EPSILON, PadimConfig
-from .errors import DataError, ModelFileError, NotFittedError, PadimError
-from .features import embed, random_channel_subset
-from .gaussian import FACTOR_DTYPES, GaussianAccumulator, mahalanobis, store_factor, unpack_lower
-from .images import ImageInput, load_pixels, prefetched, to_input
-from .maps import anomaly_maps, image_scores
-from .memory import Workspace, release_free_memory, reuse_large_buffers
+from .errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError
+from .features import Embedder, count_channels, random_channel_subset
+from .gaussian import FACTOR_DTYPES, GaussianAccumulator, store_factor, unpack_lower
+from .images import ImageInput, input_batches
+from .memory import release_free_memory
+from .scoring import PadimResult, labels_at, masks_at, score_batches, to_original_resolution
 
-
-CPU_FORWARD_CHUNK = 8
+__all__ = ["PaDiM", "PadimResult", "to_original_resolution", "default_device"]
 
 
 def default_device() -> str:
@@ -46,32 +48,21 @@ def _pair(size: Union[int, Sequence[int], None]) -> Optional[Tuple[int, int]]:
     return (int(height), int(width))
 
 
-@dataclass
-class PadimResult:
-    """What ``PaDiM.predict`` returns for N images.
-
-    scores: (N,) image anomaly scores (max of each map)
-    maps:   (N, H, W) anomaly maps at the model's input size, or a list of (H_i, W_i) maps at each
-            image's original resolution
-    labels: (N,) bool, score >= image threshold; None when the model has no threshold
-    masks:  like ``maps`` but bool, map >= pixel threshold; None when the model has no pixel threshold
-    """
-
-    scores: np.ndarray
-    maps: Union[np.ndarray, List[np.ndarray]]
-    labels: Optional[np.ndarray] = None
-    masks: Optional[Union[np.ndarray, List[np.ndarray]]] = None
-
-
 class PaDiM:
     """PaDiM (Defard et al. 2020) with a scikit-learn style interface.
 
-    Parameters are stored as given; ``fit`` sets the trailing-underscore attributes:
-    ``mean_`` (P, d), ``precision_factor_packed_`` (P, d (d + 1) / 2, in ``factor_dtype``): the lower
-    triangle of the factor W with W^T W = cov^-1 (``precision_factor_`` unpacks it to (P, d, d) for
-    scoring), ``channel_idx_`` (d,), ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
-    ``weights_source_``, ``fit_seconds_``, ``fit_date_``. ``image_threshold_`` and
-    ``pixel_threshold_`` are None until set (``padim test`` sets them from the test set).
+    Parameters are stored as given (``get_params``/``set_params``, and ``sklearn.base.clone``, work);
+    ``fit`` and ``load`` set the trailing-underscore attributes, all at once and only on success, so a
+    failed refit leaves the previous model whole: ``config_``, ``device_``, ``mean_`` (P, d),
+    ``precision_factor_packed_`` (P, d (d + 1) / 2, in ``factor_dtype``): the lower triangle of the
+    factor W with W^T W = cov^-1 (``precision_factor_`` unpacks it to (P, d, d) for scoring),
+    ``channel_idx_`` (d,), ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
+    ``weights_source_``, ``weights_sha256_``, ``fit_seconds_``, ``fit_date_``, ``category_``, and
+    ``image_threshold_`` / ``pixel_threshold_`` (None until set, e.g. by ``padim test``).
+
+    Where it departs from scikit-learn: ``predict`` returns a ``PadimResult`` with the scores and
+    anomaly maps as well as labels, because a defect's location is half of the answer; labels exist
+    only once a threshold is set, because PaDiM's scores have no natural cut.
     """
 
     def __init__(
@@ -105,11 +96,32 @@ class PaDiM:
         self.device = device
         self.workers = workers
         self.progress = progress  # False: never; None: only on a terminal; True: always
-        self.category_: Optional[str] = None
-        self.image_threshold_: Optional[float] = None
-        self.pixel_threshold_: Optional[float] = None
 
-    # ----------------------------------------------------------------------------- configuration
+    # ----------------------------------------------------------------------------- parameters
+    # Written out rather than inheriting sklearn.base.BaseEstimator: the same protocol (clone works),
+    # without adding scikit-learn's 2 s import to every ``import padim``.
+    @classmethod
+    def _param_names(cls) -> List[str]:
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+    def get_params(self, deep: bool = True) -> Dict[str, Any]:
+        """The constructor's parameters as set (scikit-learn's protocol; ``deep`` has nothing to recurse)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> "PaDiM":
+        """Sets constructor parameters; they take effect at the next ``fit``."""
+        unknown = sorted(set(params) - set(self._param_names()))
+        if unknown:
+            raise ValueError(f"unknown PaDiM parameter(s) {', '.join(unknown)}; valid: {', '.join(self._param_names())}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()}
+        changed = [f"{name}={value!r}" for name, value in self.get_params().items() if value != defaults.get(name)]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
     def _make_config(self) -> PadimConfig:
         spec = get_spec(self.backbone)
         image_size, crop = _pair(self.image_size), _pair(self.crop)
@@ -122,8 +134,8 @@ class PaDiM:
         if self.factor_dtype not in FACTOR_DTYPES:
             raise PadimError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
         weights = str(self.weights)
-        if weights not in ("imagenet", "random"):
-            weights = os.path.abspath(weights)  # so the saved model finds the file from any folder
+        if is_weights_file(weights):
+            weights = os.path.abspath(weights)  # where it was; a moved model is pointed at it with load(weights=)
         return PadimConfig(
             backbone=self.backbone,
             weights=weights,
@@ -137,22 +149,51 @@ class PaDiM:
             factor_dtype=self.factor_dtype,
         )
 
-    def _device(self) -> torch.device:
+    def _resolve_device(self) -> torch.device:
         device = torch.device(self.device or default_device())
         if device.type == "cuda" and not torch.cuda.is_available():
             raise PadimError("--device cuda was asked for but CUDA is not available here")
         return device
 
+    # ----------------------------------------------------------------------------- fitted state
     def _check_fitted(self) -> None:
         if not hasattr(self, "mean_"):
             raise NotFittedError("this PaDiM model is not fitted yet: call fit() or PaDiM.load() first")
+
+    def _set_fitted(self, content: modelfile.ModelContent, embedder: Embedder) -> None:
+        """Swaps in a whole fitted state (nothing here can fail half-way)."""
+        info = {**modelfile.INFO_DEFAULTS, **content.info}
+        self.config_ = content.config
+        self.device_ = embedder.device
+        self.embedder_ = embedder
+        self.mean_ = content.mean.to(embedder.device)
+        self.precision_factor_packed_ = content.factor_packed.to(embedder.device)
+        self._precision_factor = None  # the unpacked cache of the previous fit, if any
+        self.channel_idx_ = embedder.channel_idx
+        self.feature_hw_ = tuple(content.feature_hw)
+        self.weights_source_ = info["weights_source"]
+        self.weights_sha256_ = info["weights_sha256"]
+        self.n_train_images_ = info["n_train_images"]
+        self.fit_seconds_ = info["fit_seconds"]
+        self.fit_date_ = info["fit_date"]
+        self.category_ = info["category"]
+        self.image_threshold_ = info["image_threshold"]
+        self.pixel_threshold_ = info["pixel_threshold"]
+        self.thresholds_note_ = info["thresholds_note"]
+        self.package_version_ = info["package_version"]
+
+    @property
+    def extractor_(self) -> torch.nn.Module:
+        """The frozen backbone prefix: (B, 3, H, W) -> list of (B, C_l, h_l, w_l)."""
+        self._check_fitted()
+        return self.embedder_.extractor
 
     @property
     def precision_factor_(self) -> torch.Tensor:
         """(P, d, d) lower-triangular float32 factor, unpacked on first use (scoring) and kept. A fit
         never needs it whole, so fitting wide backbones (d = 550) holds only the packed half."""
         self._check_fitted()
-        if getattr(self, "_precision_factor", None) is None:
+        if self._precision_factor is None:
             self._precision_factor = unpack_lower(self.precision_factor_packed_, len(self.channel_idx_), torch.float32)
         return self._precision_factor
 
@@ -160,103 +201,55 @@ class PaDiM:
     def uses_random_weights(self) -> bool:
         return str(self.weights) == "random"
 
-    # ----------------------------------------------------------------------------- features
-    def _embeddings(self, batch: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, h, w, d) PaDiM embeddings (channels last).
-
-        On the CPU the backbone sees at most ``CPU_FORWARD_CHUNK`` images at a time: per image it is
-        as fast as a batch of 32, and its activations (the largest buffers of a fit) take a quarter
-        of the memory. The statistics still get the whole batch at once.
-        """
-        batch = batch.to(self._device_, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        chunk = CPU_FORWARD_CHUNK if self._device_.type == "cpu" else len(batch)
-        workspace = workspace if workspace is not None else Workspace()
-        out = None
-        for start in range(0, len(batch), chunk):
-            feature_maps = self._extractor(batch[start : start + chunk])
-            if out is None:
-                shape = (len(batch), *feature_maps[0].shape[-2:], len(self.channel_idx_))
-                out = workspace.get("embeddings", shape, feature_maps[0].dtype, feature_maps[0].device)
-            embed(feature_maps, self.channel_idx_, out=out[start : start + chunk])
-            del feature_maps
-        return out
-
-    def _batches(self, images: Sequence[ImageInput], desc: str) -> Iterator[Tuple[torch.Tensor, List]]:
-        """Yields (B, 3, H, W) normalised channels_last inputs and their original (height, width)
-        sizes; files are decoded (to uint8) in threads, a batch ahead when the model runs on a GPU."""
-        config = self.config_
-        ahead = 0 if self._device_.type == "cpu" else 1  # see ``prefetched``
-        batches = prefetched(list(images), self.batch_size, lambda item: load_pixels(item, config), self.workers, ahead)
-        total = -(-len(images) // self.batch_size)
-        for loaded in tqdm(batches, total=total, desc=desc, unit="batch", disable=self._progress_off()):
-            pixels = torch.from_numpy(np.stack([x for x, _ in loaded]))  # (B, H, W, 3) uint8
-            yield to_input(pixels, config), [hw for _, hw in loaded]
-
-    def _progress_off(self) -> Optional[bool]:
-        return {False: True, None: None, True: False}[self.progress]
-
     # ----------------------------------------------------------------------------- fit
     def fit(self, images: Sequence[ImageInput]) -> "PaDiM":
         """Fits one Gaussian per patch position on defect-free ``images`` (paths, PIL images or
-        uint8 arrays). Embeddings are streamed into running sums: memory does not grow with N."""
+        uint8 arrays). Embeddings are streamed into running sums: memory does not grow with N.
+        The new state is built aside and replaces the old one only when the whole fit succeeded."""
         images = list(images)
         if len(images) < 2:
             raise DataError(f"PaDiM needs at least 2 training images, got {len(images)}")
         started = time.perf_counter()
-        self.config_ = config = self._make_config()
-        self._device_ = self._device()
-        extractor, self.weights_source_ = build_extractor(config.backbone, config.weights, config.layers, config.seed)
-        self._extractor = extractor.to(self._device_, memory_format=torch.channels_last)
-        n_channels = self._count_channels()
-        self.channel_idx_ = random_channel_subset(n_channels, config.n_features, config.seed).to(self._device_)
+        config = self._make_config()
+        device = self._resolve_device()
+        extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
+        extractor = extractor.to(device, memory_format=torch.channels_last)
+        n_channels = count_channels(extractor, config.input_size, device)
+        embedder = Embedder(extractor, random_channel_subset(n_channels, config.n_features, config.seed).to(device), device)
 
         stats = GaussianAccumulator()
+        feature_hw = None
         with torch.inference_mode():
-            for batch, _ in self._batches(images, "fit"):
-                emb = self._embeddings(batch)  # (B, h, w, d)
-                self.feature_hw_ = tuple(emb.shape[1:3])
+            for batch, _ in input_batches(images, config, self.batch_size, device, self.workers, self.progress, "fit"):
+                emb = embedder(batch)  # (B, h, w, d)
+                feature_hw = tuple(emb.shape[1:3])
                 stats.update(emb.flatten(1, 2))  # (B, P, d)
                 del emb
                 release_free_memory()
-            mean, packed = stats.finalize(config.epsilon)  # (P, d), (P, d (d + 1) / 2)
+            mean, packed = stats.finalize(config.epsilon, release=release_free_memory)  # (P, d), (P, d (d + 1) / 2)
             del stats
             release_free_memory()
-            self.precision_factor_packed_ = store_factor(packed, config.factor_dtype)
-            self._precision_factor = None
-        self.mean_ = mean.float()
-        self.n_train_images_ = len(images)
-        self.fit_seconds_ = time.perf_counter() - started
-        self.fit_date_ = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.image_threshold_ = self.pixel_threshold_ = None
+            packed = store_factor(packed, config.factor_dtype)
+        info = {"weights_source": source, "weights_sha256": sha256, "n_train_images": len(images),
+                "fit_seconds": time.perf_counter() - started,
+                "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self._set_fitted(modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, feature_hw, info),
+                         embedder)
         return self
-
-    def _count_channels(self) -> int:
-        """Total channels of the feature layers, from one forward pass of a dummy image."""
-        height, width = self.config_.input_size
-        with torch.inference_mode():
-            dummy = torch.zeros(1, 3, height, width, device=self._device_)
-            return sum(fmap.shape[1] for fmap in self._extractor(dummy))
 
     # ----------------------------------------------------------------------------- scoring
     def iter_predict(self, images: Sequence[ImageInput], desc: str = "predict") -> Iterator[Tuple[torch.Tensor, torch.Tensor, List]]:
         """Yields, batch by batch: scores (B,), maps (B, H, W) on the CPU, original sizes [(h, w)]."""
         self._check_fitted()
         config = self.config_
-        if self._device_.type == "cpu":
-            reuse_large_buffers()
-        workspace = Workspace()  # the batch-sized temporaries, reused (nothing yielded lives in it)
-        with torch.inference_mode():
-            for batch, sizes in self._batches(images, desc):
-                emb = self._embeddings(batch, workspace)  # (B, h, w, d)
-                if tuple(emb.shape[1:3]) != tuple(self.feature_hw_):
-                    raise PadimError(f"feature grid {tuple(emb.shape[1:3])} differs from the fitted {self.feature_hw_}")
-                distances = mahalanobis(emb.flatten(1, 2), self.mean_, self.precision_factor_, workspace)  # (B, P)
-                maps = anomaly_maps(distances.view(-1, *self.feature_hw_), config.input_size, config.sigma)
-                yield image_scores(maps).cpu(), maps.cpu(), sizes
+        batches = input_batches(images, config, self.batch_size, self.device_, self.workers, self.progress, desc)
+        yield from score_batches(self.embedder_, self.mean_, self.precision_factor_, self.feature_hw_,
+                                 config.input_size, config.sigma, batches)
 
     def predict(self, images: Sequence[ImageInput], original_resolution: bool = False) -> PadimResult:
         """Scores ``images``; see ``PadimResult``. ``original_resolution`` resizes each map (bilinear)
         back to its image's size (not available for models fitted with a crop)."""
+        self._check_fitted()
         if original_resolution and self.config_.crop is not None:
             raise PadimError("maps at the original resolution need a model fitted without --crop")
         scores, maps = [], []
@@ -268,11 +261,8 @@ class PaDiM:
                 maps.append(batch_maps)
         scores = torch.cat(scores).numpy()
         maps = maps if original_resolution else torch.cat(maps).numpy()
-        labels = scores >= self.image_threshold_ if self.image_threshold_ is not None else None
-        masks = None
-        if self.pixel_threshold_ is not None:
-            masks = [m >= self.pixel_threshold_ for m in maps] if original_resolution else maps >= self.pixel_threshold_
-        return PadimResult(scores=scores, maps=maps, labels=labels, masks=masks)
+        return PadimResult(scores=scores, maps=maps, labels=labels_at(scores, self.image_threshold_),
+                           masks=masks_at(maps, self.pixel_threshold_))
 
     def score_samples(self, images: Sequence[ImageInput]) -> np.ndarray:
         """(N,) image anomaly scores."""
@@ -283,79 +273,61 @@ class PaDiM:
         return self.predict(images).maps
 
     # ----------------------------------------------------------------------------- persistence
-    _TENSORS = {"mean": 2, "precision_factor_packed": 2, "channel_idx": 1}
-
     def save(self, path) -> None:
-        """Writes safetensors + JSON metadata atomically (see ``padim.io``)."""
+        """Writes safetensors + JSON metadata atomically (see ``padim.modelfile``)."""
         self._check_fitted()
-        tensors = {
-            "mean": self.mean_,  # (P, d)
-            "precision_factor_packed": self.precision_factor_packed_,  # (P, d (d + 1) / 2)
-            "channel_idx": self.channel_idx_,  # (d,)
-        }
-        metadata = {
-            "package_version": __version__,
-            "config": self.config_.to_dict(),
-            "weights_source": self.weights_source_,
-            "feature_hw": list(self.feature_hw_),
-            "n_train_images": self.n_train_images_,
-            "fit_seconds": self.fit_seconds_,
-            "fit_date": self.fit_date_,
-            "category": self.category_,
-            "image_threshold": self.image_threshold_,
-            "pixel_threshold": self.pixel_threshold_,
-            "thresholds_note": getattr(self, "thresholds_note_", None),
-        }
-        model_io.save(path, tensors, metadata)
+        info = {key: getattr(self, f"{key}_", None) for key in modelfile.INFO_DEFAULTS}
+        modelfile.write(path, modelfile.ModelContent(self.config_, self.mean_, self.precision_factor_packed_,
+                                                     self.channel_idx_, self.feature_hw_, info))
 
     @classmethod
     def load(cls, path, device: Optional[str] = None, batch_size: int = 32, workers: int = 2,
-             progress: Optional[bool] = False) -> "PaDiM":
-        """Reads a model file (no pickle) and rebuilds its backbone with the same weights."""
-        tensors, meta = model_io.load(path, cls._TENSORS)
-        try:
-            config = PadimConfig.from_dict(meta["config"])
-            feature_hw = tuple(int(v) for v in meta["feature_hw"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"model file {path} has incomplete metadata ({exc})") from None
-        n_pos, d = tensors["mean"].shape
-        packed = tensors["precision_factor_packed"]
-        if (n_pos != feature_hw[0] * feature_hw[1] or d != config.n_features
-                or tuple(packed.shape) != (n_pos, d * (d + 1) // 2) or tensors["channel_idx"].numel() != d):
-            raise ModelFileError(f"model file {path}: tensor shapes do not match its metadata")
-        if FACTOR_DTYPES.get(config.factor_dtype) != packed.dtype:
-            raise ModelFileError(f"model file {path}: its factor is {packed.dtype}, its metadata says {config.factor_dtype}")
+             progress: Optional[bool] = False, weights: Optional[str] = None) -> "PaDiM":
+        """Reads a model file (no pickle) and rebuilds its backbone with the same weights.
 
-        model = cls(backbone=config.backbone, weights=config.weights, layers=config.layers,
-                    n_features=config.n_features, image_size=config.image_size, crop=config.crop,
-                    seed=config.seed, sigma=config.sigma, epsilon=config.epsilon, factor_dtype=config.factor_dtype,
-                    batch_size=batch_size, device=device, workers=workers, progress=progress)
-        model.config_ = config
-        model._device_ = model._device()
-        extractor, source = build_extractor(config.backbone, config.weights, config.layers, config.seed)
-        if source != meta.get("weights_source"):
+        weights: for a model fitted with a weights file, where that file is now (it must be the same
+        file: its SHA-256, stored at fit, is checked); default: where it was at fit.
+        """
+        content = modelfile.read(path)
+        config = content.config
+        if is_weights_file(config.weights):
+            config = dataclasses.replace(config, weights=_locate_weights_file(path, config.weights, content.info, weights))
+        elif weights is not None and str(weights) != config.weights:
+            raise PadimError(f"model file {path} was fitted with {config.weights!r} backbone weights; "
+                             "weights= only points a model fitted with a weights file at that file")
+        params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in cls._param_names()}
+        model = cls(**params, batch_size=batch_size, device=device, workers=workers, progress=progress)
+        device = model._resolve_device()
+        extractor, source, _ = build_extractor(config.backbone, config.weights, config.layers, config.seed)
+        if not is_weights_file(config.weights) and source != content.info.get("weights_source"):
             raise ModelFileError(
-                f"model file {path} was fitted with backbone weights '{meta.get('weights_source')}' "
+                f"model file {path} was fitted with backbone weights '{content.info.get('weights_source')}' "
                 f"but they now resolve to '{source}'"
             )
-        model._extractor = extractor.to(model._device_, memory_format=torch.channels_last)
-        model.weights_source_ = source
-        model.mean_ = tensors["mean"].to(model._device_)
-        model.precision_factor_packed_ = packed.to(model._device_)
-        model.channel_idx_ = tensors["channel_idx"].long().to(model._device_)
-        model.feature_hw_ = feature_hw
-        model.n_train_images_ = meta.get("n_train_images")
-        model.fit_seconds_ = meta.get("fit_seconds")
-        model.fit_date_ = meta.get("fit_date")
-        model.category_ = meta.get("category")
-        model.image_threshold_ = meta.get("image_threshold")
-        model.pixel_threshold_ = meta.get("pixel_threshold")
-        model.thresholds_note_ = meta.get("thresholds_note")
-        model.package_version_ = meta.get("package_version")
+        embedder = Embedder(extractor.to(device, memory_format=torch.channels_last), content.channel_idx.to(device), device)
+        content.config = config
+        model._set_fitted(content, embedder)
         return model
 
 
-def to_original_resolution(anomaly_map: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
-    """(H, W) map -> (h0, w0) numpy map at the image's original size (bilinear)."""
-    resized = F.interpolate(anomaly_map[None, None], size=tuple(size), mode="bilinear", align_corners=False)
-    return resized[0, 0].numpy()
+def _locate_weights_file(model_path, fitted_path: str, info: dict, given: Optional[str]) -> str:
+    """The absolute path of the weights file to rebuild a model's backbone from: ``given`` or the
+    path recorded at fit, refused unless its SHA-256 is the one recorded at fit."""
+    candidate = os.path.abspath(str(given if given is not None else fitted_path))
+    expected = info.get("weights_sha256")
+    if expected is None:  # files written before the full hash was stored: the prefix in the source
+        found = re.search(r"sha256 ([0-9a-f]{16})", str(info.get("weights_source")))
+        expected = found.group(1) if found else None
+    if expected is None:
+        raise ModelFileError(f"model file {model_path} records no checksum of its backbone weights file")
+    if not os.path.isfile(candidate):
+        raise WeightsUnavailableError(
+            f"model file {model_path} was fitted with the backbone weights file {fitted_path}, which is not "
+            f"there{'' if given is None else f' (nor at {candidate})'}: pass where it is now "
+            "(PaDiM.load(..., weights=PATH); padim test/predict --weights PATH)")
+    actual = file_sha256(candidate)
+    if not actual.startswith(expected):
+        raise WeightsUnavailableError(
+            f"weights file {candidate} (sha256 {actual[:16]}) is not the file model {model_path} was fitted "
+            f"with (sha256 {expected[:16]})")
+    return candidate

@@ -1,7 +1,9 @@
 """Pictures and the HTML report: defect panels, ROC curves, score histograms, one results page.
 
-Everything is drawn with matplotlib's non-interactive Agg backend into PNG files; report.html refers
-to them by relative paths, so the output folder can be moved, zipped or opened from disk.
+Everything is drawn with matplotlib's object API (a ``Figure`` saved to PNG through the Agg canvas),
+never through pyplot, so that drawing a report leaves the host process's plotting backend (a
+notebook's, say) as it was. report.html refers to the PNGs by relative paths, so the output folder
+can be moved, zipped or opened from disk.
 """
 
 from __future__ import annotations
@@ -10,14 +12,12 @@ import html
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")  # no display needed; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from .visualize import heatmap_overlay  # noqa: E402
+from .visualize import heatmap_overlay
 
 RESULT_COLUMNS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "fit_s", "ms_per_image")
 
@@ -29,7 +29,8 @@ def defect_panel(image, gt_mask: Optional[np.ndarray], anomaly_map: np.ndarray, 
     image: PIL image at the map's size; gt_mask, anomaly_map: (H, W); threshold: pixel threshold.
     """
     rgb = np.asarray(image.convert("RGB"))
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+    fig = Figure(figsize=(12, 3.4))
+    axes = fig.subplots(1, 4)
     axes[0].imshow(rgb)
     axes[0].set_title("input")
     axes[1].imshow(gt_mask if gt_mask is not None else np.zeros(anomaly_map.shape), cmap="gray", vmin=0, vmax=1)
@@ -52,7 +53,8 @@ def roc_figure(labels: np.ndarray, scores: np.ndarray, image_auroc: float,
                pixel_curve, pixel_auroc: float, path: Path) -> None:
     """Image- and pixel-level ROC curves, AUROC in the legend."""
     fpr, tpr, _ = roc_curve(labels, scores)
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    fig = Figure(figsize=(4.5, 4.2))
+    ax = fig.subplots()
     ax.plot(fpr, tpr, label=f"image (AUROC {image_auroc:.3f})")
     ax.plot(*pixel_curve, label=f"pixel (AUROC {pixel_auroc:.3f})")
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
@@ -66,7 +68,8 @@ def roc_figure(labels: np.ndarray, scores: np.ndarray, image_auroc: float,
 
 def score_histogram(labels: np.ndarray, scores: np.ndarray, threshold: float, path: Path) -> None:
     """Image scores of good vs defective test images, with the image threshold marked."""
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig = Figure(figsize=(5, 3.4))
+    ax = fig.subplots()
     bins = np.histogram_bin_edges(scores, bins=30)
     ax.hist(scores[~labels], bins=bins, alpha=0.6, label="good")
     ax.hist(scores[labels], bins=bins, alpha=0.6, label="defective")
@@ -78,10 +81,10 @@ def score_histogram(labels: np.ndarray, scores: np.ndarray, threshold: float, pa
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)  # attach the Agg canvas: no pyplot, so nothing global to set or close
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def _cell(value) -> str:

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 from . import __version__
 from .data.mvtec import find_category
+from .memory import tune_malloc_for_scoring
 from .model import PaDiM
 
 RANDOM_WEIGHTS_WARNING = "WARNING: this model uses RANDOM backbone weights (--weights random): for tests only, not a real detector"
@@ -34,12 +35,19 @@ def fit_category(data_root, category: str, output: Path, note: Callable[[str], N
 
 def test_category(model_path: Path, data_root, category: str, output: Path, pictures: bool = False,
                   max_images: Optional[int] = None, device: Optional[str] = None, batch_size: int = 32,
-                  note: Callable[[str], None] = _stderr) -> dict:
+                  note: Callable[[str], None] = _stderr, weights: Optional[str] = None,
+                  tune_malloc: bool = False) -> dict:
     """Tests a saved model on a category: writes OUTPUT/metrics.json (and pictures), stores the
-    F1-maximising thresholds in the model file, and returns the metrics.json content."""
+    F1-maximising thresholds in the model file, and returns the metrics.json content.
+
+    weights: where a model fitted with a weights file finds it now (see ``PaDiM.load``).
+    tune_malloc: call ``padim.memory.tune_malloc_for_scoring`` before scoring on the CPU (the
+    ``padim`` command does; a library caller decides for its own process)."""
     from .evaluate import METRIC_KEYS, THRESHOLDS_NOTE, evaluate  # scikit-learn, scipy: not needed to fit
 
-    model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None)
+    model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None, weights=weights)
+    if tune_malloc and model.device_.type == "cpu":
+        tune_malloc_for_scoring()
     found = find_category(data_root, category, need_test=True)
     if model.uses_random_weights:
         note(RANDOM_WEIGHTS_WARNING)
@@ -73,7 +81,7 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         "image_size": list(model.config_.input_size),
         "seed": model.config_.seed,
         "model": str(model_path),
-        "device": str(model._device_),
+        "device": str(model.device_),
         "padim_version": __version__,
         "pictures": [os.path.relpath(p, output) for p in result.pictures],
     }

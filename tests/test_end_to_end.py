@@ -161,6 +161,7 @@ def test_demo_runs_offline_and_detects_the_synthetic_defects(tmp_path, capsys):
 
 def test_float16_factor_storage_halves_the_factor_and_keeps_the_scores(fitted, synthetic_root, tmp_path):
     from padim import io as model_io
+    from padim.modelfile import TENSOR_RANKS
     from padim.errors import ModelFileError, PadimError
 
     model32, path32, category = fitted
@@ -179,7 +180,7 @@ def test_float16_factor_storage_halves_the_factor_and_keeps_the_scores(fitted, s
     np.testing.assert_allclose(loaded.predict(images).scores, model32.predict(images).scores, rtol=1e-2)
 
     # a file whose factor's dtype contradicts its metadata is refused
-    tensors, meta = model_io.load(path16, PaDiM._TENSORS)
+    tensors, meta = model_io.load(path16, TENSOR_RANKS)
     tensors["precision_factor_packed"] = tensors["precision_factor_packed"].float()
     model_io.save(tmp_path / "mixed.safetensors", tensors, {k: v for k, v in meta.items() if not k.startswith("format")})
     with pytest.raises(ModelFileError, match="metadata says float16"):

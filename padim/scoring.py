@@ -1,0 +1,79 @@
+"""Scoring a stream of batches with fitted Gaussians: embeddings -> patch distances -> maps -> scores,
+and the decisions that thresholds turn them into.
+
+Shapes: B images per batch, P = h * w patch positions, d channels, (H, W) the model's input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import PadimError
+from .features import Embedder
+from .gaussian import mahalanobis
+from .maps import anomaly_maps, image_scores
+from .memory import Workspace
+
+Batch = Tuple[torch.Tensor, List[Tuple[int, int]]]  # (B, 3, H, W) inputs, original (height, width) sizes
+
+
+@dataclass
+class PadimResult:
+    """What ``PaDiM.predict`` returns for N images.
+
+    scores: (N,) image anomaly scores (max of each map)
+    maps:   (N, H, W) anomaly maps at the model's input size, or a list of (H_i, W_i) maps at each
+            image's original resolution
+    labels: (N,) bool, score >= image threshold; None when the model has no threshold
+    masks:  like ``maps`` but bool, map >= pixel threshold; None when the model has no pixel threshold
+    """
+
+    scores: np.ndarray
+    maps: Union[np.ndarray, List[np.ndarray]]
+    labels: Optional[np.ndarray] = None
+    masks: Optional[Union[np.ndarray, List[np.ndarray]]] = None
+
+
+def score_batches(embedder: Embedder, mean: torch.Tensor, factor: torch.Tensor, feature_hw: Tuple[int, int],
+                  input_size: Tuple[int, int], sigma: float,
+                  batches: Iterable[Batch]) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int]]]]:
+    """Yields, batch by batch: image scores (B,), anomaly maps (B, H, W), both on the CPU, and the
+    original sizes passed through.
+
+    mean: (P, d); factor: (P, d, d) lower-triangular W with W^T W = cov^-1; feature_hw: (h, w).
+    The batch-sized temporaries live in one reused ``Workspace`` (nothing yielded lives in it).
+    """
+    workspace = Workspace()
+    with torch.inference_mode():
+        for batch, sizes in batches:
+            emb = embedder(batch, workspace)  # (B, h, w, d)
+            if tuple(emb.shape[1:3]) != tuple(feature_hw):
+                raise PadimError(f"feature grid {tuple(emb.shape[1:3])} differs from the fitted {tuple(feature_hw)}")
+            distances = mahalanobis(emb.flatten(1, 2), mean, factor, workspace)  # (B, P)
+            maps = anomaly_maps(distances.view(-1, *feature_hw), input_size, sigma)  # (B, H, W)
+            yield image_scores(maps).cpu(), maps.cpu(), sizes
+
+
+def to_original_resolution(anomaly_map: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
+    """(H, W) map -> (h0, w0) numpy map at the image's original size (bilinear, half-pixel centres)."""
+    resized = F.interpolate(anomaly_map[None, None], size=tuple(size), mode="bilinear", align_corners=False)
+    return resized[0, 0].numpy()
+
+
+def labels_at(scores: np.ndarray, threshold: Optional[float]) -> Optional[np.ndarray]:
+    """(N,) bool: anomalous where score >= threshold (a score at the threshold is anomalous); None
+    without a threshold."""
+    return None if threshold is None else np.asarray(scores) >= threshold
+
+
+def masks_at(maps: Union[np.ndarray, Sequence[np.ndarray]], threshold: Optional[float]):
+    """Like ``maps`` (an array or a list of arrays), bool: defect where map >= threshold; None
+    without a threshold."""
+    if threshold is None:
+        return None
+    return maps >= threshold if isinstance(maps, np.ndarray) else [m >= threshold for m in maps]
