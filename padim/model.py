@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import __version__
 from . import io as model_io
 from .backbones import build_extractor, get_spec
+from .checks import check_batch_size, check_estimator  # [wt-files]
 from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError
 from .features import embed, random_channel_subset
@@ -111,6 +112,7 @@ class PaDiM:
 
     # ----------------------------------------------------------------------------- configuration
     def _make_config(self) -> PadimConfig:
+        check_estimator(self)  # [wt-files] every parameter (d, seed, batch, sizes, memory) before any work
         spec = get_spec(self.backbone)
         image_size, crop = _pair(self.image_size), _pair(self.crop)
         if min(image_size) < 32:
@@ -312,7 +314,9 @@ class PaDiM:
     def load(cls, path, device: Optional[str] = None, batch_size: int = 32, workers: int = 2,
              progress: Optional[bool] = False) -> "PaDiM":
         """Reads a model file (no pickle) and rebuilds its backbone with the same weights."""
+        check_batch_size(batch_size)  # [wt-files] before the file is read
         tensors, meta = model_io.load(path, cls._TENSORS)
+        model_io.verify(path, tensors, meta)  # [wt-files] contents checked against each other, not trusted
         try:
             config = PadimConfig.from_dict(meta["config"])
             feature_hw = tuple(int(v) for v in meta["feature_hw"])
