@@ -38,6 +38,9 @@ FORMAT_VERSION = 1
 _METADATA_KEY = "padim"
 
 CHECKSUM_KEY = "checksum"
+# What the tensors' shapes mean, written a second time beside the config: a header whose backbone,
+# layers or input size was edited (even with a recomputed checksum) contradicts it and is refused.
+LAYOUT_KEY = "layout"
 _CHECKSUM_PREFIX = "sha256:"
 _CHECKSUM_PLACEHOLDER = _CHECKSUM_PREFIX + "0" * 64
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -61,6 +64,8 @@ def save(path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
     """
     path = Path(path)
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **metadata}
+    if isinstance(metadata.get("config"), dict):
+        header[LAYOUT_KEY] = _layout_record(metadata["config"])
     header.pop(CHECKSUM_KEY, None)
     header[CHECKSUM_KEY] = _CHECKSUM_PLACEHOLDER  # the last key: replaced by the digest once known
     contiguous = {name: t.detach().to("cpu").contiguous() for name, t in sorted(tensors.items())}
@@ -92,6 +97,20 @@ def save(path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
         handle.write(digest.hexdigest().encode())
 
     atomic_write(path, write, ModelFileError, "model file")
+
+
+def _layout_record(config: dict) -> dict:
+    from .checks import feature_layout
+
+    spec_layers = config.get("layers")
+    if not spec_layers:
+        from .backbones import get_spec
+
+        spec_layers = get_spec(config["backbone"]).default_layers
+    input_size = tuple(config.get("crop") or config["image_size"])
+    layout = feature_layout(config["backbone"], tuple(spec_layers), input_size)
+    return {"backbone": config["backbone"], "layers": list(spec_layers), "input_size": list(input_size),
+            "channels": layout.channels, "grid": list(layout.grid)}
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -237,6 +256,9 @@ def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
 
     config = validate_config_dict(metadata.get("config"), f"model file {path}")
     layout = feature_layout(config.backbone, config.layers, config.input_size)
+    if LAYOUT_KEY in metadata and metadata[LAYOUT_KEY] != _layout_record(config.to_dict()):
+        refuse(f"its config (backbone {config.backbone}, layers {','.join(config.layers)}, input "
+               f"{config.input_size[0]}x{config.input_size[1]}) contradicts the layout it was saved with")
     feature_hw = metadata.get("feature_hw")
     if not isinstance(feature_hw, list) or [type(v) for v in feature_hw] != [int, int]:
         refuse(f"feature_hw must be two whole numbers, got {feature_hw!r}")
