@@ -150,8 +150,9 @@ def test_validate_config_dict_accepts_the_saved_config(fitted):
 
 
 @pytest.mark.parametrize("field, value", [("image_size", [64]), ("image_size", [0, 64]), ("epsilon", -0.1),
-                                          ("sigma", 10 ** 400), ("mean", [0.5, 0.5]), ("n_features", True),
-                                          ("backbone", "vgg16"), ("extra", 1)])
+                                          ("sigma", float("nan")), ("epsilon", 10 ** 400), ("mean", [0.5, 0.5]),
+                                          ("n_features", True), ("backbone", "vgg16"), ("extra", 1)],
+                         ids=["size1", "size0", "eps-neg", "sigma-nan", "eps-huge", "mean2", "d-bool", "vgg", "extra"])
 def test_validate_config_dict_refuses(fitted, field, value):
     config = padim_header(fitted[1].read_bytes())["config"]
     config[field] = value
