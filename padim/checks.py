@@ -236,7 +236,7 @@ def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features
     check_n_features(d, layout, layers)
     factor_bytes = {"float32": 4, "float16": 2}.get(factor_dtype)
     if factor_bytes is None:
-        raise PadimError(f"--factor-dtype must be float32 or float16, got {factor_dtype!r}")
+        raise PadimError(f"--factor-dtype (factor_dtype) must be float32 or float16, got {factor_dtype!r}")
     if device is None:
         import torch
 

@@ -279,7 +279,8 @@ def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
             refuse(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} for {config.backbone} "
                    f"d={d} at {config.input_size[0]}x{config.input_size[1]}")
         if tensor.dtype not in dtypes:
-            refuse(f"tensor {name!r} is {tensor.dtype}, expected {dtypes[0]}")
+            said = config.factor_dtype if name == "precision_factor_packed" else dtypes[0]
+            refuse(f"tensor {name!r} is {tensor.dtype}, the metadata says {said}")
     idx = tensors["channel_idx"].long()
     if d and (bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0 or int(idx[-1]) >= layout.channels):
         refuse(f"channel_idx must be increasing, distinct and within 0..{layout.channels - 1}")

@@ -125,4 +125,5 @@ def test_model_file_fuzz(original, tmp_path):
             assert np.isfinite(value).all() and value.shape == scores.shape, what
             if key not in SCORING_FIELDS:
                 np.testing.assert_array_equal(value, scores, err_msg=f"{what} gave a different model")
+    print(counts)
     assert counts["refused"] >= N_FLIPS + N_TRUNCATIONS
