@@ -287,6 +287,33 @@ def cmd_demo(args) -> None:
     print(f"demo done in {time.perf_counter() - started:.0f} s")
 
 
+def _check_args(args) -> None:
+    """Every option checked before a command starts work (see ``padim.checks``): one line, no wait."""
+    from . import checks
+
+    if getattr(args, "batch_size", 1) is not None:
+        checks.check_batch_size(getattr(args, "batch_size", 1))
+    if getattr(args, "max_images", None) is not None and args.max_images < 1:
+        raise PadimError(f"--max-images must be at least 1, got {args.max_images}")
+    if args.command == "fit":
+        layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
+        checks.check_fit_options(args.backbone, layers, args.n_features, args.image_size, args.crop, args.seed,
+                                 args.batch_size, args.factor_dtype, args.device)
+        checks.check_output_file(args.output)
+    elif args.command == "benchmark":
+        checks.check_fit_options(args.backbone, None, args.n_features, args.image_size, None, args.seed,
+                                 args.batch_size, "float32", args.device)
+        checks.check_output_folder(args.output)
+    elif args.command == "test":
+        checks.check_output_folder(args.output if args.output is not None else Path("padim-test") / args.category)
+        if args.model.is_file():  # the thresholds are written back into it
+            checks.check_output_file(args.model, "--model")
+    elif args.command in ("predict", "demo") and args.output is not None:
+        checks.check_output_folder(args.output)
+    elif args.command == "download":
+        checks.check_output_folder(args.to, "--to")
+
+
 COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark, "download": cmd_download,
             "demo": cmd_demo}
 
@@ -294,6 +321,7 @@ COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "benchmark
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         COMMANDS[args.command](args)
     except PadimError as exc:
         print(f"padim {args.command}: error: {exc}", file=sys.stderr)

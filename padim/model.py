@@ -24,6 +24,7 @@ import torch
 
 from . import modelfile
 from .backbones import build_extractor, file_sha256, get_spec, is_weights_file
+from .checks import check_batch_size, check_estimator
 from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError
 from .features import Embedder, count_channels, random_channel_subset
@@ -123,6 +124,7 @@ class PaDiM:
         return f"{type(self).__name__}({', '.join(changed)})"
 
     def _make_config(self) -> PadimConfig:
+        check_estimator(self)  # every parameter (d, seed, batch size, sizes, memory) before any work
         spec = get_spec(self.backbone)
         image_size, crop = _pair(self.image_size), _pair(self.crop)
         if min(image_size) < 32:
@@ -288,6 +290,7 @@ class PaDiM:
         weights: for a model fitted with a weights file, where that file is now (it must be the same
         file: its SHA-256, stored at fit, is checked); default: where it was at fit.
         """
+        check_batch_size(batch_size)  # before the file is read
         content = modelfile.read(path)
         config = content.config
         if is_weights_file(config.weights):

@@ -12,8 +12,6 @@ import torch
 from . import __version__
 from . import io as model_io
 from .config import PadimConfig
-from .errors import ModelFileError
-from .gaussian import FACTOR_DTYPES
 
 TENSOR_RANKS = {"mean": 2, "precision_factor_packed": 2, "channel_idx": 1}
 
@@ -60,17 +58,7 @@ def write(path, content: ModelContent) -> None:
 def read(path) -> ModelContent:
     """Reads and checks a model file; raises ModelFileError naming the problem."""
     tensors, meta = model_io.load(path, TENSOR_RANKS)
-    try:
-        config = PadimConfig.from_dict(meta["config"])
-        feature_hw = tuple(int(v) for v in meta["feature_hw"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"model file {path} has incomplete metadata ({exc})") from None
+    config, feature_hw = model_io.verify(path, tensors, meta)  # contents checked against each other, not trusted
     mean, packed, channel_idx = tensors["mean"], tensors["precision_factor_packed"], tensors["channel_idx"]
-    n_pos, d = mean.shape
-    if (len(feature_hw) != 2 or n_pos != feature_hw[0] * feature_hw[1] or d != config.n_features
-            or tuple(packed.shape) != (n_pos, d * (d + 1) // 2) or channel_idx.numel() != d):
-        raise ModelFileError(f"model file {path}: tensor shapes do not match its metadata")
-    if FACTOR_DTYPES.get(config.factor_dtype) != packed.dtype:
-        raise ModelFileError(f"model file {path}: its factor is {packed.dtype}, its metadata says {config.factor_dtype}")
     info = {key: meta.get(key, default) for key, default in INFO_DEFAULTS.items()}
     return ModelContent(config, mean, packed, channel_idx.long(), feature_hw, info)

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import __version__
+from .atomic import atomic_write
+from .errors import PadimError
 from .data.mvtec import find_category
 from .memory import tune_malloc_for_scoring
 from .model import PaDiM
@@ -94,7 +96,6 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
 
 
 def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Writes JSON through ``padim.atomic``: the user's umask, a private temporary, one line on a full disk."""
+    text = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+    atomic_write(path, lambda handle: handle.write(text), PadimError, "JSON file")
