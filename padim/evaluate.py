@@ -17,6 +17,8 @@ from .metrics import image_metrics, pixel_metrics
 from .model import PaDiM
 
 METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO")
+# at the model's calibrated operating point (None without calibration): what a line would see
+CALIBRATED_KEYS = ("image_F1_calibrated", "image_recall_calibrated", "good_FPR_calibrated", "pixel_F1_calibrated")
 THRESHOLDS_NOTE = "thresholds maximise F1 on the test set: an optimistic choice, not validated on held-out data"
 
 
@@ -30,6 +32,30 @@ class Evaluation:
     test_seconds: float
     defects_without_mask: List[Path]
     pictures: List[Path] = field(default_factory=list)  # curves, histogram, then panels
+
+
+def calibrated_metrics(labels: np.ndarray, scores: np.ndarray, image_threshold: Optional[float],
+                       masks: Optional[np.ndarray], maps: Optional[np.ndarray],
+                       pixel_threshold: Optional[float]) -> Dict[str, Optional[float]]:
+    """Metrics at fixed thresholds (anomalous iff score >= threshold): image F1, recall (defect images
+    caught), good_FPR (good images flagged), and pixel F1 over the pixels with ground truth.
+    labels: (N,) bool; scores: (N,); masks, maps: (M, H, W). None where a threshold is missing."""
+    out = dict.fromkeys(CALIBRATED_KEYS)
+    if image_threshold is not None:
+        flagged = np.asarray(scores) >= image_threshold
+        labels = np.asarray(labels, dtype=bool)
+        out["image_F1_calibrated"] = _f1(flagged, labels)
+        out["image_recall_calibrated"] = float(flagged[labels].mean()) if labels.any() else None
+        out["good_FPR_calibrated"] = float(flagged[~labels].mean()) if (~labels).any() else None
+    if pixel_threshold is not None and masks is not None and len(masks):
+        out["pixel_F1_calibrated"] = _f1(np.asarray(maps) >= pixel_threshold, np.asarray(masks, dtype=bool))
+    return out
+
+
+def _f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    true_positives = int(np.count_nonzero(predicted & truth))
+    denominator = int(np.count_nonzero(predicted)) + int(np.count_nonzero(truth))
+    return 2.0 * true_positives / denominator if denominator else 0.0
 
 
 def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = None,
@@ -67,6 +93,11 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
         roc_points=500,
     ))
     pixel_roc = metrics.pop("pixel_roc_curve")
+    calibrated = model.calibration_ is not None and str(model.threshold_source_).startswith("calibration")
+    metrics.update(calibrated_metrics(labels, scores, model.image_threshold_ if calibrated else None,
+                                      np.stack([masks[i].numpy() for i in with_truth]),
+                                      np.stack([maps[i].numpy() for i in with_truth]),
+                                      model.pixel_threshold_ if calibrated else None))
     result = Evaluation(metrics, scores, test_seconds, [s.path for s in category.defects_without_mask])
     if pictures_dir is not None:
         result.pictures = _draw(model, category, result, maps, masks, pixel_roc, Path(pictures_dir), max_images)
