@@ -198,6 +198,7 @@ def cmd_predict(args) -> None:
     from PIL import Image
 
     from .images import load_pixels, read_image
+    from .memory import release_free_memory
     from .model import PaDiM, to_original_resolution
     from .visualize import heatmap_overlay, mask_at_size, mask_image, overlay_size, save_png
 
@@ -225,18 +226,20 @@ def cmd_predict(args) -> None:
                 stem = args.output / path.resolve().parent.relative_to(common) / path.name
                 if model.config_.crop is None:  # the map and the picture at the image's own size
                     draw = overlay_size(size)  # the heatmap: long side <= 4096 px
-                    drawn, picture = to_original_resolution(anomaly_map, draw), read_image(path, draw)[0]
+                    drawn, picture = to_original_resolution(anomaly_map, draw), read_image(path, draw, 1, 1)[0]
                 else:  # a crop has no full-size map: both at the crop the model saw
                     drawn, picture = anomaly_map.numpy(), Image.fromarray(load_pixels(path, model.config_)[0])
                 if model.pixel_threshold_ is not None:
                     vmin, vmax = 0.0, 2 * model.pixel_threshold_
                     full_size = size if model.config_.crop is None else tuple(anomaly_map.shape)
-                    mask = mask_at_size(anomaly_map, full_size, model.pixel_threshold_)
-                    save_png(mask_image(mask), stem.with_name(stem.name + "_mask.png"))
+                    mask = mask_image(mask_at_size(anomaly_map, full_size, model.pixel_threshold_))
+                    save_png(mask, stem.with_name(stem.name + "_mask.png"))
                     del mask
                 else:
                     vmin, vmax = float(drawn.min()), float(drawn.max())
                 save_png(heatmap_overlay(picture, drawn, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
+                del picture, drawn
+                release_free_memory()  # a big picture's buffers, kept by glibc otherwise
             print(json.dumps(record), flush=True)
 
 

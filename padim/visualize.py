@@ -25,10 +25,11 @@ def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vm
     (resized to the map's size). Returns an RGB image of the map's size."""
     scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
     cmap = colormaps["jet"]  # its N-entry lookup table, indexed as matplotlib indexes floats in [0, 1]
-    index = np.minimum((scaled * cmap.N).astype(np.intp), cmap.N - 1)
+    index = np.minimum((scaled * cmap.N).astype(np.int16), cmap.N - 1)
     lut = (cmap(np.arange(cmap.N))[:, :3] * 255).astype(np.uint8)  # (N, 3): no (h, w, 4) float64 copy
     heat = lut[index]
-    base = image.convert("RGB").resize((anomaly_map.shape[1], anomaly_map.shape[0]), Image.BILINEAR)
+    base = image if image.mode in ("L", "RGB") else image.convert("RGB")  # resized before any RGB copy
+    base = base.resize((anomaly_map.shape[1], anomaly_map.shape[0]), Image.BILINEAR).convert("RGB")
     return Image.blend(base, Image.fromarray(heat), alpha)
 
 
@@ -39,7 +40,7 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 def mask_image(mask: np.ndarray) -> Image.Image:
     """(h, w) bool -> L-mode PNG-ready image, 255 where anomalous."""
-    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))
+    return Image.fromarray(np.multiply(mask, 255, dtype=np.uint8))  # no int64 temporary (1 GB at 12000^2)
 
 
 def overlay_size(size: Tuple[int, int], max_side: int = OVERLAY_MAX_SIDE) -> Tuple[int, int]:
