@@ -74,23 +74,34 @@ def _orientation(img: Image.Image) -> int:
     return value if value in _UPRIGHT else 1
 
 
-def _open_file(path) -> Image.Image:
-    """Image.open with padim's size limit in place of Pillow's warning/error (header only, lazy)."""
+def _open_file(path) -> Tuple[Image.Image, object]:
+    """Image.open (header only, lazy) with padim's size limit in place of Pillow's warning/error.
+
+    Returns the image and the open file, for the caller to close after ``load``. Pillow is given a
+    file object, not the name: from a name it memory-maps uncompressed TIFFs and (Pillow 13) then
+    decodes those with EXIF orientation 5-8 into the wrong shape.
+    """
+    try:
+        fp = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise DataError(f"cannot read image {path}: {exc.strerror or _one_line(exc)}") from None
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-    except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
+            img = Image.open(fp)
     except Image.DecompressionBombError:
+        fp.close()
         raise DataError(f"image {path} is larger than the {max_pixels() / 1e6:.0f} megapixels padim reads "
                         f"(Pillow's decompression-bomb limit): downscale it first") from None
-    except Exception as exc:  # UnidentifiedImageError, a folder, no permission, ...
+    except Exception as exc:  # UnidentifiedImageError, ...
+        fp.close()
         raise DataError(f"cannot read image {path}: {_one_line(exc)}") from None
     if img.width * img.height > max_pixels():
-        img.close()
+        fp.close()
         raise _too_big(path, img.width, img.height)
-    return img
+    return img, fp
 
 
 def _one_line(exc: BaseException) -> str:
@@ -112,24 +123,29 @@ def decode(item, wanted: Optional[Tuple[int, int]] = None, *, allow_reduce: bool
     if isinstance(item, Image.Image):
         if item.width * item.height > max_pixels():
             raise _too_big("(PIL image)", item.width, item.height)
+        try:
+            item.load()  # first: a TIFF decoder turns itself upright while loading
+        except Exception as exc:
+            raise DataError(f"cannot read image (PIL image): {_one_line(exc)}") from None
         orientation = _orientation(item)
         hw = (item.width, item.height) if orientation in _SWAPS_AXES else (item.height, item.width)
         return item, orientation, hw, None
-    img = _open_file(item)
+    img, fp = _open_file(item)
     try:
-        with img:
-            orientation = _orientation(img)
-            original = (img.width, img.height) if orientation in _SWAPS_AXES else (img.height, img.width)
-            if wanted is not None and allow_reduce and img.format == "JPEG":
-                stored = wanted[::-1] if orientation in _SWAPS_AXES else wanted  # (h, w) as stored
-                if min(img.height / stored[0], img.width / stored[1]) > fast_ratio:
-                    img.draft(None, (margin * stored[1], margin * stored[0]))
-            img.load()
-            return img, orientation, original, img.format
-    except DataError:
-        raise
+        orientation = _orientation(img)
+        if wanted is not None and allow_reduce and img.format == "JPEG":
+            stored = wanted[::-1] if orientation in _SWAPS_AXES else wanted  # (h, w) as stored
+            if min(img.height / stored[0], img.width / stored[1]) > fast_ratio:
+                img.draft(None, (margin * stored[1], margin * stored[0]))
+        hw = (img.width, img.height) if orientation in _SWAPS_AXES else (img.height, img.width)
+        img.load()
+        if orientation != 1 and _orientation(img) == 1:  # the decoder turned it upright itself (TIFF)
+            orientation, hw = 1, (img.height, img.width)
+        return img, orientation, hw, img.format
     except Exception as exc:  # truncated file, broken codec data, ...
         raise DataError(f"cannot read image {item}: {_one_line(exc)}") from None
+    finally:
+        fp.close()
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:
