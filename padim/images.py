@@ -53,11 +53,11 @@ def load_pixels(item: ImageInput, config: PadimConfig) -> Tuple[np.ndarray, Tupl
     made RGB (the same pixels, a third of the work). Kept as uint8 until a whole batch is normalised
     by ``to_input``: a quarter of the memory while batches wait in the prefetch queue.
     """
-    img, original = read_image(item, config.image_size)
+    img, original = read_image(item, config.image_size)  # resized (bilinear), crop below
+    if config.crop is not None:
+        img = resize_crop(img, config, Image.BILINEAR)  # the resize is a no-op: the size is right
     if img.mode == "L":
-        img = resize_crop(img, config, Image.BILINEAR).convert("RGB")
-    else:
-        img = resize_crop(img, config, Image.BILINEAR)
+        img = img.convert("RGB")
     return np.array(img), original  # a writable copy: torch warns about read-only arrays
 
 
