@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
     predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders of images")
     predict.add_argument("--output", type=Path, default=None,
-                         help="folder for a heatmap overlay and (with a pixel threshold) a binary mask PNG per image, "
-                              "at the image's original resolution (for a model fitted with --crop: at the crop, "
+                         help="folder for NAME.EXT_heatmap.png, a heatmap overlay (long side at most 4096 px), and "
+                              "(with a pixel threshold) NAME.EXT_mask.png, a binary mask at the image's original "
+                              "resolution, per input NAME.EXT (for a model fitted with --crop: both at the crop, "
                               "over the resized and cropped image the model saw)")
     _weights_location_option(predict)
     predict.add_argument("--target-fpr", type=float, default=None,
@@ -188,7 +189,8 @@ def _metrics_table(category: str, metrics: dict) -> str:
 
     header = "| Category | " + " | ".join(METRIC_KEYS) + " |"
     rule = "|" + "---|" * (len(METRIC_KEYS) + 1)
-    row = f"| {category} | " + " | ".join(f"{metrics[key]:.4f}" for key in METRIC_KEYS) + " |"
+    row = f"| {category} | " + " | ".join("n/a" if metrics[key] is None else f"{metrics[key]:.4f}"
+                                         for key in METRIC_KEYS) + " |"
     return "\n".join([header, rule, row])
 
 
@@ -203,7 +205,7 @@ def cmd_test(args) -> None:
     print(f"{summary['n_test_images']} test images in {summary['test_s']:.1f} s "
           f"({summary['test_ms_per_image']:.1f} ms/image); metrics -> {output / 'metrics.json'}")
     print(f"best-F1 thresholds, chosen on this test set (optimistic): image {summary['oracle_image_threshold']:.4g}, "
-          f"pixel {summary['oracle_pixel_threshold']:.4g}"
+          f"pixel {'n/a' if summary['oracle_pixel_threshold'] is None else format(summary['oracle_pixel_threshold'], '.4g')}"
           + (f"; stored in {args.model}" if args.store_oracle_thresholds else ""))
     if summary["image_F1_calibrated"] is not None:
         print(f"at the calibrated thresholds ({summary['calibrated_threshold_source']}): "
@@ -214,13 +216,18 @@ def cmd_test(args) -> None:
         print(f"{len(summary['pictures'])} pictures -> {output}")
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def _expand_paths(paths: List[Path]) -> List[Path]:
+    """Files as given; folders -> their image files (skipped entries named like images: a note)."""
     from .data.mvtec import list_images
 
     images = []
     for path in paths:
         if path.is_dir():
-            found = list_images(path)
+            found = list_images(path, note=_stderr)
             if not found:
                 raise DataError(f"no images in folder {path}")
             images += found
@@ -232,12 +239,15 @@ def _expand_paths(paths: List[Path]) -> List[Path]:
 
 
 def cmd_predict(args) -> None:
+    """Scores; with --output, per input NAME.EXT (the whole file name, so 000.png and 000.tif do not
+    collide) writes NAME.EXT_heatmap.png (long side <= 4096 px) and NAME.EXT_mask.png (full size)."""
     from PIL import Image
 
-    from .images import load_pixels, open_image
+    from .images import load_pixels, read_image
+    from .memory import release_free_memory
     from .model import PaDiM
     from .scoring import to_original_resolution
-    from .visualize import heatmap_overlay, mask_image, save_png
+    from .visualize import heatmap_overlay, mask_at_size, mask_image, overlay_size, save_png
 
     model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None, weights=args.weights)
     point = model.operating_point(args.target_fpr, args.image_threshold, args.pixel_threshold)
@@ -265,17 +275,23 @@ def cmd_predict(args) -> None:
             if model.uses_random_weights:
                 record["warning"] = "random backbone weights"
             if args.output is not None:
-                stem = args.output / path.resolve().parent.relative_to(common) / path.stem
+                stem = args.output / path.resolve().parent.relative_to(common) / path.name
                 if model.config_.crop is None:  # the map and the picture at the image's own size
-                    full, picture = to_original_resolution(anomaly_map, size), open_image(path)
+                    draw = overlay_size(size)  # the heatmap: long side <= 4096 px
+                    drawn, picture = to_original_resolution(anomaly_map, draw), read_image(path, draw, 1, 1)[0]
                 else:  # a crop has no full-size map: both at the crop the model saw
-                    full, picture = anomaly_map.numpy(), Image.fromarray(load_pixels(path, model.config_)[0])
+                    drawn, picture = anomaly_map.numpy(), Image.fromarray(load_pixels(path, model.config_)[0])
                 if point.pixel_threshold is not None:
                     vmin, vmax = 0.0, 2 * point.pixel_threshold
-                    save_png(mask_image(full >= point.pixel_threshold), stem.with_name(stem.name + "_mask.png"))
+                    full_size = size if model.config_.crop is None else tuple(anomaly_map.shape)
+                    mask = mask_image(mask_at_size(anomaly_map, full_size, point.pixel_threshold))
+                    save_png(mask, stem.with_name(stem.name + "_mask.png"))
+                    del mask
                 else:
-                    vmin, vmax = float(full.min()), float(full.max())
-                save_png(heatmap_overlay(picture, full, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
+                    vmin, vmax = float(drawn.min()), float(drawn.max())
+                save_png(heatmap_overlay(picture, drawn, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
+                del picture, drawn
+                release_free_memory()  # a big picture's buffers, kept by glibc otherwise
             print(json.dumps(record), flush=True)
 
 

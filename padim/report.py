@@ -51,12 +51,14 @@ def defect_panel(image, gt_mask: Optional[np.ndarray], anomaly_map: np.ndarray, 
 
 def roc_figure(labels: np.ndarray, scores: np.ndarray, image_auroc: float,
                pixel_curve, pixel_auroc: float, path: Path) -> None:
-    """Image- and pixel-level ROC curves, AUROC in the legend."""
+    """Image- and pixel-level ROC curves, AUROC in the legend. pixel_curve None: no ground-truth
+    defect pixels, the image curve only."""
     fpr, tpr, _ = roc_curve(labels, scores)
     fig = Figure(figsize=(4.5, 4.2))
     ax = fig.subplots()
     ax.plot(fpr, tpr, label=f"image (AUROC {image_auroc:.3f})")
-    ax.plot(*pixel_curve, label=f"pixel (AUROC {pixel_auroc:.3f})")
+    if pixel_curve is not None:
+        ax.plot(*pixel_curve, label=f"pixel (AUROC {pixel_auroc:.3f})")
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -88,9 +90,10 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _cell(value) -> str:
+    """A table cell: floats with two decimals; None (a metric not available) is "n/a"."""
     if isinstance(value, float):
         return f"{value:.2f}"
-    return "" if value is None else str(value)
+    return "n/a" if value is None else str(value)
 
 
 def results_markdown(rows: Sequence[Dict]) -> str:
@@ -158,5 +161,10 @@ window.addEventListener("load", function () {{
 
 
 def _means(rows: Sequence[Dict]) -> Dict:
+    """Column means over the rows without error; a column's None values (not available) are left
+    out, and a column with no value at all has mean None."""
     good = [row for row in rows if not row.get("error")]
-    return {c: float(np.mean([row[c] for row in good])) for c in RESULT_COLUMNS} if good else {}
+    if not good:
+        return {}
+    values = {c: [row[c] for row in good if row.get(c) is not None] for c in RESULT_COLUMNS}
+    return {c: float(np.mean(v)) if v else None for c, v in values.items()}

@@ -26,7 +26,7 @@ def _stderr(message: str) -> None:
 
 def fit_category(data_root, category: str, output: Path, note: Callable[[str], None] = _stderr, **params) -> PaDiM:
     """Fits PaDiM(**params) on DATA_ROOT/CATEGORY/train/good and saves it to ``output``."""
-    found = find_category(data_root, category)
+    found = find_category(data_root, category, note=note)
     model = PaDiM(**params)
     if model.uses_random_weights:
         note(RANDOM_WEIGHTS_WARNING)
@@ -77,7 +77,7 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
              "--calibration-fraction > 0, to get thresholds from good images)")
     if tune_malloc and model.device_.type == "cpu":
         tune_malloc_for_scoring()
-    found = find_category(data_root, category, need_test=True)
+    found = find_category(data_root, category, need_test=True, note=note)
     if model.uses_random_weights:
         note(RANDOM_WEIGHTS_WARNING)
     if model.category_ and model.category_ != category:
@@ -89,6 +89,13 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
              f"left out of pixel metrics: {names}")
 
     result = evaluate(model, found, output if pictures else None, max_images)
+    if result.defects_with_empty_mask:
+        empty = result.defects_with_empty_mask
+        names = ", ".join(str(p) for p in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        note(f"note: {len(empty)} defect image(s) have an all-black mask: left out of pixel metrics: {names}")
+    if result.metrics["pixel_AUROC"] is None:
+        note(f"note: no defect image of {category} has a mask marking defect pixels: pixel metrics not available "
+             f"(n/a), image metrics only")
     n_images = len(found.test)
     summary = {
         "category": category,
@@ -108,6 +115,7 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         "n_test_images": n_images,
         "n_test_defect_images": int(sum(s.is_anomalous for s in found.test)),
         "defects_without_mask": [str(p) for p in result.defects_without_mask],
+        "defects_with_empty_mask": [str(p) for p in result.defects_with_empty_mask],
         "backbone": model.config_.backbone,
         "weights_source": model.weights_source_,
         "random_weights": model.uses_random_weights,

@@ -115,8 +115,8 @@ def test_cli_fit_test_predict(synthetic_root, tmp_path, capsys):
         assert line["warning"] == "random backbone weights"
     # same file names in two folders: both kept, in mirrored sub-folders
     assert sorted(p.relative_to(pred_out).as_posix() for p in pred_out.rglob("*.png")) == [
-        "good/000_heatmap.png", "good/000_mask.png", "spot/000_heatmap.png", "spot/000_mask.png",
-        "spot/001_heatmap.png", "spot/001_mask.png"]
+        "good/000.png_heatmap.png", "good/000.png_mask.png", "spot/000.png_heatmap.png", "spot/000.png_mask.png",
+        "spot/001.png_heatmap.png", "spot/001.png_mask.png"]
 
 
 @pytest.mark.parametrize("crop", [None, 48])
@@ -138,7 +138,7 @@ def test_cli_predict_pictures_have_the_maps_geometry(fitted, synthetic_root, tmp
     source.parent.mkdir()
     Image.fromarray(picture).save(source)
     assert main(["predict", "--model", str(path), str(source), "--device", "cpu", "--output", str(tmp_path / "out")]) == 0
-    heatmap = Image.open(tmp_path / "out" / "wide_heatmap.png")
+    heatmap = Image.open(tmp_path / "out" / "wide.png_heatmap.png")
     assert heatmap.size == ((96, 48) if crop is None else (crop, crop))
     # a 50/50 blend over white keeps every channel >= 127; over black, no jet colour gets there
     over_white = (np.asarray(heatmap).min(axis=2) >= 100).mean()
