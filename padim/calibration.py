@@ -5,8 +5,10 @@ The guarantee (split conformal prediction): let s_(1) <= ... <= s_(n) be the ima
 images the Gaussians were not fitted on. For a new good image exchangeable with them (same line,
 lighting, camera), P(score > s_(k)) <= alpha with k = ceil((n + 1)(1 - alpha)): flagging scores
 above s_(k) flags at most a fraction alpha of good images, on average over calibration sets. It needs
-k <= n, i.e. n >= 1 / alpha - 1 (19 images for 5 %, 99 for 1 %). It says nothing about defects
-(recall), and nothing once the images drift (new lighting, a new camera): then recalibrate.
+k <= n, i.e. n >= 1 / alpha - 1 (19 images for 5 %, 99 for 1 %); with fewer, the threshold is the
+highest calibration score, which guarantees 1 / (n + 1), and the threshold's source says so. It says
+nothing about defects (recall), and nothing once the images drift (new lighting, a new camera): then
+recalibrate.
 
 Shapes: n calibration images; N scored images; Q stored pixel-score quantiles.
 """
@@ -60,6 +62,11 @@ def percent(alpha: float) -> str:
     return f"{100 * alpha:.3g}%"
 
 
+def needed(alpha: float) -> int:
+    """Calibration images a target false-positive rate needs: n >= 1 / alpha - 1."""
+    return math.ceil(1.0 / alpha - 1.0 - 1e-9)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Scores of good images the model's Gaussians did not see.
@@ -91,20 +98,23 @@ class Calibration:
         """The smallest target false-positive rate n images can guarantee: 1 / (n + 1)."""
         return 1.0 / (self.n + 1)
 
-    def image_threshold(self, alpha: float) -> float:
-        """The cut with P(good image flagged) <= alpha: anomalous iff score >= the returned value,
-        which is the next float above s_(k), k = ceil((n + 1)(1 - alpha)). Raises CalibrationError
-        when n is too small for alpha (k > n)."""
+    def rank(self, alpha: float) -> int:
+        """k = ceil((n + 1)(1 - alpha)), the order statistic whose score is the cut (may exceed n)."""
         if not 0.0 < alpha < 1.0:
             raise CalibrationError(f"target false-positive rate must be in (0, 1), got {alpha}")
-        k = math.ceil((self.n + 1) * (1.0 - alpha) - 1e-9)  # the tolerance keeps 0.95 * 20 at 19
-        if k > self.n:
-            raise CalibrationError(
-                f"{self.n} calibration images cannot guarantee a false-positive rate of {percent(alpha)} "
-                f"(that needs at least {math.ceil(1.0 / alpha - 1.0 - 1e-9)}; the smallest target these allow "
-                f"is {percent(self.smallest_target())}): fit with more good images or a larger "
-                "--calibration-fraction, or ask for a larger --target-fpr")
-        return float(np.nextafter(self.image_scores[max(k, 1) - 1], np.inf))
+        return max(1, math.ceil((self.n + 1) * (1.0 - alpha) - 1e-9))  # the tolerance keeps 0.95 * 20 at 19
+
+    def guaranteed(self, alpha: float) -> float:
+        """The false-positive rate the threshold for ``alpha`` guarantees: alpha, or 1 / (n + 1) when
+        n is too small for alpha (the threshold is then the largest calibration score)."""
+        return alpha if self.rank(alpha) <= self.n else self.smallest_target()
+
+    def image_threshold(self, alpha: float) -> float:
+        """The cut with P(good image flagged) <= alpha: anomalous iff score >= the returned value,
+        the next float above s_(k). When n is too small for alpha (k > n), the largest calibration
+        score takes its place and the guarantee is 1 / (n + 1) instead (``describe`` says so)."""
+        k = min(self.rank(alpha), self.n)
+        return float(np.nextafter(self.image_scores[k - 1], np.inf))
 
     def p_values(self, scores) -> np.ndarray:
         """(N,) conformal p-values (1 + #{calibration scores >= s}) / (n + 1): small when a score is
@@ -121,8 +131,12 @@ class Calibration:
         return float(np.interp(1.0 - pixel_fpr, self.pixel_levels, self.pixel_quantiles))
 
     def describe(self, alpha: float) -> str:
-        """The image threshold's source, as predictions report it."""
+        """The image threshold's source, as predictions report it; says so when n is too small."""
         how = "" if self.method == "holdout" else ", cross-fitted"
+        if self.rank(alpha) > self.n:
+            return (f"calibration: target FPR {percent(alpha)} asked, but {self.n} good images guarantee only "
+                    f"{percent(self.smallest_target())} (threshold at their highest score; {needed(alpha)} "
+                    f"would be needed){how}")
         return f"calibration: target FPR {percent(alpha)} on {self.n} good images{how}"
 
     def describe_pixels(self, pixel_fpr: float) -> str:
@@ -139,6 +153,7 @@ class OperatingPoint:
     source: Optional[str] = None  # of the image threshold: "calibration: ...", "manual", "test set (optimistic)"
     pixel_source: Optional[str] = None
     target_fpr: Optional[float] = None
+    warning: Optional[str] = None  # set when the calibration cannot guarantee target_fpr
 
 
 def operating_point(calibration: Optional[Calibration], stored: OperatingPoint, target_fpr: Optional[float] = None,
@@ -156,8 +171,11 @@ def operating_point(calibration: Optional[Calibration], stored: OperatingPoint, 
         image, source, target = float(image_threshold), SOURCE_MANUAL, None
     elif target_fpr is not None:
         image, source, target = calibration.image_threshold(target_fpr), calibration.describe(target_fpr), target_fpr
+    warning = None
+    if target is not None and calibration is not None and calibration.rank(target) > calibration.n:
+        warning = f"warning: {source}"
     if pixel_threshold is not None:
         pixel, pixel_source = float(pixel_threshold), SOURCE_MANUAL
     elif target_pixel_fpr is not None:
         pixel, pixel_source = calibration.pixel_threshold(target_pixel_fpr), calibration.describe_pixels(target_pixel_fpr)
-    return OperatingPoint(image, pixel, source, pixel_source, target)
+    return OperatingPoint(image, pixel, source, pixel_source, target, warning)

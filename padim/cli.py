@@ -251,6 +251,8 @@ def cmd_predict(args) -> None:
 
     model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None, weights=args.weights)
     point = model.operating_point(args.target_fpr, args.image_threshold, args.pixel_threshold)
+    if point.warning:
+        print(point.warning, file=sys.stderr)
     paths = _expand_paths(args.paths)
     if model.device_.type == "cpu":
         _tune_malloc()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import re
 import time
@@ -305,13 +304,6 @@ class PaDiM:
             return 0, (f"no calibration: {n_images} training images are too few to hold out "
                        f"{cal.MIN_CALIBRATION_IMAGES} (needs at least {2 * cal.MIN_CALIBRATION_IMAGES}); fitted on all "
                        "of them, the model has no calibrated threshold (give thresholds by hand, or add good images)")
-        if n_calibration:
-            needed = math.ceil(1.0 / self.target_fpr - 1.0 - 1e-9)
-            if n_calibration < needed:
-                raise cal.CalibrationError(
-                    f"a target false-positive rate of {cal.percent(self.target_fpr)} needs at least {needed} "
-                    f"calibration images; {n_images} training images give {n_calibration}: raise "
-                    f"--calibration-fraction, add good images, or ask for --target-fpr {cal.percent(1 / (n_calibration + 1))} or more")
         return n_calibration, None
 
     def _accumulate(self, embedder: Embedder, config: PadimConfig, device, images, desc: str,

@@ -34,6 +34,8 @@ def fit_category(data_root, category: str, output: Path, note: Callable[[str], N
     model.category_ = category
     model.save(output)
     note(calibration_summary(model))
+    if model.calibration_ is not None and model.operating_point().warning:
+        note(model.operating_point().warning)
     return model
 
 
@@ -71,7 +73,9 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
 
     model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None, weights=weights)
     if target_fpr is not None:
-        model.set_operating_point(target_fpr=target_fpr, target_pixel_fpr=model.target_pixel_fpr)
+        model.set_operating_point(target_fpr=target_fpr)
+    if model.calibration_ is not None and model.operating_point().warning:
+        note(model.operating_point().warning)
     if model.calibration_ is None:
         note("note: the model has no calibration: the *_calibrated metrics are null (refit with padim fit, "
              "--calibration-fraction > 0, to get thresholds from good images)")
