@@ -195,3 +195,21 @@ def test_cli_predict_target_fpr_changes_labels_without_refitting(calibrated, tmp
     assert all(line["label"] == "anomalous" and line["threshold_source"] == "manual" for line in manual)
     predict("--target-fpr", "0.01")
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--image-threshold", "nan"], "finite"),
+    (["--pixel-threshold", "inf"], "finite"),
+    (["--target-fpr", "0.1", "--image-threshold", "3"], "not both"),
+    (["--target-fpr", "1.5"], "(0, 1)"),
+])
+def test_cli_predict_refuses_impossible_operating_points(calibrated, tmp_path, capsys, options, words):
+    from PIL import Image
+
+    _, model = calibrated
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    Image.fromarray(_images(1, seed=12)[0]).save(tmp_path / "a.png")
+    assert main(["predict", "--model", str(path), str(tmp_path / "a.png"), "--device", "cpu", *options]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err and words in captured.err.strip().splitlines()[-1]

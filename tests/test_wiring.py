@@ -287,3 +287,8 @@ def test_scikit_learn_parameter_protocol():
     assert copy.set_params(seed=5) is copy and copy.seed == 5
     with pytest.raises(ValueError, match="unknown PaDiM parameter"):
         copy.set_params(sigmaa=2)
+
+
+def test_an_unfitted_model_has_no_fitted_attributes():
+    model = PaDiM(**FAST)
+    assert not hasattr(model, "mean_") and not hasattr(model, "extractor_") and not hasattr(model, "precision_factor_")
