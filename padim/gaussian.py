@@ -75,6 +75,58 @@ class GaussianAccumulator:
         rest.outer = [mine - theirs for mine, theirs in zip(self.outer, part.outer)]
         return rest
 
+    @classmethod
+    def from_sums(cls, count: int, shift: torch.Tensor, total: torch.Tensor, outer: list,
+                  chunk: Optional[int] = None) -> "GaussianAccumulator":
+        """An accumulator holding given sums (e.g. read back from a statistics file): ``count``
+        images, ``shift`` and ``total`` (P, C) float64, ``outer`` a list of (p, T) float64 blocks
+        (re-cut into blocks of ``chunk`` positions when given and different)."""
+        n_pos, n_ch = shift.shape
+        rows, cols = torch.tril_indices(n_ch, n_ch, device=shift.device)
+        out = cls(chunk or len(outer[0]), shift)
+        if any(len(block) != out.chunk for block in outer[:-1]) or len(outer[-1]) > out.chunk:
+            outer = list(torch.cat(outer).split(out.chunk))
+        out.count, out.sum, out.outer, out._lower = int(count), total, list(outer), rows * n_ch + cols
+        return out
+
+    def recentred(self, shift: torch.Tensor) -> "GaussianAccumulator":
+        """The same statistics taken around another ``shift`` (P, C): exact, in float64. With y = x - s
+        and delta = s - t, x - t = y + delta, so over the n images
+            sum' = sum + n delta
+            outer' = outer + sum delta^T + delta sum^T + n delta delta^T   (each lower triangle).
+        A new accumulator (same blocks); this one stays."""
+        shift = shift.to(torch.float64)
+        delta = self.shift - shift  # (P, C)
+        n_ch = delta.shape[1]
+        rows, cols = torch.tril_indices(n_ch, n_ch, device=delta.device)
+        out = GaussianAccumulator(self.chunk, shift)
+        out.count, out._lower = self.count, self._lower
+        out.sum = self.sum + self.count * delta
+        out.outer = []
+        for block, start in zip(self.outer, range(0, len(delta), self.chunk)):
+            part = slice(start, start + len(block))
+            s, dl = self.sum[part], delta[part]  # (p, C)
+            out.outer.append(block + s[:, rows] * dl[:, cols] + dl[:, rows] * s[:, cols]
+                             + self.count * dl[:, rows] * dl[:, cols])
+        return out
+
+    def merged(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
+        """The statistics of both accumulators' images together (disjoint sets of images, same P
+        and C): ``other`` is re-centred onto this one's shift, then the sums add. Exact in float64
+        whatever the two shifts; a new accumulator, both stay."""
+        if other.sum is None or self.sum is None:  # one holds no image yet: the other's statistics
+            return other if self.sum is None else self
+        if other.sum.shape != self.sum.shape:
+            raise ValueError(f"cannot merge statistics of shapes {tuple(self.sum.shape)} and {tuple(other.sum.shape)}")
+        if other.chunk != self.chunk:
+            other = GaussianAccumulator.from_sums(other.count, other.shift, other.sum, other.outer, self.chunk)
+        moved = other if torch.equal(other.shift, self.shift) else other.recentred(self.shift)
+        out = GaussianAccumulator(self.chunk, self.shift)
+        out.count, out._lower = self.count + other.count, self._lower
+        out.sum = self.sum + moved.sum
+        out.outer = [mine + theirs for mine, theirs in zip(self.outer, moved.outer)]
+        return out
+
     def _covariance_block(self, index: int, epsilon: float) -> torch.Tensor:
         """(p, C, C) float64 unbiased covariance + epsilon * I of block ``index``."""
         start = index * self.chunk
@@ -102,14 +154,15 @@ class GaussianAccumulator:
         return torch.cat([self._covariance_block(i, epsilon) for i in range(len(self.outer))])
 
     def finalize(self, epsilon: float = COVARIANCE_EPSILON, dtype: torch.dtype = torch.float32,
-                 release: Optional[Callable[[], None]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 release: Optional[Callable[[], None]] = None, keep: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns mean (P, C) float64 and the packed precision factor (P, T) in ``dtype``: the lower
         triangle of W = L^-1, where covariance + epsilon * I = L L^T, so that W^T W = its inverse.
 
         Cholesky and a triangular solve rather than an explicit inverse: stabler, and the distance is
         ||W (x - mean)||. Each block of sums is released once its factor is computed; afterwards the
         accumulator is empty. ``release`` (e.g. ``padim.memory.release_free_memory``) is called after
-        every 256 MB of released sums, so that the allocator hands them back as it goes.
+        every 256 MB of released sums, so that the allocator hands them back as it goes. ``keep``
+        keeps the sums instead (incremental fits add to them later), at the cost of holding both.
         """
         mean = self.mean()
         n_pos, n_ch = mean.shape
@@ -118,15 +171,17 @@ class GaussianAccumulator:
         released = 0
         for index in range(len(self.outer)):
             lower = torch.linalg.cholesky(self._covariance_block(index, epsilon))
-            released += self.outer[index].numel() * 8
-            self.outer[index] = None  # release this block's sums...
-            if released > RELEASE_EVERY_BYTES and release is not None:  # ...and hand them back
-                release()
-                released = 0
+            if not keep:
+                released += self.outer[index].numel() * 8
+                self.outer[index] = None  # release this block's sums...
+                if released > RELEASE_EVERY_BYTES and release is not None:  # ...and hand them back
+                    release()
+                    released = 0
             start = index * self.chunk
             inverse = torch.linalg.solve_triangular(lower, eye, upper=False)  # (p, C, C)
             factor[start : start + len(inverse)] = inverse.reshape(len(inverse), -1).index_select(1, self._lower)
-        self.outer = self.sum = None
+        if not keep:
+            self.outer = self.sum = None
         return mean, factor
 
 

@@ -215,11 +215,13 @@ class PaDiM:
         return str(self.weights) == "random"
 
     # ----------------------------------------------------------------------------- fit
-    def fit(self, images: Sequence[ImageInput]) -> "PaDiM":
+    def fit(self, images: Sequence[ImageInput], keep_statistics: bool = False) -> "PaDiM":
         """Fits one Gaussian per patch position on defect-free ``images`` (paths, PIL images or
         uint8 arrays) and calibrates its thresholds on good images it did not fit on (see the class
         docstring). Embeddings are streamed into running sums: memory does not grow with N.
-        The new state is built aside and replaces the old one only when the whole fit succeeded."""
+        The new state is built aside and replaces the old one only when the whole fit succeeded.
+        ``keep_statistics``: keep the sums as ``statistics_`` (a ``padim.statistics.FitStatistics``
+        of the images the Gaussians were fitted on) for ``partial_fit`` or saving; else None."""
         images = list(images)
         if len(images) < 2:
             raise DataError(f"PaDiM needs at least 2 training images, got {len(images)}")
@@ -243,7 +245,10 @@ class PaDiM:
             calibration = None
             if n_calibration and self.calibration == "cv":
                 calibration = self._cross_fit(embedder, config, device, images, stats, feature_hw)
-            mean, packed = stats.finalize(config.epsilon, release=release_free_memory)  # (P, d), (P, d (d + 1) / 2)
+            mean, packed = stats.finalize(config.epsilon, release=release_free_memory,  # (P, d), (P, d (d + 1) / 2)
+                                          keep=keep_statistics)
+            kept = _fit_statistics(config, embedder, feature_hw, stats, source, sha256, len(fit_images),
+                                   len(held_out), "fit") if keep_statistics else None
             del stats
             release_free_memory()
             packed = store_factor(packed, config.factor_dtype)
@@ -264,7 +269,118 @@ class PaDiM:
                         target_fpr=point.target_fpr)
         content = modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, feature_hw, info, calibration)
         self._set_fitted(content, embedder)
+        self.statistics_ = kept
         return self
+
+    # ----------------------------------------------------------------------------- incremental fits
+    def partial_fit(self, images: Sequence[ImageInput]) -> "PaDiM":
+        """Adds defect-free ``images`` to the model's statistics and refits (scikit-learn's
+        convention): the first call on an unfitted model fixes the configuration from the
+        parameters; later calls add images with that configuration, whatever the parameters say
+        now. The model is usable after each call and equals a ``fit`` on all images so far with
+        ``calibration_fraction=0`` (sums merge exactly). No calibration is made here: thresholds a
+        model had are kept but marked stale (their source says how many images were added since),
+        and its calibration scores are dropped (no p-values, no ``target_fpr`` until a refit).
+
+        A fitted model needs its statistics: ``fit(..., keep_statistics=True)``, a previous
+        ``partial_fit``, or ``attach_statistics`` (a loaded model and its statistics file). Memory:
+        the new images' sums are built aside and merged, so the old state survives a failure."""
+        from .statistics import FitStatistics
+
+        images = list(images)
+        if not images:
+            raise DataError("partial_fit needs at least 1 image")
+        started = time.perf_counter()
+        previous: Optional[FitStatistics] = getattr(self, "statistics_", None)
+        if previous is None and hasattr(self, "mean_"):
+            raise PadimError("this model's statistics were not kept, so images cannot be added to it: fit with "
+                             "keep_statistics=True (padim fit --keep-statistics), or attach_statistics() its "
+                             "statistics file")
+        if previous is None and len(images) < 2:
+            raise DataError(f"the first partial_fit needs at least 2 images, got {len(images)}")
+        with torch.inference_mode():
+            if previous is None:
+                config = self._make_config()
+                device = self._resolve_device()
+                extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
+                extractor = extractor.to(device, memory_format=torch.channels_last)
+                n_channels = count_channels(extractor, config.input_size, device)
+                embedder = Embedder(extractor, random_channel_subset(n_channels, config.n_features, config.seed).to(device),
+                                    device)
+                stats = GaussianAccumulator()
+            else:
+                config, embedder, device = self.config_, self.embedder_, self.device_
+                source, sha256 = self.weights_source_, self.weights_sha256_
+                stats = GaussianAccumulator(previous.accumulator.chunk, previous.accumulator.shift)
+            stats, feature_hw = self._accumulate(embedder, config, device, images, "partial fit", stats)
+            added = _fit_statistics(config, embedder, feature_hw, stats, source, sha256, len(images), 0, "partial_fit")
+            total = added if previous is None else previous.merge(added)
+            del stats, added
+        self._fit_from_statistics(total, embedder, started, len(images) if previous is not None else 0)
+        return self
+
+    def attach_statistics(self, statistics) -> "PaDiM":
+        """Gives a fitted (e.g. loaded) model the statistics it was fitted from, so that
+        ``partial_fit`` can add images. Refused (one line) when they belong to another configuration
+        or other images: their count and mean must be the model's (to float32 precision)."""
+        from .statistics import StatisticsMismatchError, _fit_statistics_like
+
+        self._check_fitted()
+        mine = _fit_statistics_like(self)
+        mine.check_compatible(statistics, "these statistics with this model")
+        if self.n_train_images_ is not None and statistics.count != self.n_train_images_:
+            raise StatisticsMismatchError(f"these statistics cover {statistics.count} images, the model was fitted "
+                                          f"on {self.n_train_images_}: they are not this model's")
+        mean = statistics.mean().to(self.mean_.device)
+        if not torch.allclose(mean.float(), self.mean_.float(), rtol=1e-5, atol=1e-5):
+            raise StatisticsMismatchError("these statistics' mean differs from the model's: they are of other images")
+        statistics = statistics.to(self.device_)
+        self.statistics_ = dataclasses.replace(statistics, config=self.config_)  # the model's sigma, epsilon, dtype
+        return self
+
+    @classmethod
+    def from_statistics(cls, statistics, device: Optional[str] = None, batch_size: int = 32, workers: int = 2,
+                        progress: Optional[bool] = False) -> "PaDiM":
+        """A fitted model (no calibration) made from ``statistics`` (see ``padim.statistics``), with
+        its backbone rebuilt from the recorded weights; refused if they now resolve to others."""
+        config = statistics.config
+        params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in cls._param_names()}
+        model = cls(**params, batch_size=batch_size, device=device, workers=workers, progress=progress)
+        model.calibration_fraction = 0.0
+        device = model._resolve_device()
+        extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
+        if (statistics.weights_sha256 or sha256) and sha256 != statistics.weights_sha256 or \
+                not statistics.weights_sha256 and source != statistics.weights_source:
+            raise ModelFileError(f"the statistics were computed with backbone weights '{statistics.weights_source}' "
+                                 f"but they now resolve to '{source}'")
+        embedder = Embedder(extractor.to(device, memory_format=torch.channels_last),
+                            statistics.channel_idx.to(device), device)
+        model._fit_from_statistics(statistics, embedder, time.perf_counter(), 0)
+        return model
+
+    def _fit_from_statistics(self, statistics, embedder: Embedder, started: float, n_added: int) -> None:
+        """Finalises ``statistics`` (as ``fit`` does: Cholesky per block of positions, then the
+        factor in its storage dtype) and swaps the result in whole, keeping the statistics.
+        ``n_added``: images added to an already fitted model, whose thresholds become stale."""
+        config = statistics.config
+        mean, packed = statistics.finalize(release=release_free_memory)
+        packed = store_factor(packed, config.factor_dtype)
+        fitted = hasattr(self, "mean_")
+        info = {"weights_source": statistics.weights_source, "weights_sha256": statistics.weights_sha256,
+                "n_train_images": statistics.count, "fit_seconds": time.perf_counter() - started,
+                "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "calibration_note": "no calibration: fitted incrementally (partial_fit)", "n_calibration_images": 0}
+        if fitted:
+            info.update(category=self.category_, calibration_fraction=self.calibration_fraction, folds=self.folds,
+                        target_pixel_fpr=self.target_pixel_fpr, thresholds_note=self.thresholds_note_,
+                        calibration_note=self.calibration_note_)
+            stale = _stale_thresholds(self, n_added)
+            if stale is not None:
+                info.update(stale)
+        content = modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, statistics.feature_hw,
+                                         info, None)
+        self._set_fitted(content, embedder)
+        self.statistics_ = statistics
 
     def _calibration_plan(self, n_images: int) -> Tuple[int, Optional[str]]:
         """How many images calibrate (0: none) and a note for the user when there will be none.
@@ -449,6 +565,39 @@ class PaDiM:
         content.config = config
         model._set_fitted(content, embedder)
         return model
+
+
+def _fit_statistics(config, embedder, feature_hw, stats, source, sha256, n_images: int, n_held_out: int, how: str):
+    """The ``FitStatistics`` of a fit's accumulator, saying which images the sums cover."""
+    from .statistics import FitStatistics, now
+
+    covers = f"{n_images} images ({how})"
+    if n_held_out:
+        covers = (f"the {n_images} training images the Gaussians were fitted on ({how}); the {n_held_out} held out "
+                  "for calibration are not included")
+    history = [{"how": how, "n_images": n_images, "date": now()}]
+    return FitStatistics(config, embedder.channel_idx.cpu(), tuple(feature_hw), stats, source, sha256, covers, history)
+
+
+def _stale_thresholds(model: "PaDiM", n_added: int) -> Optional[Dict[str, Any]]:
+    """Header fields marking a model's thresholds stale after ``n_added`` images were added to its
+    statistics: the thresholds stay (they were right for the old Gaussians, and usually close), their
+    sources say so, and the calibration scores are dropped (they scored the old model)."""
+    if not n_added or (model.image_threshold_ is None and model.pixel_threshold_ is None):
+        return None
+    fields = {}
+    for key in ("threshold_source", "pixel_threshold_source"):
+        source = getattr(model, f"{key}_")
+        if source is None:
+            continue
+        found = re.match(r"stale: calibrated before (\d+) images were added \((.*)\)$", source)
+        total, original = (int(found.group(1)) + n_added, found.group(2)) if found else (n_added, source)
+        fields[key] = f"stale: calibrated before {total} images were added ({original})"
+    dropped = "; its calibration scores were dropped" if model.calibration_ is not None else ""
+    note = (f"stale calibration: {n_added} good images were added after the thresholds were set{dropped}; "
+            "refit with calibration to recalibrate")
+    return {**fields, "image_threshold": model.image_threshold_, "pixel_threshold": model.pixel_threshold_,
+            "target_fpr": model.target_fpr_, "calibration_note": note, "n_calibration_images": 0}
 
 
 def _locate_weights_file(model_path, fitted_path: str, info: dict, given: Optional[str]) -> str:
