@@ -93,7 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--target-pixel-fpr", type=float, default=0.01,
                      help="fraction of the calibration images' pixels above the pixel threshold (default: 0.01)")
     fit.add_argument("--output", required=True, type=Path, help="model file to write, e.g. bottle.safetensors")
+    fit.add_argument("--keep-statistics", type=Path, default=None, metavar="STATS",
+                     help="also write the fit's statistics (float64 sums of the images the Gaussians were fitted on, "
+                          "not the calibration hold-out) for 'padim update'")
     _device_option(fit)
+
+    update = commands.add_parser("update", help="add good images to a fitted model without refitting the old ones",
+                                 description="Add the good images of --add to a model's statistics and write the "
+                                             "model they give: equal to a fit on all the images. Its thresholds are "
+                                             "kept but marked stale, its calibration scores dropped.")
+    update.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
+    update.add_argument("--statistics", required=True, type=Path, metavar="STATS",
+                        help="that model's statistics ('padim fit --keep-statistics', or a previous update's)")
+    update.add_argument("--add", required=True, type=Path, nargs="+", metavar="PATH",
+                        help="good image files or folders of them to add")
+    update.add_argument("--output", required=True, type=Path, help="model file to write")
+    update.add_argument("--keep-statistics", type=Path, default=None, metavar="STATS2",
+                        help="write the updated statistics here (for the next update)")
+    _weights_location_option(update)
+    _device_option(update)
 
     test = commands.add_parser("test", help="evaluate a model on a category's test images",
                                description="Score DATA_ROOT/CATEGORY/test, print image/pixel AUROC, best F1 and AUPRO "
@@ -177,11 +195,29 @@ def cmd_fit(args) -> None:
                          seed=args.seed, factor_dtype=args.factor_dtype, batch_size=args.batch_size,
                          calibration_fraction=args.calibration_fraction, calibration=args.calibration,
                          folds=args.folds, target_fpr=args.target_fpr, target_pixel_fpr=args.target_pixel_fpr,
-                         device=args.device, progress=None)
+                         device=args.device, progress=None, keep_statistics=args.keep_statistics)
     size_mb = args.output.stat().st_size / 1e6
     print(f"fitted {model.config_.backbone} (weights: {model.weights_source_}, d={model.config_.n_features}, "
           f"layers {','.join(model.config_.layers)}) on {model.n_train_images_} images of {args.category} "
           f"in {model.fit_seconds_:.1f} s -> {args.output} ({size_mb:.1f} MB)")
+
+
+def cmd_update(args) -> None:
+    from .model import PaDiM
+    from .statistics import FitStatistics
+
+    model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None, weights=args.weights)
+    model.attach_statistics(FitStatistics.load(args.statistics))
+    images = _expand_paths(args.add)
+    before = model.n_train_images_
+    model.partial_fit(images)
+    model.save(args.output)
+    if args.keep_statistics is not None:
+        model.statistics_.save(args.keep_statistics)
+    print(f"added {len(images)} images to {before}: {args.output} is fitted on {model.n_train_images_} images"
+          + (f"; statistics -> {args.keep_statistics}" if args.keep_statistics is not None else ""))
+    if model.image_threshold_ is not None or model.pixel_threshold_ is not None:
+        _stderr(f"note: {model.calibration_note_}")
 
 
 def _metrics_table(category: str, metrics: dict) -> str:
@@ -366,6 +402,12 @@ def _check_args(args) -> None:
         checks.check_fit_options(args.backbone, layers, args.n_features, args.image_size, args.crop, args.seed,
                                  args.batch_size, args.factor_dtype, args.device)
         checks.check_output_file(args.output)
+        if args.keep_statistics is not None:
+            checks.check_output_file(args.keep_statistics, "--keep-statistics")
+    elif args.command == "update":
+        checks.check_output_file(args.output)
+        if args.keep_statistics is not None:
+            checks.check_output_file(args.keep_statistics, "--keep-statistics")
     elif args.command == "benchmark":
         checks.check_fit_options(args.backbone, None, args.n_features, args.image_size, None, args.seed,
                                  args.batch_size, "float32", args.device)
@@ -380,7 +422,7 @@ def _check_args(args) -> None:
         checks.check_output_folder(args.to, "--to")
 
 
-COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark, "download": cmd_download,
+COMMANDS = {"fit": cmd_fit, "update": cmd_update, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark, "download": cmd_download,
             "demo": cmd_demo}
 
 

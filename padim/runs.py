@@ -24,15 +24,20 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def fit_category(data_root, category: str, output: Path, note: Callable[[str], None] = _stderr, **params) -> PaDiM:
-    """Fits PaDiM(**params) on DATA_ROOT/CATEGORY/train/good and saves it to ``output``."""
+def fit_category(data_root, category: str, output: Path, note: Callable[[str], None] = _stderr,
+                 keep_statistics: Optional[Path] = None, **params) -> PaDiM:
+    """Fits PaDiM(**params) on DATA_ROOT/CATEGORY/train/good and saves it to ``output``; with
+    ``keep_statistics``, also its statistics there (see ``padim.statistics``)."""
     found = find_category(data_root, category, note=note)
     model = PaDiM(**params)
     if model.uses_random_weights:
         note(RANDOM_WEIGHTS_WARNING)
-    model.fit(found.train)
+    model.fit(found.train, keep_statistics=keep_statistics is not None)
     model.category_ = category
     model.save(output)
+    if keep_statistics is not None:
+        model.statistics_.save(keep_statistics)
+        note(f"statistics of {model.statistics_.covers} -> {keep_statistics}")
     note(calibration_summary(model))
     if model.calibration_ is not None and model.operating_point().warning:
         note(model.operating_point().warning)
