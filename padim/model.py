@@ -221,7 +221,8 @@ class PaDiM:
         docstring). Embeddings are streamed into running sums: memory does not grow with N.
         The new state is built aside and replaces the old one only when the whole fit succeeded.
         ``keep_statistics``: keep the sums as ``statistics_`` (a ``padim.statistics.FitStatistics``
-        of the images the Gaussians were fitted on) for ``partial_fit`` or saving; else None."""
+        of the images the Gaussians were fitted on) for ``partial_fit`` or saving; else None. The
+        sums are then held beside the factor: the fit's peak grows by their size (P d (d + 3) / 2 float64)."""
         images = list(images)
         if len(images) < 2:
             raise DataError(f"PaDiM needs at least 2 training images, got {len(images)}")
