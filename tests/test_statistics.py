@@ -168,6 +168,9 @@ def test_partial_fit_over_two_calls_equals_fit_on_both_sets():
     assert _relative(m1, m2) <= 1e-9 and _relative(f1, f2) <= 1e-9
     assert torch.allclose(model.mean_, whole.mean_, rtol=1e-6, atol=1e-6)
     assert np.allclose(model.predict(second).scores, whole.predict(second).scores, rtol=1e-5)
+    rebuilt = whole.statistics_.to_model(device="cpu")  # a model from statistics alone: the same Gaussians
+    assert torch.equal(rebuilt.mean_, whole.mean_) and rebuilt.calibration_ is None and rebuilt.n_train_images_ == 13
+    assert torch.equal(rebuilt.precision_factor_packed_, whole.precision_factor_packed_)
 
 
 def test_partial_fit_refusals():
