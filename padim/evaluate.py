@@ -33,7 +33,7 @@ class Evaluation:
 
 
 def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = None,
-             max_images: Optional[int] = None) -> Evaluation:
+             max_images: Optional[int] = None, iter_predict=None) -> Evaluation:
     """Scores every test image of ``category``; pixel metrics use the images that have ground truth
     (good images, defect images with a mask). With ``pictures_dir``, also draws the ROC curves, the
     score histogram and a panel per defect image (the ``max_images`` highest-scoring ones when set)
@@ -41,11 +41,14 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
 
     Holds the maps of the category at the model's input size: N * H * W float32 (150 MB for 600
     images at 256 x 256), needed for pixel metrics over all thresholds.
+    iter_predict: what scores the images (default ``model.iter_predict``; an engine's, see
+    ``padim.engines.as_torch``).
     """
     samples = category.test
     scores, maps, masks = [], [], []
     started = time.perf_counter()
-    for batch_scores, batch_maps, sizes in model.iter_predict([s.path for s in samples], desc=f"test {category.name}"):
+    scorer = iter_predict or model.iter_predict
+    for batch_scores, batch_maps, sizes in scorer([s.path for s in samples], desc=f"test {category.name}"):
         for anomaly_map, size in zip(batch_maps, sizes):
             sample = samples[len(maps)]
             maps.append(anomaly_map)

@@ -11,12 +11,10 @@ from typing import Callable, Optional
 
 from . import __version__
 from .atomic import atomic_write
-from .errors import PadimError
+from .errors import RANDOM_WEIGHTS_WARNING, PadimError  # noqa: F401 (RANDOM_WEIGHTS_WARNING: re-exported)
 from .data.mvtec import find_category
 from .memory import tune_malloc_for_scoring
 from .model import PaDiM
-
-RANDOM_WEIGHTS_WARNING = "WARNING: this model uses RANDOM backbone weights (--weights random): for tests only, not a real detector"
 
 
 def _stderr(message: str) -> None:
@@ -38,13 +36,15 @@ def fit_category(data_root, category: str, output: Path, note: Callable[[str], N
 def test_category(model_path: Path, data_root, category: str, output: Path, pictures: bool = False,
                   max_images: Optional[int] = None, device: Optional[str] = None, batch_size: int = 32,
                   note: Callable[[str], None] = _stderr, weights: Optional[str] = None,
-                  tune_malloc: bool = False) -> dict:
+                  tune_malloc: bool = False, engine: str = "torch", precision: str = "f32",
+                  export: Optional[Path] = None) -> dict:
     """Tests a saved model on a category: writes OUTPUT/metrics.json (and pictures), stores the
     F1-maximising thresholds in the model file, and returns the metrics.json content.
 
     weights: where a model fitted with a weights file finds it now (see ``PaDiM.load``).
     tune_malloc: call ``padim.memory.tune_malloc_for_scoring`` before scoring on the CPU (the
-    ``padim`` command does; a library caller decides for its own process)."""
+    ``padim`` command does; a library caller decides for its own process).
+    engine, precision, export: score with an exported graph (see ``padim.engines.open_engine``)."""
     from .evaluate import METRIC_KEYS, THRESHOLDS_NOTE, evaluate  # scikit-learn, scipy: not needed to fit
 
     model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None, weights=weights)
@@ -61,7 +61,13 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         note(f"note: {len(missing)} defect image(s) have no mask: counted for image metrics, "
              f"left out of pixel metrics: {names}")
 
-    result = evaluate(model, found, output if pictures else None, max_images)
+    iter_predict = None
+    if engine != "torch":
+        from .engines import as_torch, open_engine
+
+        iter_predict = as_torch(open_engine(engine, precision, model_path, export, weights, batch_size, progress=None,
+                                            model=model if model.device_.type == "cpu" else None).iter_predict)
+    result = evaluate(model, found, output if pictures else None, max_images, iter_predict=iter_predict)
     n_images = len(found.test)
     summary = {
         "category": category,
@@ -84,6 +90,8 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         "seed": model.config_.seed,
         "model": str(model_path),
         "device": str(model.device_),
+        "engine": engine,
+        "precision": precision,
         "padim_version": __version__,
         "pictures": [os.path.relpath(p, output) for p in result.pictures],
     }

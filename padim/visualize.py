@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 
 
 def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> Image.Image:
     """Blends a 'jet' rendering of ``anomaly_map`` (h, w), scaled from vmin to vmax, over ``image``
     (resized to the map's size). Returns an RGB image of the map's size."""
+    from matplotlib import colormaps  # here: masks and PNGs need no matplotlib (the torch-free runtime)
+
     scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
     heat = (colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
     base = image.convert("RGB").resize((anomaly_map.shape[1], anomaly_map.shape[0]), Image.BILINEAR)
