@@ -156,11 +156,13 @@ def open_session(folder, record: dict, engine: str, precision: str = "f32", thre
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float32 R with R @ v = linear resampling of v as PyTorch's
     ``F.interpolate(mode="bilinear", align_corners=False)`` does it per axis (half-pixel centres,
-    negative source coordinates clamped to 0, no antialiasing)."""
-    source = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    low = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+    negative source coordinates clamped to 0, no antialiasing). Source coordinates are computed in
+    float32 as PyTorch's CPU kernel does, so that the weights round the same way."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    source = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    low = np.minimum(source.astype(np.int64), n_in - 1)
     high = np.minimum(low + 1, n_in - 1)
-    frac = source - low
+    frac = (source - low.astype(np.float32)).astype(np.float64)
     matrix = np.zeros((n_out, n_in), dtype=np.float64)
     np.add.at(matrix, (np.arange(n_out), low), 1.0 - frac)
     np.add.at(matrix, (np.arange(n_out), high), frac)
