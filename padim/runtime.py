@@ -29,8 +29,8 @@ ENGINES = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16")
 METADATA_FILE = "padim.json"  # = padim.export.METADATA_FILE (that module needs torch)
 EXPORT_FORMAT, EXPORT_VERSION = "padim-export", 1
-RUNTIME_INSTALL_HINT = {"onnxruntime": 'pip install "padim[runtime]" (or: pip install onnxruntime)',
-                        "openvino": 'pip install "padim[openvino]" (or: pip install openvino)'}
+RUNTIME_INSTALL_HINT = {"onnxruntime": 'pip install onnxruntime (with padim and torch: pip install "padim[runtime]")',
+                        "openvino": 'pip install openvino (with padim and torch: pip install "padim[openvino]")'}
 
 
 class EngineError(PadimError):
