@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import sys
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -40,6 +41,19 @@ def _row(summary: dict) -> dict:
     return row
 
 
+def _error_text(exc: BaseException) -> str:
+    """One line for a failed category's row: the message of a user error; for anything else (a bug
+    or an unexpected library error) the exception type too, so it is not mistaken for bad data."""
+    message = " ".join(str(exc).split())
+    if isinstance(exc, PadimError):
+        return message
+    return f"unexpected {type(exc).__name__}: {message} (a bug in padim? the log has the traceback)"
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def run_benchmark(data_root, categories: Sequence[str], output: Path, force: bool = False,
                   max_images: Optional[int] = None, batch_size: int = 32, device: Optional[str] = None,
                   log: Callable[[str], None] = None, tune_malloc: bool = False, engine: str = "torch",
@@ -63,13 +77,15 @@ def run_benchmark(data_root, categories: Sequence[str], output: Path, force: boo
                 summary = test_category(folder / "model.safetensors", data_root, category, folder, pictures=True,
                                         max_images=max_images, device=device, batch_size=batch_size, note=log,
                                         tune_malloc=tune_malloc, engine=engine, precision=precision)
-            except PadimError as exc:
-                rows.append({"category": category, "error": str(exc)})
-                log(f"{category}: FAILED: {exc}")
+            except Exception as exc:  # one bad category must not stop the others (Ctrl-C still does)
+                rows.append({"category": category, "error": _error_text(exc)})
+                log(f"{category}: FAILED: {_error_text(exc)}")
+                if not isinstance(exc, PadimError):  # a bug in padim: keep its traceback visible
+                    log("".join(traceback.format_exception(exc)).rstrip())
                 _write_results(output, rows, summaries, params, device)
                 continue
-            log(f"{category}: image_AUROC {summary['image_AUROC']:.3f}  pixel_AUROC {summary['pixel_AUROC']:.3f}  "
-                f"pixel_AUPRO {summary['pixel_AUPRO']:.3f}  fit {summary['fit_s']:.1f} s  "
+            log(f"{category}: image_AUROC {summary['image_AUROC']:.3f}  pixel_AUROC {_fmt(summary['pixel_AUROC'])}  "
+                f"pixel_AUPRO {_fmt(summary['pixel_AUPRO'])}  fit {summary['fit_s']:.1f} s  "
                 f"{summary['test_ms_per_image']:.1f} ms/image")
         summaries[category] = summary
         rows.append(_row(summary))
@@ -94,7 +110,7 @@ def _write_results(output: Path, rows: List[Dict], summaries: Dict[str, dict], p
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["category", *RESULT_COLUMNS, "error"], extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows([{k: "n/a" if v is None else v for k, v in row.items()} for row in rows])
     (output / "results.csv").write_text(buffer.getvalue())
     write_json_atomic(output / "results.json", {**info, "rows": rows})
     sections = {name: [f"{name}/{p}" for p in s.get("pictures", [])] for name, s in summaries.items()}

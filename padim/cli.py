@@ -95,12 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--factor-dtype", default="float32", choices=["float32", "float16"],
                      help="storage of the precision factor: float16 halves the model file; scores moved by <= 1e-4 "
                           "relative on magnetic_tile (scoring still computes in float32; default: float32)")
+    fit.add_argument("--calibration-fraction", type=float, default=0.1,
+                     help="part of train/good held out (seeded) to calibrate the thresholds on good images: at least "
+                          "20 images, none when the training set is under 40; 0 turns calibration off (default: 0.1)")
+    fit.add_argument("--calibration", choices=("holdout", "cv"), default="holdout",
+                     help="holdout: fit on the rest, guaranteed false-positive rate; cv: score each of --folds folds "
+                          "with the others' statistics and fit on all images (weaker guarantee) (default: holdout)")
+    fit.add_argument("--folds", type=int, default=5, help="folds for --calibration cv (default: 5)")
+    fit.add_argument("--target-fpr", type=float, default=0.05,
+                     help="false-positive rate on good images the stored image threshold guarantees; 0.05 needs 19 "
+                          "calibration images, 0.01 needs 99 (default: 0.05; predict can choose another)")
+    fit.add_argument("--target-pixel-fpr", type=float, default=0.01,
+                     help="fraction of the calibration images' pixels above the pixel threshold (default: 0.01)")
     fit.add_argument("--output", required=True, type=Path, help="model file to write, e.g. bottle.safetensors")
     _device_option(fit)
 
     test = commands.add_parser("test", help="evaluate a model on a category's test images",
-                               description="Score DATA_ROOT/CATEGORY/test, print image/pixel AUROC, F1 and AUPRO, "
-                                           "write OUTPUT/metrics.json and store the F1-maximising thresholds in the model.")
+                               description="Score DATA_ROOT/CATEGORY/test, print image/pixel AUROC, best F1 and AUPRO "
+                                           "and the figures at the calibrated thresholds, write OUTPUT/metrics.json. "
+                                           "The model file is not changed (see --store-oracle-thresholds).")
     test.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
     test.add_argument("--data-root", required=True, type=Path, help="folder holding category folders")
     test.add_argument("--category", required=True, help="category folder name")
@@ -110,21 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
                            "| heatmap | predicted mask) plus the highest-scoring good images")
     _weights_location_option(test)
     _engine_option(test, "with --engine onnxruntime|openvino: an export of this model ('padim export') instead of the cache")
+    test.add_argument("--target-fpr", type=float, default=None,
+                      help="report the calibrated figures at this target false-positive rate (default: the model's)")
+    test.add_argument("--store-oracle-thresholds", action="store_true",
+                      help="store the best-F1 thresholds chosen on this test set in the model (optimistic; "
+                           "replaces the calibrated ones)")
     test.add_argument("--max-images", type=int, default=None,
                       help="with --save-images: panels for the N highest-scoring defect images only")
     _device_option(test)
 
     predict = commands.add_parser("predict", help="score images with a fitted model",
-                                  description="Print one JSON line per image: path, score, and label when the model "
-                                              "has a threshold (set by 'padim test').")
+                                  description="Print one JSON line per image: path, score, p_value (against the "
+                                              "model's calibration images), threshold, threshold_source and label.")
     predict.add_argument("--model", type=Path, default=None,
                          help="model file written by 'padim fit' (optional with --export: the export's own header is used)")
     predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders of images")
     predict.add_argument("--output", type=Path, default=None,
-                         help="folder for a heatmap overlay and (with a pixel threshold) a binary mask PNG per image, "
-                              "at the image's original resolution (for a model fitted with --crop: at the crop, "
+                         help="folder for NAME.EXT_heatmap.png, a heatmap overlay (long side at most 4096 px), and "
+                              "(with a pixel threshold) NAME.EXT_mask.png, a binary mask at the image's original "
+                              "resolution, per input NAME.EXT (for a model fitted with --crop: both at the crop, "
                               "over the resized and cropped image the model saw)")
     _weights_location_option(predict)
+    predict.add_argument("--target-fpr", type=float, default=None,
+                         help="label at this false-positive rate on good images, from the stored calibration scores "
+                              "(no refit; default: the model's own threshold)")
+    predict.add_argument("--image-threshold", type=float, default=None, help="label with this image threshold")
+    predict.add_argument("--pixel-threshold", type=float, default=None, help="draw masks at this pixel threshold")
     _engine_option(predict, "with --engine onnxruntime|openvino: an export folder ('padim export'); needs no --model "
                             "and no PyTorch")
     _device_option(predict)
@@ -181,6 +205,8 @@ def cmd_fit(args) -> None:
     model = fit_category(args.data_root, args.category, args.output, backbone=args.backbone, weights=args.weights,
                          layers=layers, n_features=args.n_features, image_size=args.image_size, crop=args.crop,
                          seed=args.seed, factor_dtype=args.factor_dtype, batch_size=args.batch_size,
+                         calibration_fraction=args.calibration_fraction, calibration=args.calibration,
+                         folds=args.folds, target_fpr=args.target_fpr, target_pixel_fpr=args.target_pixel_fpr,
                          device=args.device, progress=None)
     size_mb = args.output.stat().st_size / 1e6
     print(f"fitted {model.config_.backbone} (weights: {model.weights_source_}, d={model.config_.n_features}, "
@@ -193,7 +219,8 @@ def _metrics_table(category: str, metrics: dict) -> str:
 
     header = "| Category | " + " | ".join(METRIC_KEYS) + " |"
     rule = "|" + "---|" * (len(METRIC_KEYS) + 1)
-    row = f"| {category} | " + " | ".join(f"{metrics[key]:.4f}" for key in METRIC_KEYS) + " |"
+    row = f"| {category} | " + " | ".join("n/a" if metrics[key] is None else f"{metrics[key]:.4f}"
+                                         for key in METRIC_KEYS) + " |"
     return "\n".join([header, rule, row])
 
 
@@ -202,24 +229,36 @@ def cmd_test(args) -> None:
 
     output = args.output if args.output is not None else Path("padim-test") / args.category
     summary = test_category(args.model, args.data_root, args.category, output, args.save_images, args.max_images,
-                            args.device, args.batch_size, weights=args.weights, tune_malloc=True, engine=args.engine,
-                            precision=args.precision, export=args.export)
+                            args.device, args.batch_size, weights=args.weights, tune_malloc=True,
+                            target_fpr=args.target_fpr, store_oracle_thresholds=args.store_oracle_thresholds,
+                            engine=args.engine, precision=args.precision, export=args.export)
     print(_metrics_table(args.category, summary))
     print(f"{summary['n_test_images']} test images in {summary['test_s']:.1f} s "
           f"({summary['test_ms_per_image']:.1f} ms/image, engine {args.engine}); metrics -> {output / 'metrics.json'}")
-    print(f"thresholds chosen on the test set (max F1; optimistic): image {summary['image_threshold']:.4g}, "
-          f"pixel {summary['pixel_threshold']:.4g}; saved in {args.model}")
+    print(f"best-F1 thresholds, chosen on this test set (optimistic): image {summary['oracle_image_threshold']:.4g}, "
+          f"pixel {'n/a' if summary['oracle_pixel_threshold'] is None else format(summary['oracle_pixel_threshold'], '.4g')}"
+          + (f"; stored in {args.model}" if args.store_oracle_thresholds else ""))
+    if summary["image_F1_calibrated"] is not None:
+        print(f"at the calibrated thresholds ({summary['calibrated_threshold_source']}): "
+              f"good images flagged {summary['good_FPR_calibrated']:.3f}, defects caught "
+              f"{summary['image_recall_calibrated']:.3f}, image F1 {summary['image_F1_calibrated']:.4f}"
+              + (f", pixel F1 {summary['pixel_F1_calibrated']:.4f}" if summary["pixel_F1_calibrated"] is not None else ""))
     if args.save_images:
         print(f"{len(summary['pictures'])} pictures -> {output}")
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def _expand_paths(paths: List[Path]) -> List[Path]:
+    """Files as given; folders -> their image files (skipped entries named like images: a note)."""
     from .data.mvtec import list_images
 
     images = []
     for path in paths:
         if path.is_dir():
-            found = list_images(path)
+            found = list_images(path, note=_stderr)
             if not found:
                 raise DataError(f"no images in folder {path}")
             images += found
@@ -247,24 +286,26 @@ def _predict_model(args):
 
 
 def cmd_predict(args) -> None:
-    import numpy as np
+    """Scores; with --output, per input NAME.EXT (the whole file name, so 000.png and 000.tif do not
+    collide) writes NAME.EXT_heatmap.png (long side <= 4096 px) and NAME.EXT_mask.png (full size).
+    With --engine onnxruntime|openvino and --export DIR, scoring needs no torch (pictures still do)."""
     from PIL import Image
 
     from .errors import RANDOM_WEIGHTS_WARNING
-    from .images import load_pixels, open_image
+    from .images import load_pixels, read_image
 
     model = _predict_model(args)
-    if args.engine == "torch":
-        from .scoring import to_original_resolution
-    else:
-        from .runtime import to_original_resolution
+    point = model.operating_point(args.target_fpr, args.image_threshold, args.pixel_threshold)
+    if point.warning:
+        print(point.warning, file=sys.stderr)
     paths = _expand_paths(args.paths)
     if args.engine == "torch" and model.device_.type == "cpu":
         _tune_malloc()
     if model.uses_random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    if args.output is not None and model.pixel_threshold_ is None:
-        print("note: the model has no pixel threshold (run 'padim test' first): writing heatmaps, no masks", file=sys.stderr)
+    if args.output is not None and point.pixel_threshold is None:
+        print("note: the model has no pixel threshold (no calibration; give --pixel-threshold): writing heatmaps, "
+              "no masks", file=sys.stderr)
     # outputs mirror the inputs' folders below their common parent, so equal file names never collide
     common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
     done = 0
@@ -272,25 +313,37 @@ def cmd_predict(args) -> None:
         for score, anomaly_map, size in zip(scores.tolist(), maps, sizes):
             path = paths[done]
             done += 1
-            record = {"path": str(path), "score": score}
-            if model.image_threshold_ is not None:
-                record["label"] = "anomalous" if score >= model.image_threshold_ else "good"
+            p_value = model.p_values([score])
+            label = None if point.image_threshold is None else ("anomalous" if score >= point.image_threshold else "good")
+            record = {"path": str(path), "score": score, "p_value": None if p_value is None else float(p_value[0]),
+                      "threshold": point.image_threshold, "threshold_source": point.source, "label": label}
             if model.uses_random_weights:
                 record["warning"] = "random backbone weights"
             if args.output is not None:
-                from .visualize import heatmap_overlay, mask_image, save_png
+                import torch  # pictures and masks (padim.visualize) need torch, whatever the engine
 
-                stem = args.output / path.resolve().parent.relative_to(common) / path.stem
+                from .memory import release_free_memory
+                from .scoring import to_original_resolution
+                from .visualize import heatmap_overlay, mask_at_size, mask_image, overlay_size, save_png
+
+                anomaly_map = torch.as_tensor(anomaly_map)
+                stem = args.output / path.resolve().parent.relative_to(common) / path.name
                 if model.config_.crop is None:  # the map and the picture at the image's own size
-                    full, picture = to_original_resolution(anomaly_map, size), open_image(path)
+                    draw = overlay_size(size)  # the heatmap: long side <= 4096 px
+                    drawn, picture = to_original_resolution(anomaly_map, draw), read_image(path, draw, 1, 1)[0]
                 else:  # a crop has no full-size map: both at the crop the model saw
-                    full, picture = np.asarray(anomaly_map), Image.fromarray(load_pixels(path, model.config_)[0])
-                if model.pixel_threshold_ is not None:
-                    vmin, vmax = 0.0, 2 * model.pixel_threshold_
-                    save_png(mask_image(full >= model.pixel_threshold_), stem.with_name(stem.name + "_mask.png"))
+                    drawn, picture = anomaly_map.numpy(), Image.fromarray(load_pixels(path, model.config_)[0])
+                if point.pixel_threshold is not None:
+                    vmin, vmax = 0.0, 2 * point.pixel_threshold
+                    full_size = size if model.config_.crop is None else tuple(anomaly_map.shape)
+                    mask = mask_image(mask_at_size(anomaly_map, full_size, point.pixel_threshold))
+                    save_png(mask, stem.with_name(stem.name + "_mask.png"))
+                    del mask
                 else:
-                    vmin, vmax = float(full.min()), float(full.max())
-                save_png(heatmap_overlay(picture, full, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
+                    vmin, vmax = float(drawn.min()), float(drawn.max())
+                save_png(heatmap_overlay(picture, drawn, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
+                del picture, drawn
+                release_free_memory()  # a big picture's buffers, kept by glibc otherwise
             print(json.dumps(record), flush=True)
 
 

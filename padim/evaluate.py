@@ -12,11 +12,14 @@ import torch
 from PIL import Image
 
 from .data.mvtec import Category
-from .images import load_mask, open_image, resize_crop
+from .images import load_mask, load_pixels
 from .metrics import image_metrics, pixel_metrics
 from .model import PaDiM
 
 METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO")
+# at the model's calibrated operating point (None without calibration): what a line would see
+CALIBRATED_KEYS = ("image_F1_calibrated", "image_recall_calibrated", "good_FPR_calibrated", "pixel_F1_calibrated")
+PIXEL_KEYS = ("pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "pixel_threshold")  # None when not available
 THRESHOLDS_NOTE = "thresholds maximise F1 on the test set: an optimistic choice, not validated on held-out data"
 
 
@@ -29,15 +32,42 @@ class Evaluation:
     scores: np.ndarray  # (N,) image scores, in ``category.test`` order
     test_seconds: float
     defects_without_mask: List[Path]
+    defects_with_empty_mask: List[Path] = field(default_factory=list)  # all-black masks: no ground truth
     pictures: List[Path] = field(default_factory=list)  # curves, histogram, then panels
+
+
+def calibrated_metrics(labels: np.ndarray, scores: np.ndarray, image_threshold: Optional[float],
+                       masks: Optional[np.ndarray], maps: Optional[np.ndarray],
+                       pixel_threshold: Optional[float]) -> Dict[str, Optional[float]]:
+    """Metrics at fixed thresholds (anomalous iff score >= threshold): image F1, recall (defect images
+    caught), good_FPR (good images flagged), and pixel F1 over the pixels with ground truth.
+    labels: (N,) bool; scores: (N,); masks, maps: (M, H, W). None where a threshold is missing."""
+    out = dict.fromkeys(CALIBRATED_KEYS)
+    if image_threshold is not None:
+        flagged = np.asarray(scores) >= image_threshold
+        labels = np.asarray(labels, dtype=bool)
+        out["image_F1_calibrated"] = _f1(flagged, labels)
+        out["image_recall_calibrated"] = float(flagged[labels].mean()) if labels.any() else None
+        out["good_FPR_calibrated"] = float(flagged[~labels].mean()) if (~labels).any() else None
+    if pixel_threshold is not None and masks is not None and len(masks):
+        out["pixel_F1_calibrated"] = _f1(np.asarray(maps) >= pixel_threshold, np.asarray(masks, dtype=bool))
+    return out
+
+
+def _f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    true_positives = int(np.count_nonzero(predicted & truth))
+    denominator = int(np.count_nonzero(predicted)) + int(np.count_nonzero(truth))
+    return 2.0 * true_positives / denominator if denominator else 0.0
 
 
 def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = None,
              max_images: Optional[int] = None, iter_predict=None) -> Evaluation:
     """Scores every test image of ``category``; pixel metrics use the images that have ground truth
-    (good images, defect images with a mask). With ``pictures_dir``, also draws the ROC curves, the
-    score histogram and a panel per defect image (the ``max_images`` highest-scoring ones when set)
-    plus the highest-scoring good images.
+    (good images, defect images with a mask that marks some pixel). When no defect image has such a
+    mask, the pixel metrics and the pixel threshold are None (not available), not an error. With
+    ``pictures_dir``, also draws the ROC curves (no pixel curve then), the score histogram and a panel
+    per defect image (the ``max_images`` highest-scoring ones when set) plus the highest-scoring good
+    images.
 
     Holds the maps of the category at the model's input size: N * H * W float32 (150 MB for 600
     images at 256 x 256), needed for pixel metrics over all thresholds.
@@ -47,13 +77,18 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
     samples = category.test
     scores, maps, masks = [], [], []
     started = time.perf_counter()
+    empty = []  # defect images whose mask marks nothing
     scorer = iter_predict or model.iter_predict
     for batch_scores, batch_maps, sizes in scorer([s.path for s in samples], desc=f"test {category.name}"):
         for anomaly_map, size in zip(batch_maps, sizes):
             sample = samples[len(maps)]
             maps.append(anomaly_map)
-            if sample.mask is not None:
-                masks.append(load_mask(sample.mask, model.config_, size))
+            mask = load_mask(sample.mask, model.config_, size) if sample.mask is not None else None
+            if mask is not None and sample.is_anomalous and not mask.any():
+                empty.append(sample.path)
+                masks.append(None)  # an all-black mask on a defect image: no ground truth
+            elif mask is not None:
+                masks.append(mask)
             elif not sample.is_anomalous:
                 masks.append(torch.zeros(anomaly_map.shape, dtype=torch.bool))
             else:
@@ -65,12 +100,21 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
     labels = np.array([s.is_anomalous for s in samples])
     metrics = image_metrics(labels, scores)
     with_truth = [i for i, mask in enumerate(masks) if mask is not None]
-    metrics.update(pixel_metrics(
-        torch.stack([masks[i] for i in with_truth]).numpy(), torch.stack([maps[i] for i in with_truth]).numpy(),
-        roc_points=500,
-    ))
-    pixel_roc = metrics.pop("pixel_roc_curve")
-    result = Evaluation(metrics, scores, test_seconds, [s.path for s in category.defects_without_mask])
+    if any(masks[i].any() for i in with_truth):
+        metrics.update(pixel_metrics(
+            torch.stack([masks[i] for i in with_truth]).numpy(), torch.stack([maps[i] for i in with_truth]).numpy(),
+            roc_points=500,
+        ))
+        pixel_roc = metrics.pop("pixel_roc_curve")
+        truth, pixel_maps = (np.stack([masks[i].numpy() for i in with_truth]),
+                             np.stack([maps[i].numpy() for i in with_truth]))
+    else:  # no defect pixel anywhere: pixel AUROC, F1 and AUPRO are undefined
+        metrics.update({key: None for key in PIXEL_KEYS})
+        pixel_roc = truth = pixel_maps = None
+    calibrated = model.calibration_ is not None and str(model.threshold_source_).startswith("calibration")
+    metrics.update(calibrated_metrics(labels, scores, model.image_threshold_ if calibrated else None, truth,
+                                      pixel_maps, model.pixel_threshold_ if calibrated else None))
+    result = Evaluation(metrics, scores, test_seconds, [s.path for s in category.defects_without_mask], empty)
     if pictures_dir is not None:
         result.pictures = _draw(model, category, result, maps, masks, pixel_roc, Path(pictures_dir), max_images)
     return result
@@ -95,11 +139,12 @@ def _draw(model: PaDiM, category: Category, result: Evaluation, maps, masks, pix
     pictures = [roc_path, hist_path]
     for i in defects + goods:
         sample = samples[i]
-        image = resize_crop(open_image(sample.path).convert("RGB"), model.config_, Image.BILINEAR)
+        image = Image.fromarray(load_pixels(sample.path, model.config_)[0])
         mask = masks[i].numpy() if masks[i] is not None else None
         verdict = "" if labels[i] else " (good image: false-positive check)"
         path = folder / "panels" / f"{sample.defect}_{sample.path.stem}.png"
-        defect_panel(image, mask, maps[i].numpy() - vmin, metrics["pixel_threshold"] - vmin, vmax - vmin,
+        threshold = metrics["pixel_threshold"] if metrics["pixel_threshold"] is not None else float("inf")
+        defect_panel(image, mask, maps[i].numpy() - vmin, threshold - vmin, vmax - vmin,
                      f"{category.name} / {sample.defect} / {sample.path.name}: score {scores[i]:.3g}{verdict}", path)
         pictures.append(path)
     return pictures

@@ -179,43 +179,58 @@ def onnx_to_openvino(onnx_path: Path, xml_path: Path) -> List[Path]:
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
+def calibration_record(calibration) -> Optional[dict]:
+    """A ``padim.calibration.Calibration`` as JSON (float64 values round-trip exactly), or None."""
+    if calibration is None:
+        return None
+    return {"method": calibration.method, "image_scores": [float(v) for v in calibration.image_scores],
+            "pixel_levels": [float(v) for v in calibration.pixel_levels],
+            "pixel_quantiles": [float(v) for v in calibration.pixel_quantiles]}
+
+
 def model_metadata(model) -> dict:
-    """The header a model file of ``model`` would have (config, thresholds, provenance), from its
-    public attributes: for models exported from memory rather than from a file."""
+    """The header a model file of ``model`` would have (config, thresholds and their sources,
+    provenance) and its calibration scores (``calibration``), from its public attributes: for models
+    exported from memory rather than from a file."""
     from . import modelfile
 
     info = {key: getattr(model, f"{key}_", None) for key in modelfile.INFO_DEFAULTS}
     return {**modelfile.INFO_DEFAULTS, **info, "package_version": __version__,
-            "config": model.config_.to_dict(), "feature_hw": list(model.feature_hw_)}
+            "config": model.config_.to_dict(), "feature_hw": list(model.feature_hw_),
+            "calibration": calibration_record(getattr(model, "calibration_", None))}
 
 
 def file_metadata(path) -> dict:
-    """A model file's header metadata, verbatim (every field, including ones this version does not
-    know: calibration data added later travels along)."""
+    """A model file's header, verbatim (every field, also ones this version does not know), and its
+    calibration scores (``calibration``: tensors in the file, checked by ``padim.modelfile``)."""
+    from . import modelfile
     from .io import read_metadata
 
-    return read_metadata(path)
+    return {**read_metadata(path), "calibration": calibration_record(modelfile.read(path).calibration)}
 
 
 def graph_key(model_path) -> str:
-    """SHA-256 of what a model file's graph is made of: its tensors' bytes, its configuration and
-    feature grid, its backbone weights' identity, and this export format's version.
+    """SHA-256 of what a model file's graph is made of: the bytes of its graph tensors (mean, factor,
+    channel indices), its configuration and feature grid, its backbone weights' identity, and this
+    export format's version.
 
-    Not of the whole file: ``padim test`` rewrites the thresholds into the model file, and that
-    must not make a cached export stale (the graph does not depend on them: ``test_export``
-    checks that the bytes are identical)."""
-    from .io import read_header
+    Not of the whole file: thresholds, their sources and the calibration scores change without
+    changing the graph (``padim test --store-oracle-thresholds`` rewrites them), and that must not
+    make a cached export stale (``test_export`` checks that the graph bytes stay identical)."""
+    from .io import read_header, read_metadata
 
     header, header_bytes = read_header(model_path)
-    meta = file_metadata(model_path)
+    meta = read_metadata(model_path)
     identity = {key: meta.get(key) for key in ("config", "feature_hw", "weights_source", "weights_sha256")}
-    tensors = {name: entry for name, entry in header.items() if name in GRAPH_TENSORS}
+    tensors = {name: header.get(name) for name in GRAPH_TENSORS}
     digest = hashlib.sha256(json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": identity,
                                         "tensors": tensors}, sort_keys=True).encode())
     with open(model_path, "rb") as handle:
-        handle.seek(8 + header_bytes)
-        for block in iter(lambda: handle.read(16 << 20), b""):
-            digest.update(block)
+        for name in GRAPH_TENSORS:
+            start, stop = tensors[name]["data_offsets"] if tensors[name] else (0, 0)
+            handle.seek(8 + header_bytes + start)
+            for offset in range(start, stop, 16 << 20):
+                digest.update(handle.read(min(16 << 20, stop - offset)))
     return digest.hexdigest()
 
 

@@ -31,10 +31,10 @@ class GaussianAccumulator:
     factor are never both held whole (wide_resnet50_2, d=550: 5 GB of sums, 2.5 GB of factor).
     """
 
-    def __init__(self, chunk: Optional[int] = None) -> None:
+    def __init__(self, chunk: Optional[int] = None, shift: Optional[torch.Tensor] = None) -> None:
         self.chunk = chunk  # positions per block; None: as many as keep a block's C x C products near 16 MB
         self.count = 0
-        self.shift = None  # (P, C)              first batch's mean
+        self.shift = shift  # (P, C) float64     first batch's mean, or given (to subtract accumulators)
         self.sum = None  # (P, C)                sum of (x - shift)
         self.outer = None  # list of (p, T)      lower triangles of sum of (x - shift)(x - shift)^T
 
@@ -42,9 +42,10 @@ class GaussianAccumulator:
         """embeddings: (B, P, C), any float dtype (row p of image b is that patch's embedding)."""
         n_img, n_pos, n_ch = embeddings.shape
         device = embeddings.device
-        if self.shift is None:
+        if self.sum is None:
             self.chunk = self.chunk or max(1, min(n_pos, (2 << 20) // (n_ch * n_ch)))
-            self.shift = embeddings.to(torch.float64).mean(dim=0)
+            if self.shift is None:
+                self.shift = embeddings.to(torch.float64).mean(dim=0)
             self.sum = torch.zeros(n_pos, n_ch, dtype=torch.float64, device=device)
             rows, cols = torch.tril_indices(n_ch, n_ch, device=device)
             self._lower = rows * n_ch + cols  # (T,) flat indices of the lower triangle
@@ -59,6 +60,20 @@ class GaussianAccumulator:
             square = torch.bmm(x.transpose(1, 2), x, out=products[: len(block)])  # (p, C, C)
             block += square.view(len(block), -1).index_select(1, self._lower)
         self.count += n_img
+
+    def without(self, part: "GaussianAccumulator") -> "GaussianAccumulator":
+        """The statistics of this accumulator's images less those of ``part`` (a subset of them,
+        accumulated around the same ``shift``): sums subtract exactly. A new accumulator; both stay."""
+        if part.shift is not self.shift and not torch.equal(part.shift, self.shift):
+            raise ValueError("accumulators must share their shift to be subtracted")
+        if part.chunk != self.chunk:
+            raise ValueError("accumulators must use the same blocks of positions to be subtracted")
+        rest = GaussianAccumulator(self.chunk, self.shift)
+        rest.count = self.count - part.count
+        rest.sum = self.sum - part.sum
+        rest._lower = self._lower
+        rest.outer = [mine - theirs for mine, theirs in zip(self.outer, part.outer)]
+        return rest
 
     def _covariance_block(self, index: int, epsilon: float) -> torch.Tensor:
         """(p, C, C) float64 unbiased covariance + epsilon * I of block ``index``."""

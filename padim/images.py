@@ -12,32 +12,25 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 from tqdm import tqdm
 
 from .config import PadimConfig
+from .decode import read_image, read_mask
 from .errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Extensions padim reads from folders (case-insensitive); WebP where this Pillow has it.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".pbm", ".pgm", ".ppm", ".pnm") + (
+    (".webp",) if features.check("webp") else ())
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 T = TypeVar("T")
 
 
 def open_image(item: ImageInput) -> Image.Image:
-    """A fully decoded PIL image from a path, PIL image or (H, W[, 3|4]) uint8 array."""
-    if isinstance(item, Image.Image):
-        return item
-    if isinstance(item, np.ndarray):
-        return Image.fromarray(item)
-    try:
-        with Image.open(item) as img:
-            img.load()
-            return img
-    except FileNotFoundError:
-        raise DataError(f"image {item} does not exist") from None
-    except Exception as exc:  # UnidentifiedImageError, truncated file, ...
-        raise DataError(f"cannot read image {item}: {exc}") from None
+    """A fully decoded, upright (EXIF), 8-bit "L" or "RGB" picture from a path, PIL image or array
+    ((H, W[, 3|4]) uint8, uint16, bool, or float in [0, 1]); see ``padim.decode`` for the rules."""
+    return read_image(item)[0]
 
 
 def resize_crop(img: Image.Image, config: PadimConfig, resample: int) -> Image.Image:
@@ -51,19 +44,20 @@ def resize_crop(img: Image.Image, config: PadimConfig, resample: int) -> Image.I
 
 
 def load_pixels(item: ImageInput, config: PadimConfig) -> Tuple[np.ndarray, Tuple[int, int]]:
-    """-> the backbone's input as (H, W, 3) uint8 RGB pixels, and the image's original (height, width).
+    """-> the backbone's input as (H, W, 3) uint8 RGB pixels, and the picture's upright original
+    (height, width).
 
-    Grayscale, palette and RGBA images become RGB; resize is bilinear (antialiased by Pillow).
-    Grayscale images are resized before they are made RGB (the same pixels, a third of the work).
-    Kept as uint8 until a whole batch is normalised by ``to_input``: a quarter of the memory while
-    batches wait in the prefetch queue.
+    Read by ``padim.decode.read_image``: upright, 8 bits by a fixed rule, and a picture more than 4
+    times the input size decoded or box-reduced early (bounded memory for 12000 x 12000 pictures).
+    The resize is bilinear (antialiased by Pillow); greyscale pictures are resized before they are
+    made RGB (the same pixels, a third of the work). Kept as uint8 until a whole batch is normalised
+    by ``to_input``: a quarter of the memory while batches wait in the prefetch queue.
     """
-    img = open_image(item)
-    original = (img.height, img.width)
+    img, original = read_image(item, config.image_size)  # resized (bilinear), crop below
+    if config.crop is not None:
+        img = resize_crop(img, config, Image.BILINEAR)  # the resize is a no-op: the size is right
     if img.mode == "L":
-        img = resize_crop(img, config, Image.BILINEAR).convert("RGB")
-    else:
-        img = resize_crop(img.convert("RGB"), config, Image.BILINEAR)
+        img = img.convert("RGB")
     return np.array(img), original  # a writable copy: torch warns about read-only arrays
 
 
@@ -86,20 +80,21 @@ def load_image(item: ImageInput, config: PadimConfig) -> Tuple[torch.Tensor, Tup
 
 
 def load_mask(path: Union[str, os.PathLike], config: PadimConfig, image_hw: Tuple[int, int]) -> torch.Tensor:
-    """Ground-truth mask -> (H, W) bool with the image's geometry (nearest resize, then binarised).
+    """Ground-truth mask -> (H, W) bool with the image's geometry: upright, True where the mask's
+    colour is not black (``padim.decode.read_mask``), then a nearest resize and crop.
 
-    image_hw: the original (height, width) of the image the mask belongs to; a mask of another
-    size is an error, not something to stretch silently.
+    image_hw: the upright original (height, width) of the image the mask belongs to; a mask of
+    another size is an error, not something to stretch silently.
     """
-    mask = open_image(path)
-    if (mask.height, mask.width) != tuple(image_hw):
+    defect = read_mask(path)
+    if defect.shape != tuple(image_hw):
         raise DataError(
-            f"mask {path} is {mask.width}x{mask.height} but its image is {image_hw[1]}x{image_hw[0]}"
+            f"mask {path} is {defect.shape[1]}x{defect.shape[0]} but its image is {image_hw[1]}x{image_hw[0]}"
         )
-    mask = resize_crop(mask.convert("L"), config, Image.NEAREST)
+    mask = resize_crop(Image.fromarray(defect.astype(np.uint8) * 255), config, Image.NEAREST)
     import torch
 
-    return torch.from_numpy(np.asarray(mask) > 127)
+    return torch.from_numpy(np.asarray(mask) > 0)
 
 
 def prefetched(items: Sequence[T], batch_size: int, load: Callable[[T], object], workers: int = 2,

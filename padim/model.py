@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from . import calibration as cal
 from . import modelfile
 from .backbones import build_extractor, file_sha256, get_spec, is_weights_file
 from .checks import check_batch_size, check_estimator
@@ -31,7 +32,7 @@ from .features import Embedder, count_channels, random_channel_subset
 from .gaussian import FACTOR_DTYPES, GaussianAccumulator, store_factor, unpack_lower
 from .images import ImageInput, input_batches
 from .memory import release_free_memory
-from .scoring import PadimResult, labels_at, masks_at, score_batches, to_original_resolution
+from .scoring import PadimResult, labels_at, masks_at, score_batches, score_embeddings, to_original_resolution
 
 __all__ = ["PaDiM", "PadimResult", "to_original_resolution", "default_device"]
 
@@ -58,8 +59,17 @@ class PaDiM:
     ``precision_factor_packed_`` (P, d (d + 1) / 2, in ``factor_dtype``): the lower triangle of the
     factor W with W^T W = cov^-1 (``precision_factor_`` unpacks it to (P, d, d) for scoring),
     ``channel_idx_`` (d,), ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
-    ``weights_source_``, ``weights_sha256_``, ``fit_seconds_``, ``fit_date_``, ``category_``, and
-    ``image_threshold_`` / ``pixel_threshold_`` (None until set, e.g. by ``padim test``).
+    ``weights_source_``, ``weights_sha256_``, ``fit_seconds_``, ``fit_date_``, ``category_``;
+    ``calibration_`` (a ``padim.calibration.Calibration``, or None) and the operating point in use:
+    ``image_threshold_`` / ``pixel_threshold_`` with their sources ``threshold_source_`` /
+    ``pixel_threshold_source_`` and ``target_fpr_`` (see ``set_operating_point``).
+
+    Calibration (``calibration_fraction``, default 0.1, at least 20 images): a seeded part of the
+    training images is held out, the Gaussians are fitted on the rest, and the held-out images'
+    scores set the image threshold at ``target_fpr`` with a split-conformal guarantee (see
+    ``padim.calibration``) and the pixel threshold at ``target_pixel_fpr`` of their pixels.
+    ``calibration="cv"`` instead scores each of ``folds`` folds with the statistics of the others
+    (total minus the fold: sums subtract exactly) and fits the final model on every image.
 
     Where it departs from scikit-learn: ``predict`` returns a ``PadimResult`` with the scores and
     anomaly maps as well as labels, because a defect's location is half of the answer; labels exist
@@ -78,6 +88,11 @@ class PaDiM:
         sigma: float = 4.0,
         epsilon: float = COVARIANCE_EPSILON,
         factor_dtype: str = "float32",
+        calibration_fraction: float = cal.DEFAULT_CALIBRATION_FRACTION,
+        calibration: str = "holdout",
+        folds: int = 5,
+        target_fpr: float = cal.DEFAULT_TARGET_FPR,
+        target_pixel_fpr: float = cal.DEFAULT_TARGET_PIXEL_FPR,
         batch_size: int = 32,
         device: Optional[str] = None,
         workers: int = 2,
@@ -93,6 +108,11 @@ class PaDiM:
         self.sigma = sigma
         self.epsilon = epsilon
         self.factor_dtype = factor_dtype
+        self.calibration_fraction = calibration_fraction
+        self.calibration = calibration
+        self.folds = folds
+        self.target_fpr = target_fpr
+        self.target_pixel_fpr = target_pixel_fpr
         self.batch_size = batch_size
         self.device = device
         self.workers = workers
@@ -179,10 +199,18 @@ class PaDiM:
         self.fit_seconds_ = info["fit_seconds"]
         self.fit_date_ = info["fit_date"]
         self.category_ = info["category"]
+        self.calibration_ = content.calibration
+        self.n_calibration_images_ = info["n_calibration_images"]
+        self.calibration_note_ = info["calibration_note"]
         self.image_threshold_ = info["image_threshold"]
         self.pixel_threshold_ = info["pixel_threshold"]
+        self.threshold_source_ = info["threshold_source"]
+        self.pixel_threshold_source_ = info["pixel_threshold_source"]
+        self.target_fpr_ = info["target_fpr"]
         self.thresholds_note_ = info["thresholds_note"]
         self.package_version_ = info["package_version"]
+        if self.image_threshold_ is not None and self.threshold_source_ is None:  # files from before calibration
+            self.threshold_source_ = self.pixel_threshold_source_ = cal.SOURCE_TEST_SET
 
     @property
     def extractor_(self) -> torch.nn.Module:
@@ -206,38 +234,124 @@ class PaDiM:
     # ----------------------------------------------------------------------------- fit
     def fit(self, images: Sequence[ImageInput]) -> "PaDiM":
         """Fits one Gaussian per patch position on defect-free ``images`` (paths, PIL images or
-        uint8 arrays). Embeddings are streamed into running sums: memory does not grow with N.
+        uint8 arrays) and calibrates its thresholds on good images it did not fit on (see the class
+        docstring). Embeddings are streamed into running sums: memory does not grow with N.
         The new state is built aside and replaces the old one only when the whole fit succeeded."""
         images = list(images)
         if len(images) < 2:
             raise DataError(f"PaDiM needs at least 2 training images, got {len(images)}")
         started = time.perf_counter()
         config = self._make_config()
+        n_calibration, note = self._calibration_plan(len(images))
         device = self._resolve_device()
         extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
         extractor = extractor.to(device, memory_format=torch.channels_last)
         n_channels = count_channels(extractor, config.input_size, device)
         embedder = Embedder(extractor, random_channel_subset(n_channels, config.n_features, config.seed).to(device), device)
 
-        stats = GaussianAccumulator()
-        feature_hw = None
+        held_out = []
+        fit_images = images
+        if n_calibration and self.calibration == "holdout":
+            fit_indices, calibration_indices = cal.split_indices(len(images), n_calibration, config.seed)
+            fit_images = [images[i] for i in fit_indices]
+            held_out = [images[i] for i in calibration_indices]
         with torch.inference_mode():
-            for batch, _ in input_batches(images, config, self.batch_size, device, self.workers, self.progress, "fit"):
-                emb = embedder(batch)  # (B, h, w, d)
-                feature_hw = tuple(emb.shape[1:3])
-                stats.update(emb.flatten(1, 2))  # (B, P, d)
-                del emb
-                release_free_memory()
+            stats, feature_hw = self._accumulate(embedder, config, device, fit_images, "fit")
+            calibration = None
+            if n_calibration and self.calibration == "cv":
+                calibration = self._cross_fit(embedder, config, device, images, stats, feature_hw)
             mean, packed = stats.finalize(config.epsilon, release=release_free_memory)  # (P, d), (P, d (d + 1) / 2)
             del stats
             release_free_memory()
             packed = store_factor(packed, config.factor_dtype)
-        info = {"weights_source": source, "weights_sha256": sha256, "n_train_images": len(images),
+            if held_out:
+                factor = unpack_lower(packed, config.n_features, torch.float32)
+                calibration = self._score_calibration(embedder, config, device, held_out, mean.float(), factor,
+                                                      feature_hw, "holdout")
+                del factor
+        info = {"weights_source": source, "weights_sha256": sha256, "n_train_images": len(fit_images),
+                "n_calibration_images": calibration.n if calibration else 0, "calibration_note": note,
                 "fit_seconds": time.perf_counter() - started,
                 "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        self._set_fitted(modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, feature_hw, info),
-                         embedder)
+        if calibration is not None:
+            point = cal.operating_point(calibration, cal.OperatingPoint(), self.target_fpr,
+                                        target_pixel_fpr=self.target_pixel_fpr)
+            info.update(image_threshold=point.image_threshold, pixel_threshold=point.pixel_threshold,
+                        threshold_source=point.source, pixel_threshold_source=point.pixel_source,
+                        target_fpr=point.target_fpr)
+        content = modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, feature_hw, info, calibration)
+        self._set_fitted(content, embedder)
         return self
+
+    def _calibration_plan(self, n_images: int) -> Tuple[int, Optional[str]]:
+        """How many images calibrate (0: none) and a note for the user when there will be none.
+        Refuses, before any work, options or targets the calibration set could not honour."""
+        if self.calibration not in ("holdout", "cv"):
+            raise PadimError(f"calibration must be 'holdout' or 'cv', got {self.calibration!r}")
+        if not isinstance(self.folds, int) or self.folds < 2:
+            raise PadimError(f"folds must be a whole number of at least 2, got {self.folds!r}")
+        for name in ("target_fpr", "target_pixel_fpr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                raise PadimError(f"{name} must be in (0, 1), got {value!r}")
+        n_calibration = cal.calibration_size(n_images, float(self.calibration_fraction))
+        if self.calibration == "cv" and self.calibration_fraction:
+            if n_images < max(self.folds, cal.MIN_CALIBRATION_IMAGES):
+                return 0, (f"no calibration: cross-fitting needs at least {max(self.folds, cal.MIN_CALIBRATION_IMAGES)} "
+                           f"training images, got {n_images}; the model has no calibrated threshold")
+            n_calibration = n_images
+        if self.calibration_fraction and not n_calibration:
+            return 0, (f"no calibration: {n_images} training images are too few to hold out "
+                       f"{cal.MIN_CALIBRATION_IMAGES} (needs at least {2 * cal.MIN_CALIBRATION_IMAGES}); fitted on all "
+                       "of them, the model has no calibrated threshold (give thresholds by hand, or add good images)")
+        return n_calibration, None
+
+    def _accumulate(self, embedder: Embedder, config: PadimConfig, device, images, desc: str,
+                    stats: Optional[GaussianAccumulator] = None, keep: Optional[list] = None):
+        """Streams ``images`` through the embedder into ``stats`` (a new accumulator by default);
+        with ``keep``, also appends each batch's (B, h, w, d) embeddings to it. -> (stats, (h, w))."""
+        stats = stats if stats is not None else GaussianAccumulator()
+        feature_hw = None
+        for batch, _ in input_batches(images, config, self.batch_size, device, self.workers, self.progress, desc):
+            emb = embedder(batch)  # (B, h, w, d)
+            feature_hw = tuple(emb.shape[1:3])
+            stats.update(emb.flatten(1, 2))  # (B, P, d)
+            if keep is not None:
+                keep.append(emb.clone())
+            del emb
+            release_free_memory()
+        return stats, feature_hw
+
+    def _score_calibration(self, embedder, config, device, images, mean, factor, feature_hw, method) -> cal.Calibration:
+        """Scores held-out good images with the fitted Gaussians -> their Calibration."""
+        batches = input_batches(images, config, self.batch_size, device, self.workers, self.progress, "calibrate")
+        scores, maps = [], []
+        for batch_scores, batch_maps, _ in score_batches(embedder, mean, factor, feature_hw, config.input_size,
+                                                         config.sigma, batches):
+            scores.append(batch_scores)
+            maps.append(batch_maps)
+        return cal.Calibration.from_scores(torch.cat(scores).numpy(), torch.cat(maps).numpy(), method)
+
+    def _cross_fit(self, embedder, config, device, images, total: GaussianAccumulator, feature_hw) -> cal.Calibration:
+        """Scores each of ``folds`` seeded folds with the statistics of the other folds (``total``
+        less the fold's own sums) -> the Calibration of all images. One more backbone pass over the
+        training images; a fold's embeddings are held while it is scored (N / folds x P x d floats)."""
+        order = np.random.default_rng(config.seed).permutation(len(images))
+        scores, maps = [], []
+        for fold in np.array_split(order, self.folds):
+            kept = []
+            part, _ = self._accumulate(embedder, config, device, [images[i] for i in sorted(fold)], "cross-fit",
+                                       GaussianAccumulator(total.chunk, total.shift), kept)
+            mean, packed = total.without(part).finalize(config.epsilon, release=release_free_memory)
+            factor = unpack_lower(packed, config.n_features, torch.float32)
+            for emb in kept:
+                batch_scores, batch_maps = score_embeddings(emb, mean.float(), factor, feature_hw, config.input_size,
+                                                            config.sigma)
+                scores.append(batch_scores)
+                maps.append(batch_maps)
+            del kept, part, factor
+            release_free_memory()
+        return cal.Calibration.from_scores(torch.cat(scores).numpy(), torch.cat(maps).numpy(), "cv")
 
     # ----------------------------------------------------------------------------- scoring
     def iter_predict(self, images: Sequence[ImageInput], desc: str = "predict") -> Iterator[Tuple[torch.Tensor, torch.Tensor, List]]:
@@ -248,10 +362,36 @@ class PaDiM:
         yield from score_batches(self.embedder_, self.mean_, self.precision_factor_, self.feature_hw_,
                                  config.input_size, config.sigma, batches)
 
-    def predict(self, images: Sequence[ImageInput], original_resolution: bool = False) -> PadimResult:
-        """Scores ``images``; see ``PadimResult``. ``original_resolution`` resizes each map (bilinear)
-        back to its image's size (not available for models fitted with a crop)."""
+    def operating_point(self, target_fpr: Optional[float] = None, image_threshold: Optional[float] = None,
+                        pixel_threshold: Optional[float] = None,
+                        target_pixel_fpr: Optional[float] = None) -> cal.OperatingPoint:
+        """The thresholds a prediction with these choices uses (the model's own without any): a
+        threshold given by hand wins, then a target false-positive rate (from the calibration
+        scores, no refit). Raises CalibrationError for a target the calibration cannot guarantee."""
         self._check_fitted()
+        stored = cal.OperatingPoint(self.image_threshold_, self.pixel_threshold_, self.threshold_source_,
+                                    self.pixel_threshold_source_, self.target_fpr_)
+        return cal.operating_point(self.calibration_, stored, target_fpr, image_threshold, pixel_threshold,
+                                   target_pixel_fpr)
+
+    def set_operating_point(self, target_fpr: Optional[float] = None, image_threshold: Optional[float] = None,
+                            pixel_threshold: Optional[float] = None,
+                            target_pixel_fpr: Optional[float] = None) -> "PaDiM":
+        """Makes ``operating_point(...)`` the model's own (kept by ``save``)."""
+        point = self.operating_point(target_fpr, image_threshold, pixel_threshold, target_pixel_fpr)
+        self.image_threshold_, self.pixel_threshold_ = point.image_threshold, point.pixel_threshold
+        self.threshold_source_, self.pixel_threshold_source_ = point.source, point.pixel_source
+        self.target_fpr_ = point.target_fpr
+        return self
+
+    def predict(self, images: Sequence[ImageInput], original_resolution: bool = False,
+                target_fpr: Optional[float] = None, image_threshold: Optional[float] = None,
+                pixel_threshold: Optional[float] = None, target_pixel_fpr: Optional[float] = None) -> PadimResult:
+        """Scores ``images``; see ``PadimResult``. ``original_resolution`` resizes each map (bilinear)
+        back to its image's size (not available for models fitted with a crop). The other options
+        choose the operating point for this call only (see ``operating_point``)."""
+        self._check_fitted()
+        point = self.operating_point(target_fpr, image_threshold, pixel_threshold, target_pixel_fpr)
         if original_resolution and self.config_.crop is not None:
             raise PadimError("maps at the original resolution need a model fitted without --crop")
         scores, maps = [], []
@@ -263,8 +403,14 @@ class PaDiM:
                 maps.append(batch_maps)
         scores = torch.cat(scores).numpy()
         maps = maps if original_resolution else torch.cat(maps).numpy()
-        return PadimResult(scores=scores, maps=maps, labels=labels_at(scores, self.image_threshold_),
-                           masks=masks_at(maps, self.pixel_threshold_))
+        return PadimResult(scores=scores, maps=maps, labels=labels_at(scores, point.image_threshold),
+                           masks=masks_at(maps, point.pixel_threshold), p_values=self.p_values(scores),
+                           image_threshold=point.image_threshold, pixel_threshold=point.pixel_threshold,
+                           threshold_source=point.source, pixel_threshold_source=point.pixel_source)
+
+    def p_values(self, scores) -> Optional[np.ndarray]:
+        """(N,) conformal p-values of image scores against the calibration images; None without them."""
+        return None if self.calibration_ is None else self.calibration_.p_values(scores)
 
     def score_samples(self, images: Sequence[ImageInput]) -> np.ndarray:
         """(N,) image anomaly scores."""
@@ -280,7 +426,7 @@ class PaDiM:
         self._check_fitted()
         info = {key: getattr(self, f"{key}_", None) for key in modelfile.INFO_DEFAULTS}
         modelfile.write(path, modelfile.ModelContent(self.config_, self.mean_, self.precision_factor_packed_,
-                                                     self.channel_idx_, self.feature_hw_, info))
+                                                     self.channel_idx_, self.feature_hw_, info, self.calibration_))
 
     @classmethod
     def load(cls, path, device: Optional[str] = None, batch_size: int = 32, workers: int = 2,
@@ -300,6 +446,9 @@ class PaDiM:
                              "weights= only points a model fitted with a weights file at that file")
         params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in cls._param_names()}
         model = cls(**params, batch_size=batch_size, device=device, workers=workers, progress=progress)
+        if content.calibration is not None:  # what it was fitted with, so that clone() refits alike
+            model.set_params(calibration=content.calibration.method,
+                             target_fpr=content.info.get("target_fpr") or cal.DEFAULT_TARGET_FPR)
         device = model._resolve_device()
         extractor, source, _ = build_extractor(config.backbone, config.weights, config.layers, config.seed)
         if not is_weights_file(config.weights) and source != content.info.get("weights_source"):

@@ -5,15 +5,22 @@ a JSON header (configuration, provenance, thresholds), stored with ``padim.io`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
+
+from .calibration import Calibration
+from .errors import ModelFileError
 
 from . import __version__
 from . import io as model_io
 from .config import PadimConfig
 
 TENSOR_RANKS = {"mean": 2, "precision_factor_packed": 2, "channel_idx": 1}
+# optional tensors of a calibrated model -> Calibration attributes
+CALIBRATION_TENSORS = {"calibration_image_scores": "image_scores", "calibration_pixel_levels": "pixel_levels",
+                       "calibration_pixel_quantiles": "pixel_quantiles"}
 
 # header fields besides the configuration, with their defaults for files that lack them
 INFO_DEFAULTS: Dict[str, Any] = {
@@ -23,8 +30,14 @@ INFO_DEFAULTS: Dict[str, Any] = {
     "fit_seconds": None,
     "fit_date": None,
     "category": None,
+    "n_calibration_images": None,
+    "calibration_note": None,  # why a model has no calibration
+    "calibration_method": None,  # "holdout" or "cv"
     "image_threshold": None,
     "pixel_threshold": None,
+    "threshold_source": None,  # e.g. "calibration: target FPR 5% on 76 good images", "manual"
+    "pixel_threshold_source": None,
+    "target_fpr": None,
     "thresholds_note": None,
     "package_version": None,
 }
@@ -35,7 +48,8 @@ class ModelContent:
     """Everything a model file stores.
 
     mean: (P, d) float32; factor_packed: (P, d (d + 1) / 2) in ``config.factor_dtype``;
-    channel_idx: (d,) int64; feature_hw: (h, w) with P = h * w; info: ``INFO_DEFAULTS``' keys.
+    channel_idx: (d,) int64; feature_hw: (h, w) with P = h * w; info: ``INFO_DEFAULTS``' keys;
+    calibration: the calibration images' scores, stored as float64 tensors (n,), (Q,), (Q,).
     """
 
     config: PadimConfig
@@ -44,13 +58,19 @@ class ModelContent:
     channel_idx: torch.Tensor
     feature_hw: Tuple[int, int]
     info: Dict[str, Any] = field(default_factory=dict)
+    calibration: Optional[Calibration] = None
 
 
 def write(path, content: ModelContent) -> None:
     """Writes ``content`` atomically to ``path``."""
     tensors = {"mean": content.mean, "precision_factor_packed": content.factor_packed,
                "channel_idx": content.channel_idx}
-    metadata = {**INFO_DEFAULTS, **content.info, "package_version": __version__,
+    info = dict(content.info)
+    if content.calibration is not None:
+        found = content.calibration
+        tensors.update({name: torch.from_numpy(getattr(found, attribute)) for name, attribute in CALIBRATION_TENSORS.items()})
+        info["calibration_method"] = found.method
+    metadata = {**INFO_DEFAULTS, **info, "package_version": __version__,
                 "config": content.config.to_dict(), "feature_hw": list(content.feature_hw)}
     model_io.save(path, tensors, metadata)
 
@@ -61,4 +81,20 @@ def read(path) -> ModelContent:
     config, feature_hw = model_io.verify(path, tensors, meta)  # contents checked against each other, not trusted
     mean, packed, channel_idx = tensors["mean"], tensors["precision_factor_packed"], tensors["channel_idx"]
     info = {key: meta.get(key, default) for key, default in INFO_DEFAULTS.items()}
-    return ModelContent(config, mean, packed, channel_idx.long(), feature_hw, info)
+    return ModelContent(config, mean, packed, channel_idx.long(), feature_hw, info, _calibration(path, tensors, info))
+
+
+def _calibration(path, tensors: Dict[str, torch.Tensor], info: Dict[str, Any]) -> Optional[Calibration]:
+    """The stored calibration, checked (sorted finite scores, matching quantile arrays); None for
+    files without one (fitted without calibration, or before padim had it)."""
+    present = [name for name in CALIBRATION_TENSORS if name in tensors]
+    if not present:
+        return None
+    if len(present) != len(CALIBRATION_TENSORS) or info.get("calibration_method") not in ("holdout", "cv"):
+        raise ModelFileError(f"model file {path}: its calibration data is incomplete")
+    arrays = {attribute: tensors[name].to(torch.float64).numpy() for name, attribute in CALIBRATION_TENSORS.items()}
+    scores, levels, quantiles = arrays["image_scores"], arrays["pixel_levels"], arrays["pixel_quantiles"]
+    if (scores.ndim != 1 or len(scores) < 1 or levels.shape != quantiles.shape or levels.ndim != 1
+            or not all(np.isfinite(a).all() and (np.diff(a) >= 0).all() for a in (scores, levels, quantiles))):
+        raise ModelFileError(f"model file {path}: its calibration data is damaged")
+    return Calibration(scores, levels, quantiles, info["calibration_method"])

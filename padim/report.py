@@ -19,7 +19,9 @@ from sklearn.metrics import roc_curve
 
 from .visualize import heatmap_overlay
 
-RESULT_COLUMNS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "fit_s", "ms_per_image")
+# the seed's columns, then the figures at the calibrated thresholds (n/a for a model without calibration)
+RESULT_COLUMNS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "fit_s", "ms_per_image",
+                  "good_FPR_calibrated", "image_recall_calibrated", "image_F1_calibrated", "pixel_F1_calibrated")
 
 
 def defect_panel(image, gt_mask: Optional[np.ndarray], anomaly_map: np.ndarray, threshold: float,
@@ -51,12 +53,14 @@ def defect_panel(image, gt_mask: Optional[np.ndarray], anomaly_map: np.ndarray, 
 
 def roc_figure(labels: np.ndarray, scores: np.ndarray, image_auroc: float,
                pixel_curve, pixel_auroc: float, path: Path) -> None:
-    """Image- and pixel-level ROC curves, AUROC in the legend."""
+    """Image- and pixel-level ROC curves, AUROC in the legend. pixel_curve None: no ground-truth
+    defect pixels, the image curve only."""
     fpr, tpr, _ = roc_curve(labels, scores)
     fig = Figure(figsize=(4.5, 4.2))
     ax = fig.subplots()
     ax.plot(fpr, tpr, label=f"image (AUROC {image_auroc:.3f})")
-    ax.plot(*pixel_curve, label=f"pixel (AUROC {pixel_auroc:.3f})")
+    if pixel_curve is not None:
+        ax.plot(*pixel_curve, label=f"pixel (AUROC {pixel_auroc:.3f})")
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -88,9 +92,10 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _cell(value) -> str:
+    """A table cell: floats with two decimals; None (a metric not available) is "n/a"."""
     if isinstance(value, float):
         return f"{value:.2f}"
-    return "" if value is None else str(value)
+    return "n/a" if value is None else str(value)
 
 
 def results_markdown(rows: Sequence[Dict]) -> str:
@@ -141,8 +146,12 @@ th:first-child {{ text-align: left; }} td.error {{ color: #b00; text-align: left
 <h1>{html.escape(title)}</h1>
 <ul>{info_items}</ul>
 <table id="results"><thead><tr>{head_cells}</tr></thead><tbody>{''.join(body_rows)}</tbody></table>
-<p>Metrics are in [0, 1] (F1 is the best over thresholds; thresholds were chosen on the test set);
-fit_s is the fit time in seconds, ms_per_image the test time per image, decoding included.</p>
+<p>Metrics are in [0, 1]; fit_s is the fit time in seconds, ms_per_image the test time per image, decoding
+included. Oracle and calibrated side by side: image_F1Score and pixel_F1Score use the best threshold for
+this very test set, which no production line has; the <code>*_calibrated</code> columns use the thresholds
+fixed at fit time from good training images only (a target false-positive rate), which is what a line
+sees: good_FPR_calibrated is the share of good test images flagged, image_recall_calibrated the share of
+defect images caught.</p>
 {''.join(parts)}
 <script>
 window.addEventListener("load", function () {{
@@ -158,5 +167,10 @@ window.addEventListener("load", function () {{
 
 
 def _means(rows: Sequence[Dict]) -> Dict:
+    """Column means over the rows without error; a column's None values (not available) are left
+    out, and a column with no value at all has mean None."""
     good = [row for row in rows if not row.get("error")]
-    return {c: float(np.mean([row[c] for row in good])) for c in RESULT_COLUMNS} if good else {}
+    if not good:
+        return {}
+    values = {c: [row[c] for row in good if row.get(c) is not None] for c in RESULT_COLUMNS}
+    return {c: float(np.mean(v)) if v else None for c, v in values.items()}

@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import calibration as cal
 from .config import PadimConfig
 from .errors import PadimError
 
@@ -40,16 +41,22 @@ class EngineError(PadimError):
 
 @dataclass
 class RuntimeResult:
-    """What ``ExportedModel.predict`` returns for N images (``padim.PadimResult``'s fields).
+    """What ``ExportedModel.predict`` returns for N images: ``padim.PadimResult``'s fields.
 
     scores: (N,) float32; maps: (N, H, W) float32 or a list of (H_i, W_i) maps at each image's
     original resolution; labels: (N,) bool or None without an image threshold; masks: like maps,
-    bool, or None without a pixel threshold."""
+    bool, or None without a pixel threshold; p_values: (N,) against the calibration images, or None;
+    the thresholds used and their sources."""
 
     scores: np.ndarray
     maps: Union[np.ndarray, List[np.ndarray]]
     labels: Optional[np.ndarray] = None
     masks: Optional[Union[np.ndarray, List[np.ndarray]]] = None
+    p_values: Optional[np.ndarray] = None
+    image_threshold: Optional[float] = None
+    pixel_threshold: Optional[float] = None
+    threshold_source: Optional[str] = None
+    pixel_threshold_source: Optional[str] = None
 
 
 def read_export(folder) -> dict:
@@ -205,10 +212,10 @@ class ExportedModel:
             raise EngineError(f"export {folder}: its graph takes {shape[1:3]} images but the model's input size "
                               f"is {list(self.config_.input_size)}")
         self.feature_hw_ = tuple(self.metadata.get("feature_hw") or ())
-        self.image_threshold_ = self.metadata.get("image_threshold")
-        self.pixel_threshold_ = self.metadata.get("pixel_threshold")
-        self.weights_source_ = self.metadata.get("weights_source")
-        self.category_ = self.metadata.get("category")
+        for key in ("image_threshold", "pixel_threshold", "threshold_source", "pixel_threshold_source", "target_fpr",
+                    "weights_source", "category"):
+            setattr(self, f"{key}_", self.metadata.get(key))
+        self.calibration_ = _calibration(self.metadata.get("calibration"), folder)
         self.engine, self.precision = engine, precision
         self.batch_size, self.workers, self.progress = int(batch_size), workers, progress
         self.session = open_session(folder, self.export_record, engine, precision, threads)
@@ -216,6 +223,19 @@ class ExportedModel:
     @property
     def uses_random_weights(self) -> bool:
         return str(self.config_.weights) == "random"
+
+    def operating_point(self, target_fpr: Optional[float] = None, image_threshold: Optional[float] = None,
+                        pixel_threshold: Optional[float] = None,
+                        target_pixel_fpr: Optional[float] = None) -> cal.OperatingPoint:
+        """The thresholds a prediction with these choices uses, as ``PaDiM.operating_point``."""
+        stored = cal.OperatingPoint(self.image_threshold_, self.pixel_threshold_, self.threshold_source_,
+                                    self.pixel_threshold_source_, self.target_fpr_)
+        return cal.operating_point(self.calibration_, stored, target_fpr, image_threshold, pixel_threshold,
+                                   target_pixel_fpr)
+
+    def p_values(self, scores) -> Optional[np.ndarray]:
+        """(N,) conformal p-values of image scores against the calibration images; None without them."""
+        return None if self.calibration_ is None else self.calibration_.p_values(scores)
 
     def score_pixels(self, pixels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(B, H, W, 3) uint8 pixels from ``load_pixels`` -> scores (B,), maps (B, H, W) float32."""
@@ -246,8 +266,12 @@ class ExportedModel:
             scores, maps = self.score_pixels(np.stack([pixels for pixels, _ in loaded]))
             yield scores, maps, [hw for _, hw in loaded]
 
-    def predict(self, images: Sequence, original_resolution: bool = False) -> RuntimeResult:
-        """Scores ``images`` (paths, PIL images or uint8 arrays); see ``RuntimeResult``."""
+    def predict(self, images: Sequence, original_resolution: bool = False, target_fpr: Optional[float] = None,
+                image_threshold: Optional[float] = None, pixel_threshold: Optional[float] = None,
+                target_pixel_fpr: Optional[float] = None) -> RuntimeResult:
+        """Scores ``images`` (paths, PIL images or uint8 arrays); see ``RuntimeResult``. The other
+        options choose the operating point for this call, as ``PaDiM.predict``'s."""
+        point = self.operating_point(target_fpr, image_threshold, pixel_threshold, target_pixel_fpr)
         if original_resolution and self.config_.crop is not None:
             raise PadimError("maps at the original resolution need a model fitted without --crop")
         scores, maps = [], []
@@ -259,8 +283,22 @@ class ExportedModel:
                 maps.append(batch_maps)
         scores = np.concatenate(scores)
         maps = maps if original_resolution else np.concatenate(maps)
-        return RuntimeResult(scores, maps, labels_at(scores, self.image_threshold_),
-                             masks_at(maps, self.pixel_threshold_))
+        return RuntimeResult(scores, maps, labels_at(scores, point.image_threshold),
+                             masks_at(maps, point.pixel_threshold), self.p_values(scores), point.image_threshold,
+                             point.pixel_threshold, point.source, point.pixel_source)
+
+
+def _calibration(record, folder) -> Optional[cal.Calibration]:
+    """The ``Calibration`` of an export's ``calibration`` record (None: the model has none)."""
+    if record is None:
+        return None
+    try:
+        arrays = [np.asarray(record[key], dtype=np.float64) for key in ("image_scores", "pixel_levels", "pixel_quantiles")]
+        if arrays[0].ndim != 1 or not len(arrays[0]) or arrays[1].shape != arrays[2].shape:
+            raise ValueError("inconsistent arrays")
+        return cal.Calibration(*arrays, method=str(record.get("method", "holdout")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(f"export {folder}: its calibration data is damaged ({exc})") from None
 
 
 def labels_at(scores: np.ndarray, threshold: Optional[float]) -> Optional[np.ndarray]:

@@ -31,12 +31,21 @@ class PadimResult:
             image's original resolution
     labels: (N,) bool, score >= image threshold; None when the model has no threshold
     masks:  like ``maps`` but bool, map >= pixel threshold; None when the model has no pixel threshold
+    p_values: (N,) conformal p-values against the model's calibration images; None without calibration
+    image_threshold, pixel_threshold: the thresholds used (None: none)
+    threshold_source, pixel_threshold_source: where they came from, e.g. "calibration: target FPR 5%
+            on 76 good images", "manual" or "test set (optimistic)"
     """
 
     scores: np.ndarray
     maps: Union[np.ndarray, List[np.ndarray]]
     labels: Optional[np.ndarray] = None
     masks: Optional[Union[np.ndarray, List[np.ndarray]]] = None
+    p_values: Optional[np.ndarray] = None
+    image_threshold: Optional[float] = None
+    pixel_threshold: Optional[float] = None
+    threshold_source: Optional[str] = None
+    pixel_threshold_source: Optional[str] = None
 
 
 def score_batches(embedder: Embedder, mean: torch.Tensor, factor: torch.Tensor, feature_hw: Tuple[int, int],
@@ -52,11 +61,18 @@ def score_batches(embedder: Embedder, mean: torch.Tensor, factor: torch.Tensor, 
     with torch.inference_mode():
         for batch, sizes in batches:
             emb = embedder(batch, workspace)  # (B, h, w, d)
-            if tuple(emb.shape[1:3]) != tuple(feature_hw):
-                raise PadimError(f"feature grid {tuple(emb.shape[1:3])} differs from the fitted {tuple(feature_hw)}")
-            distances = mahalanobis(emb.flatten(1, 2), mean, factor, workspace)  # (B, P)
-            maps = anomaly_maps(distances.view(-1, *feature_hw), input_size, sigma)  # (B, H, W)
-            yield image_scores(maps).cpu(), maps.cpu(), sizes
+            yield (*score_embeddings(emb, mean, factor, feature_hw, input_size, sigma, workspace), sizes)
+
+
+def score_embeddings(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, feature_hw: Tuple[int, int],
+                     input_size: Tuple[int, int], sigma: float,
+                     workspace: Optional[Workspace] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, h, w, d) embeddings -> image scores (B,) and anomaly maps (B, H, W), both on the CPU."""
+    if tuple(embeddings.shape[1:3]) != tuple(feature_hw):
+        raise PadimError(f"feature grid {tuple(embeddings.shape[1:3])} differs from the fitted {tuple(feature_hw)}")
+    distances = mahalanobis(embeddings.flatten(1, 2), mean, factor, workspace)  # (B, P)
+    maps = anomaly_maps(distances.view(-1, *feature_hw), input_size, sigma)  # (B, H, W)
+    return image_scores(maps).cpu(), maps.cpu()
 
 
 def to_original_resolution(anomaly_map: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:

@@ -1,21 +1,35 @@
-"""Pictures of anomaly maps: a heatmap blended over the image, and binary masks as PNGs."""
+"""Pictures of anomaly maps: a heatmap blended over the image, and binary masks as PNGs.
+
+Heatmaps are pictures for people: ``padim predict`` draws them with the long side at most
+``OVERLAY_MAX_SIDE`` pixels (a 12000 x 12000 input gets a 4096 x 4096 heatmap), while masks are data
+and keep the input's full resolution, computed in strips of rows (``mask_at_size``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
+from matplotlib import colormaps
+import torch
+import torch.nn.functional as F
 from PIL import Image
+
+OVERLAY_MAX_SIDE = 4096  # long side of a heatmap overlay, in pixels
+_STRIP_PIXELS = 1 << 22  # output pixels per strip in ``mask_at_size``
 
 
 def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> Image.Image:
     """Blends a 'jet' rendering of ``anomaly_map`` (h, w), scaled from vmin to vmax, over ``image``
     (resized to the map's size). Returns an RGB image of the map's size."""
-    from matplotlib import colormaps  # here: masks and PNGs need no matplotlib (the torch-free runtime)
-
     scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    heat = (colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
-    base = image.convert("RGB").resize((anomaly_map.shape[1], anomaly_map.shape[0]), Image.BILINEAR)
+    cmap = colormaps["jet"]  # its N-entry lookup table, indexed as matplotlib indexes floats in [0, 1]
+    index = np.minimum((scaled * cmap.N).astype(np.int16), cmap.N - 1)
+    lut = (cmap(np.arange(cmap.N))[:, :3] * 255).astype(np.uint8)  # (N, 3): no (h, w, 4) float64 copy
+    heat = lut[index]
+    base = image if image.mode in ("L", "RGB") else image.convert("RGB")  # resized before any RGB copy
+    base = base.resize((anomaly_map.shape[1], anomaly_map.shape[0]), Image.BILINEAR).convert("RGB")
     return Image.blend(base, Image.fromarray(heat), alpha)
 
 
@@ -26,4 +40,31 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 def mask_image(mask: np.ndarray) -> Image.Image:
     """(h, w) bool -> L-mode PNG-ready image, 255 where anomalous."""
-    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))
+    return Image.fromarray(np.multiply(mask, 255, dtype=np.uint8))  # no int64 temporary (1 GB at 12000^2)
+
+
+def overlay_size(size: Tuple[int, int], max_side: int = OVERLAY_MAX_SIDE) -> Tuple[int, int]:
+    """(height, width) of a picture -> the (height, width) its heatmap is drawn at: the same, or
+    scaled down (aspect kept, each side >= 1) so that the long side is ``max_side``."""
+    height, width = size
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _linear_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in): rows of 1-D linear interpolation weights (align_corners=False), so that
+    R_h @ map @ R_w^T equals F.interpolate(map, mode="bilinear", align_corners=False)."""
+    eye = torch.eye(n_in, dtype=torch.float32).unsqueeze(1)  # (n_in, 1, n_in)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0].T.contiguous()
+
+
+def mask_at_size(anomaly_map: torch.Tensor, size: Tuple[int, int], threshold: float) -> np.ndarray:
+    """(H, W) map -> (h0, w0) bool: the bilinearly upsampled map >= threshold, computed a strip of
+    rows at a time (a 12000 x 12000 mask needs its 144 MB of bools, not a 576 MB float map)."""
+    rows = _linear_weights(anomaly_map.shape[0], size[0])  # (h0, H)
+    across = anomaly_map.float() @ _linear_weights(anomaly_map.shape[1], size[1]).T  # (H, w0)
+    out = np.empty(size, dtype=bool)
+    step = max(1, _STRIP_PIXELS // size[1])
+    for start in range(0, size[0], step):
+        out[start : start + step] = (rows[start : start + step] @ across >= threshold).numpy()
+    return out

@@ -12,7 +12,7 @@ from padim.data.synthetic import make_synthetic_category
 from conftest import SMALL
 
 COLUMNS = ["Category", "image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "fit_s",
-           "ms_per_image"]
+           "ms_per_image", "good_FPR_calibrated", "image_recall_calibrated", "image_F1_calibrated", "pixel_F1_calibrated"]
 BENCH = ["--backbone", "resnet18", "--weights", "random", "--image-size", "64", "--device", "cpu",
          "--batch-size", "8"]
 

@@ -73,10 +73,15 @@ def test_cli_fit_test_predict(synthetic_root, tmp_path, capsys):
                  "--output", str(model_path)]) == 0
     assert "RANDOM backbone weights" in capsys.readouterr().err
 
+    before = model_path.read_bytes()
     assert main(["test", "--model", str(model_path), "--data-root", str(synthetic_root), "--category", "fabric",
-                 "--device", "cpu", "--output", str(out), "--save-images"]) == 0
+                 "--device", "cpu", "--output", str(tmp_path / "plain")]) == 0
+    assert model_path.read_bytes() == before  # testing leaves the model file as it was
+    capsys.readouterr()
+    assert main(["test", "--model", str(model_path), "--data-root", str(synthetic_root), "--category", "fabric",
+                 "--device", "cpu", "--output", str(out), "--save-images", "--store-oracle-thresholds"]) == 0
     printed = capsys.readouterr()
-    assert "| fabric |" in printed.out and "chosen on the test set" in printed.out
+    assert "| fabric |" in printed.out and "chosen on this test set" in printed.out
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO"):
         assert 0.0 <= metrics[key] <= 1.0
@@ -89,10 +94,12 @@ def test_cli_fit_test_predict(synthetic_root, tmp_path, capsys):
     assert len(panels) == 6 + 3 and sum(name.startswith("good_") for name in panels) == 3
     assert metrics["pictures"][:2] == ["roc.png", "score_histogram.png"]
 
-    # the thresholds went into the model file
+    # asked to, the thresholds went into the model file, marked as the test set's
     reloaded = PaDiM.load(model_path, device="cpu")
-    assert reloaded.image_threshold_ == pytest.approx(metrics["image_threshold"])
-    assert reloaded.pixel_threshold_ == pytest.approx(metrics["pixel_threshold"])
+    assert reloaded.image_threshold_ == pytest.approx(metrics["oracle_image_threshold"])
+    assert reloaded.pixel_threshold_ == pytest.approx(metrics["oracle_pixel_threshold"])
+    assert reloaded.threshold_source_ == "test set (optimistic)"
+    assert metrics["image_F1_calibrated"] is None  # 12 training images: too few to calibrate
 
     test_dir = synthetic_root / "fabric" / "test"
     images = sorted((test_dir / "spot").glob("*.png")) + sorted((test_dir / "good").glob("*.png"))[:1]
@@ -103,12 +110,13 @@ def test_cli_fit_test_predict(synthetic_root, tmp_path, capsys):
     assert [line["path"] for line in lines] == list(map(str, images))
     for line in lines:
         assert line["label"] in ("good", "anomalous")
-        assert (line["score"] >= metrics["image_threshold"]) == (line["label"] == "anomalous")
+        assert (line["score"] >= metrics["oracle_image_threshold"]) == (line["label"] == "anomalous")
+        assert line["threshold_source"] == "test set (optimistic)" and line["p_value"] is None
         assert line["warning"] == "random backbone weights"
     # same file names in two folders: both kept, in mirrored sub-folders
     assert sorted(p.relative_to(pred_out).as_posix() for p in pred_out.rglob("*.png")) == [
-        "good/000_heatmap.png", "good/000_mask.png", "spot/000_heatmap.png", "spot/000_mask.png",
-        "spot/001_heatmap.png", "spot/001_mask.png"]
+        "good/000.png_heatmap.png", "good/000.png_mask.png", "spot/000.png_heatmap.png", "spot/000.png_mask.png",
+        "spot/001.png_heatmap.png", "spot/001.png_mask.png"]
 
 
 @pytest.mark.parametrize("crop", [None, 48])
@@ -130,7 +138,7 @@ def test_cli_predict_pictures_have_the_maps_geometry(fitted, synthetic_root, tmp
     source.parent.mkdir()
     Image.fromarray(picture).save(source)
     assert main(["predict", "--model", str(path), str(source), "--device", "cpu", "--output", str(tmp_path / "out")]) == 0
-    heatmap = Image.open(tmp_path / "out" / "wide_heatmap.png")
+    heatmap = Image.open(tmp_path / "out" / "wide.png_heatmap.png")
     assert heatmap.size == ((96, 48) if crop is None else (crop, crop))
     # a 50/50 blend over white keeps every channel >= 127; over black, no jet colour gets there
     over_white = (np.asarray(heatmap).min(axis=2) >= 100).mean()

@@ -14,7 +14,7 @@ FIT = ["fit", "--category", "fabric", "--weights", "random", "--image-size", "64
 
 def _error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
-    err = [line for line in err if not line.startswith("WARNING")]
+    err = [line for line in err if not line.startswith(("WARNING", "note:"))]
     assert len(err) == 1, err
     assert "Traceback" not in err[0]
     return err[0]

