@@ -86,9 +86,9 @@ class Calibration:
     @classmethod
     def from_scores(cls, image_scores: Sequence[float], pixel_scores: np.ndarray, method: str = "holdout") -> "Calibration":
         """image_scores: (n,); pixel_scores: every pixel of the calibration maps, any shape."""
-        pixels = np.asarray(pixel_scores, dtype=np.float64).ravel()
+        pixels = np.asarray(pixel_scores).ravel()  # float32 maps stay float32: no 8-byte copy of every pixel
         return cls(np.sort(np.asarray(image_scores, dtype=np.float64)), PIXEL_LEVELS.copy(),
-                   np.quantile(pixels, PIXEL_LEVELS), method)
+                   np.quantile(pixels, PIXEL_LEVELS).astype(np.float64), method)
 
     @property
     def n(self) -> int:

@@ -150,6 +150,24 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tens
     return torch.linalg.vector_norm(whitened, dim=2).T  # (B, P)
 
 
+def mahalanobis_packed(embeddings: torch.Tensor, mean: torch.Tensor, packed: torch.Tensor,
+                       block: int = UNPACK_BLOCK) -> torch.Tensor:
+    """``mahalanobis`` with the factor still packed: (B, P, C), (P, C), (P, C (C + 1) / 2) -> (B, P),
+    float32. The factor is unpacked ``block`` positions at a time into one reused buffer, so the
+    whole (P, C, C) factor (164 MB at d = 100, 4.9 GB at d = 550) is never held: for scoring inside
+    a fit, whose peak memory it would raise."""
+    n_img, n_pos, n_ch = embeddings.shape
+    rows, cols = torch.tril_indices(n_ch, n_ch, device=packed.device)
+    buffer = torch.zeros(min(block, n_pos), n_ch, n_ch, dtype=torch.float32, device=packed.device)
+    out = torch.empty(n_img, n_pos, dtype=torch.float32, device=packed.device)
+    for start in range(0, n_pos, block):
+        stop = min(start + block, n_pos)
+        factor = buffer[: stop - start]
+        factor[:, rows, cols] = packed[start:stop].to(torch.float32)  # the upper triangle stays zero
+        out[:, start:stop] = mahalanobis(embeddings[:, start:stop], mean[start:stop], factor)
+    return out
+
+
 def unpack_lower(packed: torch.Tensor, n_channels: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """(P, C (C + 1) / 2) row-major lower triangles (``torch.tril_indices`` order) -> (P, C, C) of
     ``dtype`` (default: the packed dtype). Converted in blocks of positions: a float16 file

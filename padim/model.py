@@ -28,7 +28,7 @@ from .backbones import build_extractor, file_sha256, get_spec, is_weights_file
 from .checks import check_batch_size, check_estimator
 from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError
-from .features import Embedder, count_channels, random_channel_subset
+from .features import CPU_FORWARD_CHUNK, Embedder, count_channels, random_channel_subset
 from .gaussian import FACTOR_DTYPES, GaussianAccumulator, store_factor, unpack_lower
 from .images import ImageInput, input_batches
 from .memory import release_free_memory
@@ -265,10 +265,8 @@ class PaDiM:
             release_free_memory()
             packed = store_factor(packed, config.factor_dtype)
             if held_out:
-                factor = unpack_lower(packed, config.n_features, torch.float32)
-                calibration = self._score_calibration(embedder, config, device, held_out, mean.float(), factor,
-                                                      feature_hw, "holdout")
-                del factor
+                calibration = self._score_calibration(embedder, config, device, held_out, mean.float(), packed,
+                                                      feature_hw)
         info = {"weights_source": source, "weights_sha256": sha256, "n_train_images": len(fit_images),
                 "n_calibration_images": calibration.n if calibration else 0, "calibration_note": note,
                 "fit_seconds": time.perf_counter() - started,
@@ -322,15 +320,17 @@ class PaDiM:
             release_free_memory()
         return stats, feature_hw
 
-    def _score_calibration(self, embedder, config, device, images, mean, factor, feature_hw, method) -> cal.Calibration:
-        """Scores held-out good images with the fitted Gaussians -> their Calibration."""
-        batches = input_batches(images, config, self.batch_size, device, self.workers, self.progress, "calibrate")
+    def _score_calibration(self, embedder, config, device, images, mean, packed, feature_hw) -> cal.Calibration:
+        """Scores held-out good images with the fitted Gaussians -> their Calibration. Small batches
+        and the factor unpacked block by block keep this below the fit's own peak memory."""
+        batch_size = min(self.batch_size, CPU_FORWARD_CHUNK) if device.type == "cpu" else self.batch_size
+        batches = input_batches(images, config, batch_size, device, self.workers, self.progress, "calibrate")
         scores, maps = [], []
-        for batch_scores, batch_maps, _ in score_batches(embedder, mean, factor, feature_hw, config.input_size,
+        for batch_scores, batch_maps, _ in score_batches(embedder, mean, packed, feature_hw, config.input_size,
                                                          config.sigma, batches):
             scores.append(batch_scores)
             maps.append(batch_maps)
-        return cal.Calibration.from_scores(torch.cat(scores).numpy(), torch.cat(maps).numpy(), method)
+        return cal.Calibration.from_scores(torch.cat(scores).numpy(), torch.cat(maps).numpy(), "holdout")
 
     def _cross_fit(self, embedder, config, device, images, total: GaussianAccumulator, feature_hw) -> cal.Calibration:
         """Scores each of ``folds`` seeded folds with the statistics of the other folds (``total``
@@ -343,13 +343,12 @@ class PaDiM:
             part, _ = self._accumulate(embedder, config, device, [images[i] for i in sorted(fold)], "cross-fit",
                                        GaussianAccumulator(total.chunk, total.shift), kept)
             mean, packed = total.without(part).finalize(config.epsilon, release=release_free_memory)
-            factor = unpack_lower(packed, config.n_features, torch.float32)
             for emb in kept:
-                batch_scores, batch_maps = score_embeddings(emb, mean.float(), factor, feature_hw, config.input_size,
+                batch_scores, batch_maps = score_embeddings(emb, mean.float(), packed, feature_hw, config.input_size,
                                                             config.sigma)
                 scores.append(batch_scores)
                 maps.append(batch_maps)
-            del kept, part, factor
+            del kept, part, packed
             release_free_memory()
         return cal.Calibration.from_scores(torch.cat(scores).numpy(), torch.cat(maps).numpy(), "cv")
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .errors import PadimError
 from .features import Embedder
-from .gaussian import mahalanobis
+from .gaussian import mahalanobis, mahalanobis_packed
 from .maps import anomaly_maps, image_scores
 from .memory import Workspace
 
@@ -67,10 +67,16 @@ def score_batches(embedder: Embedder, mean: torch.Tensor, factor: torch.Tensor, 
 def score_embeddings(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, feature_hw: Tuple[int, int],
                      input_size: Tuple[int, int], sigma: float,
                      workspace: Optional[Workspace] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, h, w, d) embeddings -> image scores (B,) and anomaly maps (B, H, W), both on the CPU."""
+    """(B, h, w, d) embeddings -> image scores (B,) and anomaly maps (B, H, W), both on the CPU.
+
+    factor: (P, d, d) unpacked, or (P, d (d + 1) / 2) still packed (unpacked block by block: slower,
+    but never holds the whole factor; for scoring inside a fit)."""
     if tuple(embeddings.shape[1:3]) != tuple(feature_hw):
         raise PadimError(f"feature grid {tuple(embeddings.shape[1:3])} differs from the fitted {tuple(feature_hw)}")
-    distances = mahalanobis(embeddings.flatten(1, 2), mean, factor, workspace)  # (B, P)
+    if factor.dim() == 2:
+        distances = mahalanobis_packed(embeddings.flatten(1, 2), mean, factor)  # (B, P)
+    else:
+        distances = mahalanobis(embeddings.flatten(1, 2), mean, factor, workspace)  # (B, P)
     maps = anomaly_maps(distances.view(-1, *feature_hw), input_size, sigma)  # (B, H, W)
     return image_scores(maps).cpu(), maps.cpu()
 

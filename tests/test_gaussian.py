@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from padim.gaussian import GaussianAccumulator, mahalanobis, store_factor, unpack_lower
+from padim.gaussian import GaussianAccumulator, mahalanobis, mahalanobis_packed, store_factor, unpack_lower
 from padim.memory import Workspace
 
 
@@ -66,7 +66,7 @@ def test_precision_factor_whitens_the_covariance():
         assert np.allclose(np.triu(w, 1), 0)
 
 
-@pytest.mark.parametrize("reuse_buffers", [False, True])
+@pytest.mark.parametrize("reuse_buffers", [False, True, "packed"])
 def test_mahalanobis_equals_scipy(reuse_buffers):
     rng = np.random.default_rng(3)
     n_pos, n_ch = 6, 4
@@ -76,6 +76,16 @@ def test_mahalanobis_equals_scipy(reuse_buffers):
     x = rng.normal(size=(3, n_pos, n_ch)) * 2  # (B, P, C)
 
     factor = torch.from_numpy(np.linalg.cholesky(np.linalg.inv(cov)).transpose(0, 2, 1))  # W^T W = cov^-1
+    if reuse_buffers == "packed":  # the factor unpacked a few positions at a time (float32)
+        rows, cols = torch.tril_indices(n_ch, n_ch)
+        lower = torch.from_numpy(np.linalg.inv(np.linalg.cholesky(cov)))  # lower triangular, W^T W = cov^-1
+        packed = lower[:, rows, cols]
+        ours = mahalanobis_packed(torch.from_numpy(x), torch.from_numpy(mean), packed, block=4).double().numpy()
+        for b in range(3):
+            for p in range(n_pos):
+                expected = scipy_mahalanobis(x[b, p], mean[p], np.linalg.inv(cov[p]))
+                assert ours[b, p] == pytest.approx(expected, rel=1e-5)
+        return
     if reuse_buffers:  # a workspace that already served a larger batch: its buffers are sliced
         workspace = Workspace()
         mahalanobis(torch.from_numpy(np.concatenate([x, x])), torch.from_numpy(mean), factor, workspace)
