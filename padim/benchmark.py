@@ -21,7 +21,7 @@ from . import __version__
 from .data.mvtec import MVTEC_CATEGORIES
 from .errors import PadimError
 from .report import RESULT_COLUMNS, results_markdown, write_html
-from .runs import fit_category, test_category, write_json_atomic
+from .runs import fit_category, test_category, write_json_atomic, write_text_atomic
 
 
 def parse_categories(text: str) -> List[str]:
@@ -106,12 +106,12 @@ def _write_results(output: Path, rows: List[Dict], summaries: Dict[str, dict], p
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     output.mkdir(parents=True, exist_ok=True)
-    (output / "results.md").write_text(results_markdown(rows))
+    write_text_atomic(output / "results.md", results_markdown(rows))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["category", *RESULT_COLUMNS, "error"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows([{k: "n/a" if v is None else v for k, v in row.items()} for row in rows])
-    (output / "results.csv").write_text(buffer.getvalue())
+    write_text_atomic(output / "results.csv", buffer.getvalue())
     write_json_atomic(output / "results.json", {**info, "rows": rows})
     sections = {name: [f"{name}/{p}" for p in s.get("pictures", [])] for name, s in summaries.items()}
     if first.get("random_weights"):

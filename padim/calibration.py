@@ -160,8 +160,16 @@ def operating_point(calibration: Optional[Calibration], stored: OperatingPoint, 
                     image_threshold: Optional[float] = None, pixel_threshold: Optional[float] = None,
                     target_pixel_fpr: Optional[float] = None) -> OperatingPoint:
     """The operating point for one prediction, without changing the model: a threshold given by hand
-    wins ("manual"), then a target false-positive rate (needs calibration), then what the model stores.
-    A target the calibration set cannot guarantee raises CalibrationError: never a silent fallback."""
+    ("manual"), or a target false-positive rate (needs calibration), else what the model stores.
+    A target the calibration set is too small for uses its highest score, with ``warning`` set and
+    the source saying so: never a silent fallback. Impossible choices raise CalibrationError."""
+    for name, value in (("image threshold", image_threshold), ("pixel threshold", pixel_threshold)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise CalibrationError(f"the {name} must be a finite number, got {value!r}")
+    if target_fpr is not None and image_threshold is not None:
+        raise CalibrationError("give a target false-positive rate or an image threshold, not both")
+    if target_pixel_fpr is not None and pixel_threshold is not None:
+        raise CalibrationError("give a target pixel false-positive rate or a pixel threshold, not both")
     if (target_fpr is not None or target_pixel_fpr is not None) and calibration is None:
         raise CalibrationError("this model has no calibration (fitted with --calibration-fraction 0, with too few "
                                "training images, or by an older padim): give --image-threshold/--pixel-threshold by hand")

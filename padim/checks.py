@@ -220,8 +220,25 @@ def check_fit_memory(backbone: str, layers: Sequence[str], d: int, image_size: T
     )
 
 
+def check_blur(sigma, input_size: Tuple[int, int]) -> None:
+    """sigma: a finite number > 0 whose blur (radius int(4 sigma + 0.5), reflected borders) fits in
+    the map: a radius of at least the map's side cannot be reflected."""
+    if not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma > 0):
+        raise PadimError(f"sigma must be a finite number > 0, got {sigma!r}")
+    radius = int(4.0 * float(sigma) + 0.5)
+    if radius >= min(input_size):
+        raise PadimError(f"sigma {sigma} blurs over {radius} pixels, more than the {min(input_size)}-pixel map "
+                         f"allows: use sigma below {(min(input_size) - 0.5) / 4:.3g} or a larger image size")
+
+
+def check_epsilon(epsilon) -> None:
+    if not (isinstance(epsilon, numbers.Real) and math.isfinite(epsilon) and epsilon >= 0):
+        raise PadimError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+
+
 def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features, image_size, crop, seed,
-                      batch_size, factor_dtype: str = "float32", device: Optional[str] = None) -> None:
+                      batch_size, factor_dtype: str = "float32", device: Optional[str] = None,
+                      sigma=4.0, epsilon=0.01) -> None:
     """Every option of a fit, before anything is read or built. ``layers``/``n_features`` None take
     the backbone's defaults; ``device`` None is the default device (cuda when available)."""
     from .backbones import get_spec
@@ -230,7 +247,11 @@ def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features
     check_batch_size(batch_size)
     check_seed(seed)
     size, crop = check_sizes(image_size, crop)
+    check_blur(sigma, crop or size)
+    check_epsilon(epsilon)
     layers = tuple(layers) if layers else spec.default_layers
+    if len(set(layers)) != len(layers):
+        raise PadimError(f"--layers names a layer twice: {','.join(layers)}")
     layout = feature_layout(backbone, layers, crop or size)
     d = spec.default_d if n_features is None else n_features
     check_n_features(d, layout, layers)
@@ -247,7 +268,7 @@ def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features
 def check_estimator(model) -> None:
     """``check_fit_options`` for a ``PaDiM`` estimator's parameters (called by its ``_make_config``)."""
     check_fit_options(model.backbone, model.layers, model.n_features, model.image_size, model.crop, model.seed,
-                      model.batch_size, model.factor_dtype, model.device)
+                      model.batch_size, model.factor_dtype, model.device, model.sigma, model.epsilon)
 
 
 # ----------------------------------------------------------------------------------------- outputs

@@ -266,7 +266,16 @@ def _expand_paths(paths: List[Path]) -> List[Path]:
             images.append(path)
         else:
             raise DataError(f"{path} does not exist")
-    return images
+    unique = list(dict.fromkeys(images, None))  # a file given twice (or in a folder and by name) is scored once
+    seen, kept = set(), []
+    for path in unique:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    if len(kept) < len(images):
+        _stderr(f"note: {len(images) - len(kept)} input(s) given more than once: each file is scored once")
+    return kept
 
 
 def _predict_model(args):
@@ -298,6 +307,10 @@ def cmd_predict(args) -> None:
     point = model.operating_point(args.target_fpr, args.image_threshold, args.pixel_threshold)
     if point.warning:
         print(point.warning, file=sys.stderr)
+    if model.calibration_ is None:
+        print("note: the model has no calibration (fitted on too few images, with --calibration-fraction 0, or by "
+              "an older padim): no p-values" + ("" if point.image_threshold is not None else ", no labels"),
+              file=sys.stderr)
     paths = _expand_paths(args.paths)
     if args.engine == "torch" and model.device_.type == "cpu":
         _tune_malloc()
@@ -423,7 +436,7 @@ def _check_args(args) -> None:
         checks.check_output_folder(args.output)
     elif args.command == "test":
         checks.check_output_folder(args.output if args.output is not None else Path("padim-test") / args.category)
-        if args.model.is_file():  # the thresholds are written back into it
+        if args.store_oracle_thresholds and args.model.is_file():  # the thresholds are written back into it
             checks.check_output_file(args.model, "--model")
     if args.command in ("predict", "test", "benchmark"):
         if args.precision != "f32" and args.engine != "openvino":

@@ -73,7 +73,7 @@ def validate_config_dict(data, where: str = "model file") -> PadimConfig:
     """
     import math
 
-    from .checks import MAX_IMAGE_SIDE, SEED_MAX, SEED_MIN, feature_layout
+    from .checks import MAX_IMAGE_SIDE, SEED_MAX, SEED_MIN, check_blur, feature_layout
     from .errors import ModelFileError, PadimError
 
     def refuse(reason: str):
@@ -135,5 +135,11 @@ def validate_config_dict(data, where: str = "model file") -> PadimConfig:
         refuse(f"std must be > 0, got {fields['std']!r}")
     if fields["factor_dtype"] not in ("float32", "float16"):
         refuse(f"factor_dtype must be float32 or float16, got {fields['factor_dtype']!r}")
+    if len(set(layers)) != len(layers):
+        refuse(f"layers names a layer twice: {layers!r}")
+    try:
+        check_blur(fields["sigma"], crop or image_size)
+    except PadimError as exc:
+        refuse(str(exc))
     return PadimConfig.from_dict({**fields, "layers": tuple(layers), "image_size": image_size, "crop": crop,
                                   "sigma": float(fields["sigma"]), "epsilon": float(fields["epsilon"])})

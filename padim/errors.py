@@ -23,5 +23,6 @@ class ModelFileError(PadimError):
     """A model file is missing, truncated, corrupted, or not a padim model."""
 
 
-class NotFittedError(PadimError):
-    """The model was asked to score before ``fit`` (or ``load``)."""
+class NotFittedError(PadimError, AttributeError):
+    """The model was asked to score before ``fit`` (or ``load``). An AttributeError too, as in
+    scikit-learn, so that ``hasattr(model, "mean_")`` is False before fit."""

@@ -61,13 +61,14 @@ def _f1(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 
 def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = None,
-             max_images: Optional[int] = None, iter_predict=None) -> Evaluation:
+             max_images: Optional[int] = None, calibrated=None, iter_predict=None) -> Evaluation:
     """Scores every test image of ``category``; pixel metrics use the images that have ground truth
     (good images, defect images with a mask that marks some pixel). When no defect image has such a
     mask, the pixel metrics and the pixel threshold are None (not available), not an error. With
     ``pictures_dir``, also draws the ROC curves (no pixel curve then), the score histogram and a panel
     per defect image (the ``max_images`` highest-scoring ones when set) plus the highest-scoring good
-    images.
+    images. ``calibrated``: the operating point of the ``*_calibrated`` metrics (default: the fit's
+    calibrated targets; those metrics are None without calibration).
 
     Holds the maps of the category at the model's input size: N * H * W float32 (150 MB for 600
     images at 256 x 256), needed for pixel metrics over all thresholds.
@@ -111,9 +112,11 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
     else:  # no defect pixel anywhere: pixel AUROC, F1 and AUPRO are undefined
         metrics.update({key: None for key in PIXEL_KEYS})
         pixel_roc = truth = pixel_maps = None
-    calibrated = model.calibration_ is not None and str(model.threshold_source_).startswith("calibration")
-    metrics.update(calibrated_metrics(labels, scores, model.image_threshold_ if calibrated else None, truth,
-                                      pixel_maps, model.pixel_threshold_ if calibrated else None))
+    if calibrated is None and model.calibration_ is not None:  # the fit's calibrated operating point
+        calibrated = model.operating_point(target_fpr=model.target_fpr_ or model.target_fpr,
+                                           target_pixel_fpr=model.target_pixel_fpr)
+    metrics.update(calibrated_metrics(labels, scores, calibrated.image_threshold if calibrated else None, truth,
+                                      pixel_maps, calibrated.pixel_threshold if calibrated else None))
     result = Evaluation(metrics, scores, test_seconds, [s.path for s in category.defects_without_mask], empty)
     if pictures_dir is not None:
         result.pictures = _draw(model, category, result, maps, masks, pixel_roc, Path(pictures_dir), max_images)

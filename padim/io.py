@@ -34,7 +34,7 @@ from .atomic import atomic_write
 from .errors import ModelFileError
 
 FORMAT_NAME = "padim"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum is required (1: files from before it, loaded unchecked)
 _METADATA_KEY = "padim"
 
 CHECKSUM_KEY = "checksum"
@@ -222,6 +222,8 @@ def load(path, expected_tensors: Dict[str, int]) -> Tuple[Dict[str, torch.Tensor
         raise ModelFileError(
             f"model file {path} has format version {version}; this padim reads up to {FORMAT_VERSION}: upgrade padim"
         )
+    if version >= 2 and stored is None:
+        raise ModelFileError(f"model file {path} is corrupted: it lacks its checksum")
     for name, rank in expected_tensors.items():
         if name not in header or name == "__metadata__":
             raise ModelFileError(f"model file {path} lacks the tensor {name!r}")
@@ -303,10 +305,19 @@ def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
     for key in ("image_threshold", "pixel_threshold", "fit_seconds"):
         if not _number_or_none(metadata.get(key)):
             refuse(f"{key} must be a number or null, got {metadata.get(key)!r}")
-    n_train = metadata.get("n_train_images")
-    if n_train is not None and (type(n_train) is not int or n_train < 0):
-        refuse(f"n_train_images must be a whole number, got {n_train!r}")
-    for key in ("weights_source", "category", "fit_date", "thresholds_note", "package_version"):
+    for key in ("n_train_images", "n_calibration_images", "folds"):
+        value = metadata.get(key)
+        if value is not None and (type(value) is not int or value < 0):
+            refuse(f"{key} must be a whole number, got {value!r}")
+    for key in ("target_fpr", "target_pixel_fpr", "calibration_fraction"):
+        value = metadata.get(key)
+        if value is not None and not (_number_or_none(value) and 0 <= value < 1):
+            refuse(f"{key} must be a number in [0, 1), got {value!r}")
+    sha = metadata.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        refuse(f"weights_sha256 must be 64 hexadecimal digits, got {sha!r}")
+    for key in ("weights_source", "category", "fit_date", "thresholds_note", "package_version", "threshold_source",
+                "pixel_threshold_source", "calibration_note", "calibration_method"):
         if not (metadata.get(key) is None or isinstance(metadata.get(key), str)):
             refuse(f"{key} must be text or null, got {metadata.get(key)!r}")
     return config, tuple(feature_hw)

@@ -47,8 +47,9 @@ def tune_malloc_for_scoring() -> bool:
     backbone's first touches of those pages made it ~25 % slower inside scoring than alone
     (efficientnet_lite0, 2 cores: 22 -> 17.5 ms per image; the process's peak grew by < 20 MB).
     Process-wide and kept (glibc cannot restore its moving thresholds), and inherited by forked
-    workers: call it once, in a process that scores on the CPU, before scoring, and not before
-    fits, whose peak memory it would raise (they trim the heap after every batch instead).
+    workers: call it once, in a process that scores on the CPU, before scoring. Fits after it keep
+    more freed memory (``padim benchmark`` accepts that for its later categories' fits; a process
+    that only fits should not call it: fits trim the heap after every batch instead).
     PADIM_KEEP_MALLOC=1 makes it a no-op. Returns whether it was applied.
     """
     libc = _libc()

@@ -25,7 +25,7 @@ import torch
 from . import calibration as cal
 from . import modelfile
 from .backbones import build_extractor, file_sha256, get_spec, is_weights_file
-from .checks import check_batch_size, check_estimator
+from .checks import check_batch_size, check_estimator, pair
 from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError
 from .features import CPU_FORWARD_CHUNK, Embedder, count_channels, random_channel_subset
@@ -39,15 +39,6 @@ __all__ = ["PaDiM", "PadimResult", "to_original_resolution", "default_device"]
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _pair(size: Union[int, Sequence[int], None]) -> Optional[Tuple[int, int]]:
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return (size, size)
-    height, width = size
-    return (int(height), int(width))
 
 
 class PaDiM:
@@ -144,17 +135,9 @@ class PaDiM:
         return f"{type(self).__name__}({', '.join(changed)})"
 
     def _make_config(self) -> PadimConfig:
-        check_estimator(self)  # every parameter (d, seed, batch size, sizes, memory) before any work
+        check_estimator(self)  # every parameter (d, seed, batch size, sizes, sigma, memory) before any work
         spec = get_spec(self.backbone)
-        image_size, crop = _pair(self.image_size), _pair(self.crop)
-        if min(image_size) < 32:
-            raise PadimError(f"image size must be at least 32 pixels, got {image_size}")
-        if crop is not None and (crop[0] > image_size[0] or crop[1] > image_size[1]):
-            raise PadimError(f"crop {crop} is larger than the image size {image_size}")
-        if self.batch_size < 1:
-            raise PadimError(f"batch size must be positive, got {self.batch_size}")
-        if self.factor_dtype not in FACTOR_DTYPES:
-            raise PadimError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
+        image_size, crop = pair(self.image_size, "image_size"), pair(self.crop, "crop")
         weights = str(self.weights)
         if is_weights_file(weights):
             weights = os.path.abspath(weights)  # where it was; a moved model is pointed at it with load(weights=)
@@ -268,6 +251,8 @@ class PaDiM:
                 calibration = self._score_calibration(embedder, config, device, held_out, mean.float(), packed,
                                                       feature_hw)
         info = {"weights_source": source, "weights_sha256": sha256, "n_train_images": len(fit_images),
+                "calibration_fraction": float(self.calibration_fraction), "folds": self.folds,
+                "target_pixel_fpr": float(self.target_pixel_fpr),
                 "n_calibration_images": calibration.n if calibration else 0, "calibration_note": note,
                 "fit_seconds": time.perf_counter() - started,
                 "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -283,11 +268,13 @@ class PaDiM:
 
     def _calibration_plan(self, n_images: int) -> Tuple[int, Optional[str]]:
         """How many images calibrate (0: none) and a note for the user when there will be none.
-        Refuses, before any work, options or targets the calibration set could not honour."""
+        Refuses, before any work, calibration options that make no sense."""
         if self.calibration not in ("holdout", "cv"):
             raise PadimError(f"calibration must be 'holdout' or 'cv', got {self.calibration!r}")
         if not isinstance(self.folds, int) or self.folds < 2:
             raise PadimError(f"folds must be a whole number of at least 2, got {self.folds!r}")
+        if self.calibration == "cv" and self.folds > n_images:
+            raise PadimError(f"{self.folds} folds need at least as many training images, got {n_images}")
         for name in ("target_fpr", "target_pixel_fpr"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
@@ -366,7 +353,8 @@ class PaDiM:
                         target_pixel_fpr: Optional[float] = None) -> cal.OperatingPoint:
         """The thresholds a prediction with these choices uses (the model's own without any): a
         threshold given by hand wins, then a target false-positive rate (from the calibration
-        scores, no refit). Raises CalibrationError for a target the calibration cannot guarantee."""
+        scores, no refit). A target the calibration set is too small for uses its highest score and
+        says so in ``warning`` and the source; without calibration a target raises CalibrationError."""
         self._check_fitted()
         stored = cal.OperatingPoint(self.image_threshold_, self.pixel_threshold_, self.threshold_source_,
                                     self.pixel_threshold_source_, self.target_fpr_)
@@ -445,6 +433,8 @@ class PaDiM:
                              "weights= only points a model fitted with a weights file at that file")
         params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in cls._param_names()}
         model = cls(**params, batch_size=batch_size, device=device, workers=workers, progress=progress)
+        fitted_with = {name: content.info.get(name) for name in ("calibration_fraction", "folds", "target_pixel_fpr")}
+        model.set_params(**{name: value for name, value in fitted_with.items() if value is not None})
         if content.calibration is not None:  # what it was fitted with, so that clone() refits alike
             model.set_params(calibration=content.calibration.method,
                              target_fpr=content.info.get("target_fpr") or cal.DEFAULT_TARGET_FPR)

@@ -31,6 +31,9 @@ INFO_DEFAULTS: Dict[str, Any] = {
     "fit_date": None,
     "category": None,
     "n_calibration_images": None,
+    "calibration_fraction": None,  # the fit's calibration options, so that a loaded model refits alike
+    "folds": None,
+    "target_pixel_fpr": None,
     "calibration_note": None,  # why a model has no calibration
     "calibration_method": None,  # "holdout" or "cv"
     "image_threshold": None,

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from .atomic import atomic_write
 from .visualize import heatmap_overlay
 
 # the seed's columns, then the figures at the calibrated thresholds (n/a for a model without calibration)
@@ -86,9 +87,8 @@ def score_histogram(labels: np.ndarray, scores: np.ndarray, threshold: float, pa
 
 
 def _save(fig: Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attach the Agg canvas: no pyplot, so nothing global to set or close
-    fig.savefig(path, dpi=80)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=80), what="picture")
 
 
 def _cell(value) -> str:
@@ -162,8 +162,8 @@ window.addEventListener("load", function () {{
 </script>
 </body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    data = page.encode("utf-8")
+    atomic_write(path, lambda handle: handle.write(data), what="report")
 
 
 def _means(rows: Sequence[Dict]) -> Dict:

@@ -42,13 +42,14 @@ def calibration_summary(model: PaDiM) -> str:
     if model.calibration_ is None:
         return f"note: {model.calibration_note_ or 'the model has no calibration'}"
     calibration = model.calibration_
+    guaranteed = 100 * calibration.guaranteed(model.target_fpr_)
     if calibration.method == "holdout":
         promise = (f"on new good images like the {calibration.n} held out (same line, lighting, camera), at most "
-                   f"{100 * model.target_fpr_:.3g}% are flagged on average; drift (new lighting, camera, parts) "
-                   "breaks this: recalibrate")
+                   f"{guaranteed:.3g}% are flagged on average; drift (new lighting, camera, parts) breaks this: "
+                   "recalibrate")
     else:
         promise = (f"cross-fitted on all {calibration.n} training images: the false-positive rate is near "
-                   f"{100 * model.target_fpr_:.3g}% in practice, but guaranteed only below about twice that")
+                   f"{guaranteed:.3g}% in practice, but guaranteed only below about twice that")
     return (f"calibrated image threshold {model.image_threshold_:.4g} ({promise}); pixel threshold "
             f"{model.pixel_threshold_:.4g} ({model.pixel_threshold_source_}). Recall on defects is not "
             "guaranteed: measure it with padim test")
@@ -72,11 +73,13 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
     from .evaluate import CALIBRATED_KEYS, METRIC_KEYS, THRESHOLDS_NOTE, evaluate  # scikit-learn, scipy
 
     model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None, weights=weights)
-    if target_fpr is not None:
-        model.set_operating_point(target_fpr=target_fpr)
-    if model.calibration_ is not None and model.operating_point().warning:
-        note(model.operating_point().warning)
-    if model.calibration_ is None:
+    calibrated = None  # the calibrated operating point: the fit's targets, or target_fpr
+    if model.calibration_ is not None:
+        calibrated = model.operating_point(target_fpr=target_fpr or model.target_fpr_ or model.target_fpr,
+                                           target_pixel_fpr=model.target_pixel_fpr)
+        if calibrated.warning:
+            note(calibrated.warning)
+    else:
         note("note: the model has no calibration: the *_calibrated metrics are null (refit with padim fit, "
              "--calibration-fraction > 0, to get thresholds from good images)")
     if tune_malloc and model.device_.type == "cpu":
@@ -98,7 +101,8 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
 
         iter_predict = as_torch(open_engine(engine, precision, model_path, export, weights, batch_size, progress=None,
                                             model=model if model.device_.type == "cpu" else None).iter_predict)
-    result = evaluate(model, found, output if pictures else None, max_images, iter_predict=iter_predict)
+    result = evaluate(model, found, output if pictures else None, max_images, calibrated,
+                      iter_predict=iter_predict)
     if result.defects_with_empty_mask:
         empty = result.defects_with_empty_mask
         names = ", ".join(str(p) for p in empty[:5]) + (" ..." if len(empty) > 5 else "")
@@ -111,9 +115,9 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         "category": category,
         **{key: result.metrics[key] for key in METRIC_KEYS},
         **{key: result.metrics[key] for key in CALIBRATED_KEYS},
-        "calibrated_image_threshold": model.image_threshold_ if model.calibration_ is not None else None,
-        "calibrated_pixel_threshold": model.pixel_threshold_ if model.calibration_ is not None else None,
-        "calibrated_threshold_source": model.threshold_source_ if model.calibration_ is not None else None,
+        "calibrated_image_threshold": calibrated.image_threshold if calibrated else None,
+        "calibrated_pixel_threshold": calibrated.pixel_threshold if calibrated else None,
+        "calibrated_threshold_source": calibrated.source if calibrated else None,
         "n_calibration_images": model.n_calibration_images_,
         "fit_s": model.fit_seconds_,
         "test_s": result.test_seconds,
@@ -139,14 +143,22 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         "padim_version": __version__,
         "pictures": [os.path.relpath(p, output) for p in result.pictures],
     }
-    if store_oracle_thresholds:
+    if store_oracle_thresholds:  # each threshold the test set gave replaces the model's, marked as such
         model.set_operating_point(image_threshold=result.metrics["image_threshold"],
                                   pixel_threshold=result.metrics["pixel_threshold"])
-        model.threshold_source_ = model.pixel_threshold_source_ = SOURCE_TEST_SET
+        model.threshold_source_ = SOURCE_TEST_SET
+        if result.metrics["pixel_threshold"] is not None:
+            model.pixel_threshold_source_ = SOURCE_TEST_SET
         model.thresholds_note_ = THRESHOLDS_NOTE
         model.save(model_path)
     write_json_atomic(output / "metrics.json", summary)  # written last: its presence means "done"
     return summary
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes UTF-8 text through ``padim.atomic`` (one line on a full disk or a folder in the way)."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda handle: handle.write(data), PadimError, "file")
 
 
 def write_json_atomic(path: Path, data) -> None:

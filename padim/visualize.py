@@ -34,8 +34,10 @@ def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vm
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    """Writes a PNG atomically (see ``padim.atomic``): a full disk or a folder in the way is one line."""
+    from .atomic import atomic_write
+
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"), what="picture")
 
 
 def mask_image(mask: np.ndarray) -> Image.Image:

@@ -124,13 +124,13 @@ def test_holdout_calibration_scores_the_held_out_images_with_the_final_model(cal
 
 
 def test_cross_fitted_scores_come_from_models_that_did_not_see_them():
-    images = _images(30, seed=4)
+    images = _images(21, seed=4)
     model = PaDiM(**FAST, calibration="cv", folds=3).fit(images)
-    assert model.n_train_images_ == 30 and model.calibration_.n == 30
-    folds = np.array_split(np.random.default_rng(FAST.get("seed", 0)).permutation(30), 3)  # the documented rule
+    assert model.n_train_images_ == 21 and model.calibration_.n == 21
+    folds = np.array_split(np.random.default_rng(FAST.get("seed", 0)).permutation(21), 3)  # the documented rule
     expected = []
     for fold in folds:
-        others = [images[i] for i in range(30) if i not in set(fold)]
+        others = [images[i] for i in range(21) if i not in set(fold)]
         direct = PaDiM(**FAST, calibration_fraction=0).fit(others)
         expected += direct.predict([images[i] for i in sorted(fold)]).scores.tolist()
     np.testing.assert_allclose(model.calibration_.image_scores, np.sort(expected), rtol=1e-4)
@@ -195,3 +195,21 @@ def test_cli_predict_target_fpr_changes_labels_without_refitting(calibrated, tmp
     assert all(line["label"] == "anomalous" and line["threshold_source"] == "manual" for line in manual)
     predict("--target-fpr", "0.01")
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--image-threshold", "nan"], "finite"),
+    (["--pixel-threshold", "inf"], "finite"),
+    (["--target-fpr", "0.1", "--image-threshold", "3"], "not both"),
+    (["--target-fpr", "1.5"], "(0, 1)"),
+])
+def test_cli_predict_refuses_impossible_operating_points(calibrated, tmp_path, capsys, options, words):
+    from PIL import Image
+
+    _, model = calibrated
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    Image.fromarray(_images(1, seed=12)[0]).save(tmp_path / "a.png")
+    assert main(["predict", "--model", str(path), str(tmp_path / "a.png"), "--device", "cpu", *options]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err and words in captured.err.strip().splitlines()[-1]

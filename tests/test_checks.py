@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import padim.images
+import padim.model
 from padim import checks
 from padim.backbones import BACKBONES, get_spec
 from padim.cli import main
@@ -183,3 +184,14 @@ def test_read_only_file_system_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(checks.os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real(path, mode))
     with pytest.raises(PadimError, match="not writable"):
         checks.check_output_file(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("sigma, epsilon, words", [(0.0, 0.01, "sigma"), (-1.0, 0.01, "sigma"), (40.0, 0.01, "blurs over"),
+                                                   (4.0, -1.0, "epsilon"), (4.0, float("nan"), "epsilon")])
+def test_sigma_and_epsilon_are_checked_before_any_work(no_image_reads, sigma, epsilon, words):
+    with pytest.raises(PadimError, match=words):
+        padim.model.PaDiM(**{**FAST, "sigma": sigma, "epsilon": epsilon}).fit(["never-read.png"] * 3)
+
+
+def test_layers_named_twice_are_refused(synthetic_root, capsys, no_image_reads):
+    _refused(capsys, [*FIT, "--data-root", str(synthetic_root), "--layers", "layer1,layer1", "--output", "m.st"], "twice")

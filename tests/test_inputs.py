@@ -329,3 +329,20 @@ def test_no_usable_mask_gives_image_metrics_and_pixel_metrics_na(writable_root, 
     captured = capsys.readouterr()
     assert "all-black mask" in captured.err and "| n/a |" in captured.out
     assert json.loads((tmp_path / "test" / "metrics.json").read_text())["pixel_AUPRO"] is None
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """A folder where predict's heatmap file should go: one line, exit 1, no traceback."""
+    from padim import PaDiM
+    from padim.cli import main
+
+    rng = np.random.default_rng(0)
+    model = PaDiM(backbone="resnet18", weights="random", image_size=64, batch_size=4, device="cpu").fit(
+        [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)])
+    model.save(tmp_path / "m.safetensors")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "out" / "a.png_heatmap.png").mkdir(parents=True)
+    assert main(["predict", "--model", str(tmp_path / "m.safetensors"), str(tmp_path / "a.png"), "--device", "cpu",
+                 "--output", str(tmp_path / "out")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("padim")]
+    assert len(err) == 1 and "cannot write" in err[0]

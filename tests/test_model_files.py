@@ -82,6 +82,7 @@ def test_file_without_checksum_from_before_still_loads(fitted, tmp_path):
     meta = padim_header(path.read_bytes())
     for key in ("checksum", "layout"):
         meta.pop(key)
+    meta["format_version"] = 1  # what they said
     old = tmp_path / "old.safetensors"
     save_file(load_file(str(path)), str(old), metadata={"padim": json.dumps(meta)})
     np.testing.assert_array_equal(PaDiM.load(old, device="cpu").predict(images).scores, scores)
@@ -115,6 +116,7 @@ def test_channel_indices_out_of_order_are_refused(fitted, tmp_path):
     tensors["channel_idx"] = tensors["channel_idx"].flip(0).contiguous()
     meta = padim_header(fitted[1].read_bytes())
     meta.pop("checksum")
+    meta["format_version"] = 1  # as a file from before the checksum, so that the contents are what is checked
     bad = tmp_path / "idx.safetensors"
     save_file(tensors, str(bad), metadata={"padim": json.dumps(meta)})
     assert "channel_idx" in _one_line_refusal(bad)
@@ -125,6 +127,7 @@ def test_nan_in_the_mean_is_refused(fitted, tmp_path):
     tensors["mean"][3, 2] = float("nan")
     meta = padim_header(fitted[1].read_bytes())
     meta.pop("checksum")
+    meta["format_version"] = 1  # as a file from before the checksum, so that the contents are what is checked
     bad = tmp_path / "nan.safetensors"
     save_file(tensors, str(bad), metadata={"padim": json.dumps(meta)})
     assert "NaN" in _one_line_refusal(bad)
@@ -261,3 +264,11 @@ def test_temporaries_of_live_or_remote_writers_are_kept(fitted, tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_current_file_without_its_checksum_is_refused(fitted, tmp_path):
+    meta = padim_header(fitted[1].read_bytes())
+    meta.pop("checksum")  # format version 2 requires it: deleting it is no way around the check
+    bad = tmp_path / "nochecksum.safetensors"
+    save_file(load_file(str(fitted[1])), str(bad), metadata={"padim": json.dumps(meta)})
+    assert "checksum" in _one_line_refusal(bad)
