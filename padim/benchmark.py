@@ -56,10 +56,11 @@ def _fmt(value) -> str:
 
 def run_benchmark(data_root, categories: Sequence[str], output: Path, force: bool = False,
                   max_images: Optional[int] = None, batch_size: int = 32, device: Optional[str] = None,
-                  log: Callable[[str], None] = None, tune_malloc: bool = False, **params) -> List[Dict]:
+                  log: Callable[[str], None] = None, tune_malloc: bool = False, engine: str = "torch",
+                  precision: str = "f32", **params) -> List[Dict]:
     """Fits PaDiM(**params) on each category and tests it; writes per-category folders, then
     results.md/csv/json and report.html (rewritten after every category). Returns the rows.
-    tune_malloc: see ``padim.runs.test_category``."""
+    tune_malloc, engine, precision: see ``padim.runs.test_category``."""
     output = Path(output)
     log = log or (lambda message: tqdm.write(message, file=sys.stderr))  # lines that keep the bar intact
     rows, summaries = [], {}
@@ -75,7 +76,7 @@ def run_benchmark(data_root, categories: Sequence[str], output: Path, force: boo
                              device=device, progress=None, **params)
                 summary = test_category(folder / "model.safetensors", data_root, category, folder, pictures=True,
                                         max_images=max_images, device=device, batch_size=batch_size, note=log,
-                                        tune_malloc=tune_malloc)
+                                        tune_malloc=tune_malloc, engine=engine, precision=precision)
             except Exception as exc:  # one bad category must not stop the others (Ctrl-C still does)
                 rows.append({"category": category, "error": _error_text(exc)})
                 log(f"{category}: FAILED: {_error_text(exc)}")

@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .backbones import BACKBONES
 from .errors import DataError, PadimError
 
+# The backbone registry's names (padim.backbones.BACKBONES, which needs torch; a test keeps them equal):
+# the command's top-level imports stay torch-free, so that the runtime's predict runs without torch.
+BACKBONE_NAMES = ("efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2")
+ENGINE_NAMES, PRECISION_NAMES = ("torch", "onnxruntime", "openvino"), ("f32", "bf16")
+# what a command that needs PyTorch imports: its absence is a one-line error, not a traceback
+TORCH_STACK = ("torch", "torchvision", "timm", "scipy", "sklearn", "matplotlib", "tqdm")
 
 
 # ----------------------------------------------------------------------------------------- parsers
@@ -39,6 +44,16 @@ def _weights_location_option(parser: argparse.ArgumentParser) -> None:
                         help="for a model fitted with --weights PATH: where that file is now (checked by its SHA-256)")
 
 
+def _engine_option(parser: argparse.ArgumentParser, export_help: str) -> None:
+    parser.add_argument("--engine", choices=ENGINE_NAMES, default="torch",
+                        help="what scores: torch (PaDiM itself), or the model's exported graph run by onnxruntime or "
+                             "openvino (exported on first use and cached, keyed by the model's tensors; default: torch)")
+    parser.add_argument("--export", type=Path, default=None, metavar="DIR", help=export_help)
+    parser.add_argument("--precision", choices=PRECISION_NAMES, default="f32",
+                        help="inference precision of --engine openvino: bf16 where the CPU has it (faster, maps move "
+                             "by ~1e-2 relative); default f32")
+
+
 def _tune_malloc() -> None:
     """The command's processes score batch after batch: fixed malloc thresholds make that 20-30 %
     faster on Linux (see padim.memory.tune_malloc_for_scoring; PADIM_KEEP_MALLOC=1 turns it off)."""
@@ -61,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "and save the model (safetensors + JSON metadata).")
     fit.add_argument("--data-root", required=True, type=Path, help="folder holding category folders (MVTec AD layout)")
     fit.add_argument("--category", required=True, help="category folder name, e.g. bottle or magnetic_tile")
-    fit.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES),
+    fit.add_argument("--backbone", default="resnet18", choices=BACKBONE_NAMES,
                      help="feature extractor (default: resnet18)")
     fit.add_argument("--weights", default="imagenet",
                      help="'imagenet' (torchvision weights via the torch hub cache; efficientnet_lite0 from the "
@@ -125,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also draw ROC curves, a score histogram and a panel per defect image (input | ground truth "
                            "| heatmap | predicted mask) plus the highest-scoring good images")
     _weights_location_option(test)
+    _engine_option(test, "with --engine onnxruntime|openvino: an export of this model ('padim export') instead of the cache")
     test.add_argument("--target-fpr", type=float, default=None,
                       help="report the calibrated figures at this target false-positive rate (default: the model's)")
     test.add_argument("--store-oracle-thresholds", action="store_true",
@@ -137,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="score images with a fitted model",
                                   description="Print one JSON line per image: path, score, p_value (against the "
                                               "model's calibration images), threshold, threshold_source and label.")
-    predict.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
+    predict.add_argument("--model", type=Path, default=None,
+                         help="model file written by 'padim fit' (optional with --export: the export's own header is used)")
     predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders of images")
     predict.add_argument("--output", type=Path, default=None,
                          help="folder for NAME.EXT_heatmap.png, a heatmap overlay (long side at most 4096 px), and "
@@ -150,7 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "(no refit; default: the model's own threshold)")
     predict.add_argument("--image-threshold", type=float, default=None, help="label with this image threshold")
     predict.add_argument("--pixel-threshold", type=float, default=None, help="draw masks at this pixel threshold")
+    _engine_option(predict, "with --engine onnxruntime|openvino: an export folder ('padim export'); needs no --model "
+                            "and no PyTorch")
     _device_option(predict)
+
+    export = commands.add_parser("export", help="export a model's scoring path as one ONNX or OpenVINO graph",
+                                 description="Write one graph from uint8 pixels (B, H, W, 3), already resized to the "
+                                             "model's input, to anomaly maps (B, H, W) and image scores (B,); the "
+                                             "model's header (config, thresholds) goes beside it in padim.json.")
+    export.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
+    export.add_argument("--format", choices=("onnx", "openvino"), default="onnx", help="(default: onnx)")
+    export.add_argument("--output", required=True, type=Path, help="folder to write the export to")
+    _weights_location_option(export)
 
     bench = commands.add_parser("benchmark", help="fit and test every category: results table and HTML report",
                                 description="Fit and test each category in turn; write DIR/results.md, results.csv, "
@@ -158,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-root", required=True, type=Path, help="folder holding category folders")
     bench.add_argument("--categories", default="all",
                        help="'all' (MVTec AD's 15) or comma-separated category folder names (default: all)")
-    bench.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES), help="(default: resnet18)")
+    bench.add_argument("--backbone", default="resnet18", choices=BACKBONE_NAMES, help="(default: resnet18)")
     bench.add_argument("--weights", default="imagenet", help="imagenet, a state_dict file, or random (tests only)")
     bench.add_argument("--n-features", type=int, default=None, help="d (default: the backbone's)")
     bench.add_argument("--image-size", type=_size, default=256, help="N or HxW (default: 256)")
@@ -166,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-images", type=int, default=None, help="panels for the N highest-scoring defects per category")
     bench.add_argument("--force", action="store_true", help="redo categories that already have results")
     bench.add_argument("--output", required=True, type=Path, help="folder for the results and the report")
+    bench.add_argument("--engine", choices=ENGINE_NAMES, default="torch", help="what scores the tests (default: torch)")
+    bench.add_argument("--precision", choices=PRECISION_NAMES, default="f32", help="with --engine openvino (default: f32)")
     _device_option(bench)
 
     download = commands.add_parser("download", help="download MVTec AD and unpack chosen categories",
@@ -236,10 +266,11 @@ def cmd_test(args) -> None:
     output = args.output if args.output is not None else Path("padim-test") / args.category
     summary = test_category(args.model, args.data_root, args.category, output, args.save_images, args.max_images,
                             args.device, args.batch_size, weights=args.weights, tune_malloc=True,
-                            target_fpr=args.target_fpr, store_oracle_thresholds=args.store_oracle_thresholds)
+                            target_fpr=args.target_fpr, store_oracle_thresholds=args.store_oracle_thresholds,
+                            engine=args.engine, precision=args.precision, export=args.export)
     print(_metrics_table(args.category, summary))
     print(f"{summary['n_test_images']} test images in {summary['test_s']:.1f} s "
-          f"({summary['test_ms_per_image']:.1f} ms/image); metrics -> {output / 'metrics.json'}")
+          f"({summary['test_ms_per_image']:.1f} ms/image, engine {args.engine}); metrics -> {output / 'metrics.json'}")
     print(f"best-F1 thresholds, chosen on this test set (optimistic): image {summary['oracle_image_threshold']:.4g}, "
           f"pixel {'n/a' if summary['oracle_pixel_threshold'] is None else format(summary['oracle_pixel_threshold'], '.4g')}"
           + (f"; stored in {args.model}" if args.store_oracle_thresholds else ""))
@@ -283,18 +314,32 @@ def _expand_paths(paths: List[Path]) -> List[Path]:
     return kept
 
 
+def _predict_model(args):
+    """A loaded PaDiM (--engine torch), or the ``padim.runtime.ExportedModel`` of --engine: from
+    --export DIR alone without torch, else the model file's export (cached on first use)."""
+    if args.engine == "torch":
+        from .model import PaDiM
+
+        return PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None, weights=args.weights)
+    if args.model is None:
+        from .runtime import ExportedModel
+
+        return ExportedModel(args.export, args.engine, args.precision, batch_size=args.batch_size, progress=None)
+    from .engines import open_engine
+
+    return open_engine(args.engine, args.precision, args.model, args.export, args.weights, args.batch_size, progress=None)
+
+
 def cmd_predict(args) -> None:
     """Scores; with --output, per input NAME.EXT (the whole file name, so 000.png and 000.tif do not
-    collide) writes NAME.EXT_heatmap.png (long side <= 4096 px) and NAME.EXT_mask.png (full size)."""
+    collide) writes NAME.EXT_heatmap.png (long side <= 4096 px) and NAME.EXT_mask.png (full size).
+    With --engine onnxruntime|openvino and --export DIR, scoring needs no torch (pictures still do)."""
     from PIL import Image
 
+    from .errors import RANDOM_WEIGHTS_WARNING
     from .images import load_pixels, read_image
-    from .memory import release_free_memory
-    from .model import PaDiM
-    from .scoring import to_original_resolution
-    from .visualize import heatmap_overlay, mask_at_size, mask_image, overlay_size, save_png
 
-    model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None, weights=args.weights)
+    model = _predict_model(args)
     point = model.operating_point(args.target_fpr, args.image_threshold, args.pixel_threshold)
     if point.warning:
         print(point.warning, file=sys.stderr)
@@ -303,11 +348,9 @@ def cmd_predict(args) -> None:
               "an older padim): no p-values" + ("" if point.image_threshold is not None else ", no labels"),
               file=sys.stderr)
     paths = _expand_paths(args.paths)
-    if model.device_.type == "cpu":
+    if args.engine == "torch" and model.device_.type == "cpu":
         _tune_malloc()
     if model.uses_random_weights:
-        from .runs import RANDOM_WEIGHTS_WARNING
-
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     if args.output is not None and point.pixel_threshold is None:
         print("note: the model has no pixel threshold (no calibration; give --pixel-threshold): writing heatmaps, "
@@ -326,6 +369,13 @@ def cmd_predict(args) -> None:
             if model.uses_random_weights:
                 record["warning"] = "random backbone weights"
             if args.output is not None:
+                import torch  # pictures and masks (padim.visualize) need torch, whatever the engine
+
+                from .memory import release_free_memory
+                from .scoring import to_original_resolution
+                from .visualize import heatmap_overlay, mask_at_size, mask_image, overlay_size, save_png
+
+                anomaly_map = torch.as_tensor(anomaly_map)
                 stem = args.output / path.resolve().parent.relative_to(common) / path.name
                 if model.config_.crop is None:  # the map and the picture at the image's own size
                     draw = overlay_size(size)  # the heatmap: long side <= 4096 px
@@ -357,8 +407,22 @@ def cmd_benchmark(args) -> None:
     run_benchmark(args.data_root, parse_categories(args.categories), args.output, force=args.force,
                   max_images=args.max_images, batch_size=args.batch_size, device=args.device,
                   backbone=args.backbone, weights=args.weights, n_features=args.n_features,
-                  image_size=args.image_size, seed=args.seed, tune_malloc=True)
+                  image_size=args.image_size, seed=args.seed, tune_malloc=True, engine=args.engine,
+                  precision=args.precision)
     _print_results(args.output)
+
+
+def cmd_export(args) -> None:
+    from .engines import export_file
+    from .errors import RANDOM_WEIGHTS_WARNING
+
+    folder = export_file(args.model, args.format, args.output, weights=args.weights)
+    record = json.loads((folder / "padim.json").read_text())
+    if record["model"].get("config", {}).get("weights") == "random":
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    size_mb = sum((folder / name).stat().st_size for name in record["files"]) / 1e6
+    print(f"exported {args.model} as {args.format} -> {folder} ({', '.join(record['files'])}, {size_mb:.1f} MB; "
+          f"padim.json holds the config and thresholds)")
 
 
 def cmd_download(args) -> None:
@@ -416,14 +480,24 @@ def _check_args(args) -> None:
         checks.check_output_folder(args.output if args.output is not None else Path("padim-test") / args.category)
         if args.store_oracle_thresholds and args.model.is_file():  # the thresholds are written back into it
             checks.check_output_file(args.model, "--model")
-    elif args.command in ("predict", "demo") and args.output is not None:
+    if args.command in ("predict", "test", "benchmark"):
+        if args.precision != "f32" and args.engine != "openvino":
+            raise PadimError(f"--precision {args.precision} is an OpenVINO option (--engine openvino); "
+                             f"--engine {args.engine} computes in f32")
+        if getattr(args, "export", None) is not None and args.engine == "torch":
+            raise PadimError("--export DIR is for --engine onnxruntime or openvino")
+    if args.command == "predict" and args.model is None and (args.export is None or args.engine == "torch"):
+        raise PadimError("--model is required (or, with --engine onnxruntime|openvino, --export DIR)")
+    if args.command in ("predict", "demo") and args.output is not None:
+        checks.check_output_folder(args.output)
+    elif args.command == "export":
         checks.check_output_folder(args.output)
     elif args.command == "download":
         checks.check_output_folder(args.to, "--to")
 
 
-COMMANDS = {"fit": cmd_fit, "update": cmd_update, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark, "download": cmd_download,
-            "demo": cmd_demo}
+COMMANDS = {"fit": cmd_fit, "update": cmd_update, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark,
+            "download": cmd_download, "demo": cmd_demo, "export": cmd_export}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -433,6 +507,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         COMMANDS[args.command](args)
     except PadimError as exc:
         print(f"padim {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        if exc.name not in TORCH_STACK:
+            raise
+        hint = ("pip install matplotlib" if exc.name == "matplotlib" else
+                "pip install padim (without torch only 'padim predict --engine onnxruntime|openvino --export DIR', "
+                "without --output, runs)")
+        print(f"padim {args.command}: error: this needs {exc.name}, which is not installed: {hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"padim {args.command}: interrupted", file=sys.stderr)

@@ -4,6 +4,9 @@ Anything that is *not* a ``PadimError`` is a bug in padim and keeps its tracebac
 """
 
 
+RANDOM_WEIGHTS_WARNING = "WARNING: this model uses RANDOM backbone weights (--weights random): for tests only, not a real detector"
+
+
 class PadimError(Exception):
     """Base class for problems with the user's input (files, folders, options)."""
 

@@ -61,7 +61,7 @@ def _f1(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 
 def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = None,
-             max_images: Optional[int] = None, calibrated=None) -> Evaluation:
+             max_images: Optional[int] = None, calibrated=None, iter_predict=None) -> Evaluation:
     """Scores every test image of ``category``; pixel metrics use the images that have ground truth
     (good images, defect images with a mask that marks some pixel). When no defect image has such a
     mask, the pixel metrics and the pixel threshold are None (not available), not an error. With
@@ -72,12 +72,15 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
 
     Holds the maps of the category at the model's input size: N * H * W float32 (150 MB for 600
     images at 256 x 256), needed for pixel metrics over all thresholds.
+    iter_predict: what scores the images (default ``model.iter_predict``; an engine's, see
+    ``padim.engines.as_torch``).
     """
     samples = category.test
     scores, maps, masks = [], [], []
     started = time.perf_counter()
     empty = []  # defect images whose mask marks nothing
-    for batch_scores, batch_maps, sizes in model.iter_predict([s.path for s in samples], desc=f"test {category.name}"):
+    scorer = iter_predict or model.iter_predict
+    for batch_scores, batch_maps, sizes in scorer([s.path for s in samples], desc=f"test {category.name}"):
         for anomaly_map, size in zip(batch_maps, sizes):
             sample = samples[len(maps)]
             maps.append(anomaly_map)

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
-import torch
 from PIL import Image, features
 from tqdm import tqdm
 
@@ -65,6 +64,8 @@ def load_pixels(item: ImageInput, config: PadimConfig) -> Tuple[np.ndarray, Tupl
 def to_input(pixels: Union[np.ndarray, torch.Tensor], config: PadimConfig) -> torch.Tensor:
     """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 normalised with the ImageNet mean/std, in the
     channels_last memory layout the backbone runs in (a view of the HWC pixels, no transposing copy)."""
+    import torch  # here, not at the top: decoding (load_pixels) must work without torch (padim.runtime)
+
     pixels = torch.as_tensor(pixels)
     scale = 1.0 / (255.0 * torch.tensor(config.std, dtype=torch.float32))
     shift = -torch.tensor(config.mean, dtype=torch.float32) / torch.tensor(config.std, dtype=torch.float32)
@@ -91,6 +92,8 @@ def load_mask(path: Union[str, os.PathLike], config: PadimConfig, image_hw: Tupl
             f"mask {path} is {defect.shape[1]}x{defect.shape[0]} but its image is {image_hw[1]}x{image_hw[0]}"
         )
     mask = resize_crop(Image.fromarray(defect.astype(np.uint8) * 255), config, Image.NEAREST)
+    import torch
+
     return torch.from_numpy(np.asarray(mask) > 0)
 
 
@@ -125,6 +128,8 @@ def input_batches(images: Sequence[ImageInput], config: PadimConfig, batch_size:
     """Yields (B, 3, H, W) normalised channels_last inputs (on the CPU) and their images' original
     (height, width); files are decoded to uint8 in ``workers`` threads, a batch ahead when ``device``
     is a GPU (see ``prefetched``). progress: False never, None on a terminal only, True always."""
+    import torch
+
     ahead = 0 if torch.device(device).type == "cpu" else 1
     batches = prefetched(list(images), batch_size, lambda item: load_pixels(item, config), workers, ahead)
     total = -(-len(images) // batch_size)

@@ -159,6 +159,19 @@ def read_header(path) -> Tuple[dict, int]:
     return header, n
 
 
+def read_metadata(path) -> dict:
+    """A model file's padim metadata (its JSON header) as written, without reading any tensor or
+    verifying the file: for tools that copy it (``padim.export``); ``load`` is the checked reader."""
+    header, _ = read_header(path)
+    raw = header.get("__metadata__", {}).get(_METADATA_KEY)
+    if raw is None:
+        raise ModelFileError(f"{path} is a safetensors file but not a padim model (no padim metadata)")
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise ModelFileError(f"model file {path} has corrupted metadata ({exc})") from None
+
+
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < (1 << 50)
 

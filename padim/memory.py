@@ -15,7 +15,6 @@ import os
 import sys
 from functools import lru_cache
 
-import torch
 
 
 @lru_cache(maxsize=1)
@@ -82,6 +81,8 @@ class Workspace:
         """A contiguous tensor of ``shape`` (contents undefined), sharing storage with earlier calls."""
         numel = math.prod(shape)
         buffer = self._buffers.get(name)
+        import torch  # here: padim.decode imports this module, and decoding must not need torch (padim.runtime)
+
         if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != torch.device(device):
             buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(tuple(shape))

@@ -11,13 +11,11 @@ from typing import Callable, Optional
 
 from . import __version__
 from .atomic import atomic_write
-from .errors import PadimError
+from .errors import RANDOM_WEIGHTS_WARNING, PadimError  # noqa: F401 (RANDOM_WEIGHTS_WARNING: re-exported)
 from .data.mvtec import find_category
 from .calibration import SOURCE_TEST_SET
 from .memory import tune_malloc_for_scoring
 from .model import PaDiM
-
-RANDOM_WEIGHTS_WARNING = "WARNING: this model uses RANDOM backbone weights (--weights random): for tests only, not a real detector"
 
 
 def _stderr(message: str) -> None:
@@ -66,7 +64,8 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
                   max_images: Optional[int] = None, device: Optional[str] = None, batch_size: int = 32,
                   note: Callable[[str], None] = _stderr, weights: Optional[str] = None,
                   tune_malloc: bool = False, target_fpr: Optional[float] = None,
-                  store_oracle_thresholds: bool = False) -> dict:
+                  store_oracle_thresholds: bool = False, engine: str = "torch", precision: str = "f32",
+                  export: Optional[Path] = None) -> dict:
     """Tests a saved model on a category: writes OUTPUT/metrics.json (and pictures) and returns its
     content: the best-F1 ("oracle") figures, whose thresholds are chosen on the test set, and the
     figures at the model's calibrated operating point (or ``target_fpr``), which a line would see.
@@ -74,7 +73,8 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
 
     weights: where a model fitted with a weights file finds it now (see ``PaDiM.load``).
     tune_malloc: call ``padim.memory.tune_malloc_for_scoring`` before scoring on the CPU (the
-    ``padim`` command does; a library caller decides for its own process)."""
+    ``padim`` command does; a library caller decides for its own process).
+    engine, precision, export: score with an exported graph (see ``padim.engines.open_engine``)."""
     from .evaluate import CALIBRATED_KEYS, METRIC_KEYS, THRESHOLDS_NOTE, evaluate  # scikit-learn, scipy
 
     model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None, weights=weights)
@@ -100,7 +100,14 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         note(f"note: {len(missing)} defect image(s) have no mask: counted for image metrics, "
              f"left out of pixel metrics: {names}")
 
-    result = evaluate(model, found, output if pictures else None, max_images, calibrated)
+    iter_predict = None
+    if engine != "torch":
+        from .engines import as_torch, open_engine
+
+        iter_predict = as_torch(open_engine(engine, precision, model_path, export, weights, batch_size, progress=None,
+                                            model=model if model.device_.type == "cpu" else None).iter_predict)
+    result = evaluate(model, found, output if pictures else None, max_images, calibrated,
+                      iter_predict=iter_predict)
     if result.defects_with_empty_mask:
         empty = result.defects_with_empty_mask
         names = ", ".join(str(p) for p in empty[:5]) + (" ..." if len(empty) > 5 else "")
@@ -136,6 +143,8 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         "seed": model.config_.seed,
         "model": str(model_path),
         "device": str(model.device_),
+        "engine": engine,
+        "precision": precision,
         "padim_version": __version__,
         "pictures": [os.path.relpath(p, output) for p in result.pictures],
     }
