@@ -444,3 +444,20 @@ def test_serve_command_errors_are_one_line(served, capsys, monkeypatch, tmp_path
     assert main(["serve", str(served / "tile.safetensors")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install "padim[serve]"' in err
+
+
+def test_a_cropped_model_draws_over_the_crop_it_saw(synthetic_root, test_images, tmp_path):
+    path = tmp_path / "cropped.safetensors"
+    model = PaDiM(**{**FAST, "crop": 48}).fit(sorted((synthetic_root / "fabric" / "train" / "good").glob("*.png")))
+    model.save(path)
+    with TestClient(create_app(load_models([path], device="cpu"))) as client:
+        wait_ready(client)
+        answer = client.post("/models/cropped/predict?heatmap=true&pixel_threshold=9",
+                             files=files_of(test_images[:2])).json()["results"]
+    expected = PaDiM.load(path, device="cpu").predict(test_images[:2], pixel_threshold=9)
+    np.testing.assert_allclose([r["score"] for r in answer], expected.scores, rtol=1e-6)
+    for result, reference_mask in zip(answer, expected.masks):
+        heat = result["heatmap"]
+        assert heat["covers"] == "crop" and (heat["overlay_width"], heat["overlay_height"]) == (48, 48)
+        assert (result["width"], result["height"]) == (64, 64)  # the picture's own size
+        np.testing.assert_array_equal(np.asarray(decode_png(heat["mask_png"]).convert("L")) > 0, reference_mask)
