@@ -6,16 +6,16 @@ stops by itself. Reports requests/s, latency p50/p95/p99, errors, the mean backb
 served images/s over the images/s of ``padim predict --model MODEL`` on the same images on the same
 machine (its rate between its first and its last batch, so start-up and model loading are left out
 on both sides). Runs the service with micro-batching (``--max-batch``) and without (``--max-batch 1``).
-The offline rate is measured before, between and after the two service runs, and each run is
-compared with the mean of the offline runs on either side of it: on a machine shared with other
-work, the speed drifts by minutes.
+Both services stay up and the work is split in ``--rounds`` rounds of (offline, batched, unbatched)
+on the same images: on a machine shared with other work the speed drifts by minutes, so each
+round's served rate is compared with that round's offline rate, and the median ratio is reported.
 
 ``--sigterm-after S`` also runs the service once more and sends it SIGTERM S seconds into the load:
 every request it accepted must be answered (its own count, printed at exit), the others refused, and
 it must exit 0.
 
     python benchmarks/serve_load.py --model tile.safetensors \
-        --images ../shared/datasets/magnetic_tile/test --clients 8 --requests 50 --sigterm-after 5
+        --images ../shared/datasets/magnetic_tile/test --clients 8 --requests 50 --rounds 5 --sigterm-after 5
 """
 
 import argparse
@@ -147,7 +147,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=50, help="per client")
+    parser.add_argument("--requests", type=int, default=50, help="per client, over all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of offline, batched and unbatched runs")
+    parser.add_argument("--offline-images", type=int, default=128, help="images per offline padim predict run")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=8.0)
     parser.add_argument("--offline-batch-size", type=int, default=32, help="padim predict's --batch-size")
@@ -157,48 +159,61 @@ def main() -> None:
 
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
     images = [(p, p.read_bytes()) for p in paths]
-    n = args.clients * args.requests
-    used = [images[i % len(images)][0] for i in range(n)]
-    print(f"{n} requests ({args.clients} clients x {args.requests}) of single images from {args.images}, "
-          f"{os.cpu_count()} CPUs")
-
-    def offline_run() -> float:
-        rate = offline_rate(args.model, used, args.offline_batch_size)
-        print(f"offline padim predict: {rate:.1f} images/s (batch {args.offline_batch_size})", flush=True)
-        return rate
-
-    offline_rates = [offline_run()]
-    rows = {}
-    for label, extra in [("micro-batching", ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]),
-                         ("batching off", ["--max-batch", "1", "--max-wait-ms", "0"])]:
-        service = Service(args.model, extra, args.log_dir / f"serve-{label.replace(' ', '-')}.log")
+    per_round = args.requests // args.rounds
+    print(f"{args.clients} clients x {per_round * args.rounds} requests of single images from {args.images} in "
+          f"{args.rounds} rounds, {os.cpu_count()} CPUs", flush=True)
+    modes = {"micro-batching": ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)],
+             "batching off": ["--max-batch", "1", "--max-wait-ms", "0"]}
+    services = {label: Service(args.model, extra, args.log_dir / f"serve-{label.replace(' ', '-')}.log")
+                for label, extra in modes.items()}
+    for service in services.values():
         load(service.port, service.name, images, args.clients, 2)  # warm the connections and caches
-        records, wall = load(service.port, service.name, images, args.clients, args.requests)
-        row = summary(records, wall)
+    records = {label: [] for label in modes}
+    walls = {label: 0.0 for label in modes}
+    ratios = {label: [] for label in modes}
+    offline_rates = []
+    for r in range(args.rounds):
+        # each round: offline, then both services, on the same images (the machine's speed drifts)
+        offset = r * args.clients * per_round
+        used = [images[(offset + i) % len(images)][0] for i in range(args.offline_images)]
+        offline_rates.append(offline_rate(args.model, used, args.offline_batch_size))
+        line = f"round {r + 1}: offline {offline_rates[-1]:.1f} images/s"
+        for label, service in services.items():
+            batch, wall = load(service.port, service.name, images[offset:] + images[:offset], args.clients, per_round)
+            records[label] += batch
+            walls[label] += wall
+            rate = sum(1 for outcome, _ in batch if outcome == 200) / wall
+            ratios[label].append(rate / offline_rates[-1])
+            line += f", {label} {rate:.1f} ({ratios[label][-1]:.2f}x)"
+        print(line, flush=True)
+    rows = {"offline_images_per_s": offline_rates}
+    for label, service in services.items():
+        row = summary(records[label], walls[label])
         row["mean_batch"] = service.mean_batch()
+        row["served_over_offline_median"] = float(np.median(ratios[label]))
+        row["served_over_offline_rounds"] = ratios[label]
         row["exit"] = service.stop()
-        offline_rates.append(offline_run())
-        offline = row["offline_images_per_s"] = float(np.mean(offline_rates[-2:]))
-        row["served_over_offline"] = row["requests_per_s"] / offline
         rows[label] = row
         print(f"{label}: {row['requests_per_s']:.1f} requests/s = images/s, p50 {row['p50_ms']:.0f} ms, p95 "
               f"{row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, errors {row['errors']}, mean batch "
-              f"{row['mean_batch']:.2f}, served/offline {row['served_over_offline']:.3f} (offline {offline:.1f} "
-              f"images/s around it), exit {row['exit']}", flush=True)
+              f"{row['mean_batch']:.2f}, served/offline median {row['served_over_offline_median']:.3f} (rounds: "
+              f"{', '.join(f'{x:.2f}' for x in ratios[label])}), exit {row['exit']}", flush=True)
+    print(f"offline padim predict: median {np.median(offline_rates):.1f} images/s (rounds: "
+          f"{', '.join(f'{x:.1f}' for x in offline_rates)})")
 
     if args.sigterm_after is not None:
-        service = Service(args.model, ["--max-batch", str(args.max_batch)], args.log_dir / "serve-sigterm.log")
+        service = Service(args.model, modes["micro-batching"], args.log_dir / "serve-sigterm.log")
         threading.Timer(args.sigterm_after, lambda: service.process.send_signal(signal.SIGTERM)).start()
-        records, wall = load(service.port, service.name, images, args.clients, args.requests, new_connections=True)
+        batch, _ = load(service.port, service.name, images, args.clients, args.requests, new_connections=True)
         code = service.process.wait(120)
         outcomes = {}
-        for outcome, _ in records:
+        for outcome, _ in batch:
             outcomes[str(outcome)] = outcomes.get(str(outcome), 0) + 1
         stopped = re.search(r"stopped: (\d+) of (\d+) accepted requests answered", service.log.read_text())
         print(f"SIGTERM after {args.sigterm_after} s: client outcomes {outcomes}; server: "
               f"{stopped.group(0) if stopped else 'no stop line'}; exit {code}")
         rows["sigterm"] = {"outcomes": outcomes, "exit": code, "server": stopped.group(0) if stopped else None}
-    print(json.dumps({"offline_images_per_s": offline_rates, **rows}, default=float))
+    print(json.dumps(rows, default=float))
 
 
 if __name__ == "__main__":
