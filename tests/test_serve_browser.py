@@ -91,8 +91,12 @@ def test_page_scores_an_upload_and_redraws_at_new_thresholds(calibrated_model, d
             assert float(card.find_element(By.CSS_SELECTOR, ".p-value").text) == pytest.approx(expected.p_values[0], rel=1e-2)
             overlay = card.find_element(By.CSS_SELECTOR, "img.overlay")
             assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay) > 0
-            assert overlay.size["width"] >= 250  # readable on a laptop screen
             decision = card.find_element(By.CSS_SELECTOR, ".decision")
+            # readable on a laptop screen (1366 x 900): a picture of a useful size, and the decision on
+            # screen without scrolling
+            assert max(overlay.size["width"], overlay.size["height"]) >= 200
+            assert driver.execute_script("return arguments[0].getBoundingClientRect().bottom <= window.innerHeight",
+                                         decision)
             assert decision.text.lower() == ("anomalous" if expected.labels[0] else "good")
             canvas = card.find_element(By.TAG_NAME, "canvas")
             cells = lambda: int(canvas.get_attribute("data-defect-cells"))  # noqa: E731
