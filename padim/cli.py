@@ -212,7 +212,35 @@ def build_parser() -> argparse.ArgumentParser:
                                            "with ImageNet weights, test it and write the results and report.html.")
     demo.add_argument("--output", type=Path, default=Path("padim-demo"), help="folder to write to (default: padim-demo)")
     demo.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    _serve_parser(commands)
     return parser
+
+
+def _serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="serve models over HTTP: JSON API and a web page",
+                                description="Serve fitted models: GET /health, GET /models, "
+                                            "POST /models/NAME/predict, GET /metrics, a page at / and API docs at "
+                                            "/docs. Needs the serve extra: pip install \"padim[serve]\".")
+    serve.add_argument("models", nargs="*", type=Path, metavar="MODEL",
+                       help="model files; each is reached by its file stem (and its category when unambiguous)")
+    serve.add_argument("--models", dest="models_dir", type=Path, default=None, metavar="DIR",
+                       help="also serve every *.safetensors in DIR")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("PADIM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every route but /health and the page "
+                            "(default: $PADIM_API_KEY; prefer the variable: options show in the process list)")
+    serve.add_argument("--max-batch", type=int, default=16, help="images per backbone batch; 1 turns batching off "
+                                                                 "(default: 16)")
+    serve.add_argument("--max-wait-ms", type=float, default=8.0,
+                       help="how long a batch's first image waits for others (default: 8)")
+    serve.add_argument("--queue", type=int, default=64, help="images waiting per model before 503 (default: 64)")
+    serve.add_argument("--max-upload-mb", type=float, default=32.0, help="request body limit (default: 32)")
+    serve.add_argument("--max-files", type=int, default=16, help="files per request (default: 16)")
+    serve.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                       help="default: cuda when available, else cpu")
+    serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                       help="uvicorn's log level; info shows each request (default: warning)")
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -453,6 +481,28 @@ def cmd_demo(args) -> None:
     print(f"demo done in {time.perf_counter() - started:.0f} s")
 
 
+def cmd_serve(args) -> None:
+    try:
+        import fastapi, prometheus_client, python_multipart, uvicorn  # noqa: F401  (the serve extra)
+    except ImportError as exc:
+        raise PadimError(f"the service needs the serve extra ({exc.name} is missing): pip install \"padim[serve]\" "
+                         "(from a checkout: pip install \".[serve]\")") from None
+    from .serve import ServeSettings, load_models
+    from .serve.registry import model_files
+    from .serve.server import run
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
+                             max_upload_mb=args.max_upload_mb, max_files=args.max_files, api_key=args.api_key or None)
+    settings.check()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"padim serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "address can use the service", file=sys.stderr)
+    models = load_models(model_files(args.models, args.models_dir), device=args.device, batch_size=args.max_batch)
+    if any(entry.model.device_.type == "cpu" for entry in models.values()):
+        _tune_malloc()
+    run(models, settings, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def _check_args(args) -> None:
     """Every option checked before a command starts work (see ``padim.checks``): one line, no wait."""
     from . import checks
@@ -497,7 +547,7 @@ def _check_args(args) -> None:
 
 
 COMMANDS = {"fit": cmd_fit, "update": cmd_update, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark,
-            "download": cmd_download, "demo": cmd_demo, "export": cmd_export}
+            "download": cmd_download, "demo": cmd_demo, "export": cmd_export, "serve": cmd_serve}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

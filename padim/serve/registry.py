@@ -1,0 +1,113 @@
+"""The models a server holds: found, loaded once, named, described, and scored from pixels.
+
+A model is reached by its file's stem (``bottle.safetensors`` -> ``bottle``) and, when no other
+model claims it, by the category stored in it. Names only ever look up this table: a request never
+names a file.
+
+Scoring starts from decoded pixels (``padim.images.load_pixels``' output) rather than from
+``PaDiM.iter_predict``, which decodes its inputs itself: the service decodes each upload on its own
+first, so that one corrupt image fails alone, and then scores a batch gathered from several
+requests. The steps after decoding are the ones ``iter_predict`` runs (``to_input``, then
+``scoring.score_batches`` with the model's fitted state), so scores are the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import PadimError
+from ..images import to_input
+from ..model import PaDiM
+from ..scoring import score_batches
+
+MODEL_SUFFIX = ".safetensors"
+
+
+@dataclass
+class ServedModel:
+    """A loaded model and the names it answers to."""
+
+    name: str
+    model: PaDiM
+    path: str
+    aliases: Tuple[str, ...] = ()
+
+
+def model_files(paths: Sequence[os.PathLike] = (), folder: Optional[os.PathLike] = None) -> List[Path]:
+    """The model files named on the command line plus every ``*.safetensors`` in ``folder``."""
+    files = [Path(p) for p in paths]
+    if folder is not None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise PadimError(f"--models {folder} is not a folder")
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() == MODEL_SUFFIX and p.is_file())
+        if not found:
+            raise PadimError(f"no {MODEL_SUFFIX} model files in {folder}")
+        files += found
+    if not files:
+        raise PadimError("no model to serve: give model files (padim serve MODEL...) or a folder (--models DIR)")
+    for path in files:
+        if not path.is_file():
+            raise PadimError(f"model file {path} does not exist")
+    return files
+
+
+def load_models(paths: Sequence[os.PathLike], device: Optional[str] = None, batch_size: int = 16) -> Dict[str, ServedModel]:
+    """Loads every model file -> {name: ServedModel}. Two files with the same stem are refused (a
+    request could not say which it means); categories become aliases where they are unambiguous."""
+    served: Dict[str, ServedModel] = {}
+    for path in paths:
+        name = Path(path).stem
+        if name in served:
+            raise PadimError(f"two model files are named {name!r} ({served[name].path} and {path}): rename one")
+        served[name] = ServedModel(name, PaDiM.load(path, device=device, batch_size=batch_size), str(path))
+    categories: Dict[str, List[str]] = {}
+    for entry in served.values():
+        if entry.model.category_:
+            categories.setdefault(entry.model.category_, []).append(entry.name)
+    for category, names in categories.items():
+        if len(names) == 1 and category not in served:
+            served[names[0]].aliases = (category,)
+    return served
+
+
+def score_pixels(model: PaDiM, pixels: Sequence[np.ndarray]) -> List[Tuple[float, torch.Tensor]]:
+    """Decoded images ((H, W, 3) uint8 each, the model's input size) -> [(image score, (H, W) map on
+    the CPU)], one backbone batch."""
+    batch = to_input(np.stack(pixels), model.config_)  # (B, 3, H, W)
+    scored = score_batches(model.embedder_, model.mean_, model.precision_factor_, model.feature_hw_,
+                           model.config_.input_size, model.config_.sigma, [(batch, [None] * len(pixels))])
+    scores, maps, _ = next(iter(scored))
+    return list(zip(scores.tolist(), maps))
+
+
+def warm_up(model: PaDiM, max_batch: int) -> None:
+    """Runs a batch of one and a full batch of black images: the first passes allocate memory and
+    choose kernels, so the first requests would otherwise pay for it."""
+    height, width = model.config_.input_size
+    black = np.zeros((height, width, 3), dtype=np.uint8)
+    for size in sorted({1, max_batch}):
+        score_pixels(model, [black] * size)
+
+
+def describe(entry: ServedModel) -> dict:
+    """What ``GET /models`` says about a model (see ``schemas.ModelInfo``)."""
+    model, config = entry.model, entry.model.config_
+    calibration = model.calibration_
+    return {
+        "name": entry.name, "aliases": list(entry.aliases), "category": model.category_, "backbone": config.backbone,
+        "weights": model.weights_source_, "random_weights": model.uses_random_weights,
+        "image_size": list(config.image_size), "crop": None if config.crop is None else list(config.crop),
+        "n_features": config.n_features, "image_threshold": model.image_threshold_,
+        "threshold_source": model.threshold_source_, "pixel_threshold": model.pixel_threshold_,
+        "pixel_threshold_source": model.pixel_threshold_source_, "target_fpr": model.target_fpr_,
+        "n_calibration_images": model.n_calibration_images_,
+        "calibration_method": None if calibration is None else calibration.method,
+        "fit_date": model.fit_date_, "n_train_images": model.n_train_images_,
+    }
