@@ -143,6 +143,34 @@ class Calibration:
         return f"calibration: {percent(pixel_fpr)} of the pixels of {self.n} good images above it"
 
 
+def at_least(values, threshold: float) -> np.ndarray:
+    """values >= threshold, exactly as real numbers. Why not plain ``>=``: NumPy 2 compares a float32
+    array with a Python float in float32, which rounds a threshold such as nextafter(s_k) (float64)
+    back onto s_k and would flag a score equal to s_k. float32 arrays are compared with the smallest
+    float32 at or above the threshold instead (no float64 copy of a big map)."""
+    values = np.asarray(values)
+    if values.dtype == np.float32:
+        cut = np.float32(threshold)
+        if float(cut) < threshold:
+            cut = np.nextafter(cut, np.float32(np.inf))
+        return values >= cut
+    return values.astype(np.float64, copy=False) >= float(threshold)
+
+
+def labels_at(scores, threshold: Optional[float]) -> Optional[np.ndarray]:
+    """(N,) bool: anomalous where score >= threshold (a score at the threshold is anomalous); None
+    without a threshold."""
+    return None if threshold is None else at_least(scores, threshold)
+
+
+def masks_at(maps, threshold: Optional[float]):
+    """Like ``maps`` (an array or a list of arrays), bool: defect where map >= threshold; None
+    without a threshold."""
+    if threshold is None:
+        return None
+    return at_least(maps, threshold) if isinstance(maps, np.ndarray) else [at_least(m, threshold) for m in maps]
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """The thresholds a prediction uses and where each came from. A score >= image threshold is

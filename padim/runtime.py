@@ -283,8 +283,8 @@ class ExportedModel:
                 maps.append(batch_maps)
         scores = np.concatenate(scores)
         maps = maps if original_resolution else np.concatenate(maps)
-        return RuntimeResult(scores, maps, labels_at(scores, point.image_threshold),
-                             masks_at(maps, point.pixel_threshold), self.p_values(scores), point.image_threshold,
+        return RuntimeResult(scores, maps, cal.labels_at(scores, point.image_threshold),
+                             cal.masks_at(maps, point.pixel_threshold), self.p_values(scores), point.image_threshold,
                              point.pixel_threshold, point.source, point.pixel_source)
 
 
@@ -301,13 +301,3 @@ def _calibration(record, folder) -> Optional[cal.Calibration]:
         raise EngineError(f"export {folder}: its calibration data is damaged ({exc})") from None
 
 
-def labels_at(scores: np.ndarray, threshold: Optional[float]) -> Optional[np.ndarray]:
-    """(N,) bool, anomalous where score >= threshold; None without one (= ``padim.scoring.labels_at``)."""
-    return None if threshold is None else np.asarray(scores) >= threshold
-
-
-def masks_at(maps, threshold: Optional[float]):
-    """Like ``maps``, bool, defect where map >= threshold; None without one (= ``padim.scoring.masks_at``)."""
-    if threshold is None:
-        return None
-    return maps >= threshold if isinstance(maps, np.ndarray) else [m >= threshold for m in maps]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .calibration import labels_at, masks_at  # noqa: F401  (decisions, shared with the torch-free runtime)
 from .errors import PadimError
 from .features import Embedder
 from .gaussian import mahalanobis, mahalanobis_packed
@@ -85,17 +86,3 @@ def to_original_resolution(anomaly_map: torch.Tensor, size: Tuple[int, int]) -> 
     """(H, W) map -> (h0, w0) numpy map at the image's original size (bilinear, half-pixel centres)."""
     resized = F.interpolate(anomaly_map[None, None], size=tuple(size), mode="bilinear", align_corners=False)
     return resized[0, 0].numpy()
-
-
-def labels_at(scores: np.ndarray, threshold: Optional[float]) -> Optional[np.ndarray]:
-    """(N,) bool: anomalous where score >= threshold (a score at the threshold is anomalous); None
-    without a threshold."""
-    return None if threshold is None else np.asarray(scores) >= threshold
-
-
-def masks_at(maps: Union[np.ndarray, Sequence[np.ndarray]], threshold: Optional[float]):
-    """Like ``maps`` (an array or a list of arrays), bool: defect where map >= threshold; None
-    without a threshold."""
-    if threshold is None:
-        return None
-    return maps >= threshold if isinstance(maps, np.ndarray) else [m >= threshold for m in maps]

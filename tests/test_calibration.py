@@ -213,3 +213,17 @@ def test_cli_predict_refuses_impossible_operating_points(calibrated, tmp_path, c
     assert main(["predict", "--model", str(path), str(tmp_path / "a.png"), "--device", "cpu", *options]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err and words in captured.err.strip().splitlines()[-1]
+
+
+def test_a_float32_score_equal_to_the_cut_order_statistic_is_not_flagged():
+    """The cut is the next double above s_(k): a float32 score equal to s_(k) is good (FPR <= alpha),
+    although NumPy would round that threshold back to s_(k) in a float32 comparison."""
+    scores = np.float32([1.1, 2.2, 3.3, 4.4, 5.5, 6.6, 7.7, 8.8, 9.9, 10.1] * 2)
+    calibration = Calibration.from_scores(scores, np.zeros(2))
+    threshold = calibration.image_threshold(0.2)  # k = ceil(21 * 0.8) = 17: s_(17) = 9.9 (float32)
+    at_cut = np.float32(9.9)
+    assert float(at_cut) == calibration.image_scores[16] < threshold
+    from padim.scoring import labels_at, masks_at
+
+    assert not labels_at(np.array([at_cut]), threshold)[0] and labels_at(np.array([np.float32(10.1)]), threshold)[0]
+    assert not masks_at(np.full((2, 2), at_cut), threshold).any()
