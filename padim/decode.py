@@ -25,6 +25,7 @@ Every picture padim reads goes through here, so training, scoring, heatmaps and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -42,6 +43,9 @@ JPEG_MASK_LEVEL = 32  # JPEG masks: channel values above this are defect (compre
 TRIM_PIXELS = 1 << 24  # after reducing a picture larger than this (16.7 MP), free memory goes back to the OS
 _ROWS = 1 << 22  # pixels per block when scaling 16-bit/float data: bounds the temporaries
 _OPEN_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide: one Image.open at a time
+# Pictures over TRIM_PIXELS are decoded one at a time: the decoding threads of a batch never hold two
+# full-size decodes at once (a 12000 x 12000 PNG alone peaks near 1.7 GB).
+_BIG_PICTURE_SLOT = threading.Lock()
 
 # EXIF orientation -> the transposition that makes the picture upright (PIL.ImageOps.exif_transpose)
 _UPRIGHT = {
@@ -221,6 +225,24 @@ def read_image(item, size: Optional[Tuple[int, int]] = None, fast_ratio: float =
     ``size`` for the bilinear step: measured within 3/255 of a direct resize (mean 0.3 levels).
     """
     name = item if isinstance(item, (str, os.PathLike)) else "(in memory)"
+    with (_BIG_PICTURE_SLOT if _is_big(item) else contextlib.nullcontext()):
+        return _read_image(item, name, size, fast_ratio, margin)
+
+
+def _is_big(item) -> bool:
+    """Whether a file holds more than TRIM_PIXELS pixels, from its header (False when it cannot be
+    opened: ``decode`` then says why)."""
+    if not isinstance(item, (str, os.PathLike)):
+        return False
+    try:
+        img, fp = _open_file(item)
+    except DataError:
+        return False
+    fp.close()
+    return img.width * img.height > TRIM_PIXELS
+
+
+def _read_image(item, name, size, fast_ratio, margin) -> Tuple[Image.Image, Tuple[int, int]]:
     img, orientation, original, _, box = decode(item, size, fast_ratio=fast_ratio, margin=margin)
     img = to_8bit(img, name)
     if size is not None:

@@ -276,6 +276,7 @@ def test_a_12000_pixel_picture_is_scored_in_under_2_gb(tiny_model, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     peak_mb = float(done.stderr.split("PEAK_MB")[1].split()[0])
+    print("peak MB", peak_mb)
     assert peak_mb < 2048, peak_mb
     for name in ("big.jpg", "big.png"):
         assert Image.open(tmp_path / "out" / f"{name}_heatmap.png").size == (4096, 4096)
