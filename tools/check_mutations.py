@@ -38,9 +38,9 @@ MUTATIONS = {
          'fused = getattr(block, f"conv{i}")'),
         ("block.downsample = fuse_conv_bn_eval(block.downsample[0], block.downsample[1])",
          "block.downsample = block.downsample[0]")]),
-    "predict().labels inverted": ("padim/scoring.py", [
-        ("return None if threshold is None else np.asarray(scores) >= threshold",
-         "return None if threshold is None else np.asarray(scores) < threshold")]),
+    "predict().labels inverted": ("padim/calibration.py", [
+        ("return None if threshold is None else at_least(scores, threshold)",
+         "return None if threshold is None else ~at_least(scores, threshold)")]),
     "original-resolution maps resized with nearest": ("padim/scoring.py", [
         ('size=tuple(size), mode="bilinear", align_corners=False)', 'size=tuple(size), mode="nearest")')]),
     "no ImageNet normalisation": ("padim/images.py", [
