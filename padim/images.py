@@ -6,6 +6,8 @@ images in parallel, and on a GPU one batch ahead, so that reading files overlaps
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,9 @@ from tqdm import tqdm
 from .config import PadimConfig
 from .decode import read_image, read_mask
 from .errors import DataError
+
+if TYPE_CHECKING:  # annotations only: importing padim's decoding needs no torch
+    import torch
 
 # Extensions padim reads from folders (case-insensitive); WebP where this Pillow has it.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".pbm", ".pgm", ".ppm", ".pnm") + (

@@ -8,12 +8,17 @@ it is a no-op. ``tune_malloc_for_scoring`` does change settings, process-wide: o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ctypes
 import ctypes.util
 import math
 import os
 import sys
 from functools import lru_cache
+
+if TYPE_CHECKING:  # annotations only: importing padim's decoding needs no torch
+    import torch
 
 
 

@@ -29,7 +29,7 @@ from .checks import check_batch_size, check_estimator, pair
 from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError
 from .features import CPU_FORWARD_CHUNK, Embedder, count_channels, random_channel_subset
-from .gaussian import FACTOR_DTYPES, GaussianAccumulator, store_factor, unpack_lower
+from .gaussian import GaussianAccumulator, store_factor, unpack_lower
 from .images import ImageInput, input_batches
 from .memory import release_free_memory
 from .scoring import PadimResult, labels_at, masks_at, score_batches, score_embeddings, to_original_resolution

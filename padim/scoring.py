@@ -7,7 +7,7 @@ Shapes: B images per batch, P = h * w patch positions, d channels, (H, W) the mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch

@@ -11,8 +11,6 @@ silently different model.
   must still be finite.
 """
 
-import json
-import math
 import random
 import time
 

@@ -31,7 +31,7 @@ from padim.data.synthetic import make_synthetic_category  # noqa: E402
 from padim.runs import fit_category  # noqa: E402
 from padim.serve import ServeSettings, create_app, load_models  # noqa: E402
 from padim.serve.batcher import MicroBatcher, QueueFull  # noqa: E402
-from padim.visualize import mask_at_size, overlay_size  # noqa: E402
+from padim.visualize import mask_at_size  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------- fixtures
