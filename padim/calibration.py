@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -169,6 +169,55 @@ def masks_at(maps, threshold: Optional[float]):
     if threshold is None:
         return None
     return at_least(maps, threshold) if isinstance(maps, np.ndarray) else [at_least(m, threshold) for m in maps]
+
+
+@dataclass
+class PadimResult:
+    """What ``PaDiM.predict`` returns for N images.
+
+    scores: (N,) image anomaly scores (max of each map)
+    maps:   (N, H, W) anomaly maps at the model's input size, or a list of (H_i, W_i) maps at each
+            image's original resolution
+    labels: (N,) bool, score >= image threshold; None when the model has no threshold
+    masks:  like ``maps`` but bool, map >= pixel threshold; None when the model has no pixel threshold
+    p_values: (N,) conformal p-values against the model's calibration images; None without calibration
+    image_threshold, pixel_threshold: the thresholds used (None: none)
+    threshold_source, pixel_threshold_source: where they came from, e.g. "calibration: target FPR 5%
+            on 76 good images", "manual" or "test set (optimistic)"
+    """
+
+    scores: np.ndarray
+    maps: Union[np.ndarray, List[np.ndarray]]
+    labels: Optional[np.ndarray] = None
+    masks: Optional[Union[np.ndarray, List[np.ndarray]]] = None
+    p_values: Optional[np.ndarray] = None
+    image_threshold: Optional[float] = None
+    pixel_threshold: Optional[float] = None
+    threshold_source: Optional[str] = None
+    pixel_threshold_source: Optional[str] = None
+
+
+def decide(batches, point: "OperatingPoint", p_values, resize=None) -> PadimResult:
+    """Gathers scored batches into a ``PadimResult`` and decides at ``point``: the one assembly of
+    ``PaDiM.predict`` and the torch-free ``ExportedModel.predict``.
+
+    batches: iterable of (scores (B,), maps (B, H, W), original sizes [(h, w)]), arrays or CPU tensors;
+    p_values: scores -> (N,) p-values or None; resize: (map (H, W), (h, w)) -> map at that size, to
+    return each map at its image's original resolution, or None for maps at the model's input size.
+    """
+    scores, maps = [], []
+    for batch_scores, batch_maps, sizes in batches:
+        scores.append(np.asarray(batch_scores))
+        if resize is not None:
+            maps += [resize(m, hw) for m, hw in zip(batch_maps, sizes)]
+        else:
+            maps.append(np.asarray(batch_maps))
+    scores = np.concatenate(scores)
+    maps = maps if resize is not None else np.concatenate(maps)
+    return PadimResult(scores=scores, maps=maps, labels=labels_at(scores, point.image_threshold),
+                       masks=masks_at(maps, point.pixel_threshold), p_values=p_values(scores),
+                       image_threshold=point.image_threshold, pixel_threshold=point.pixel_threshold,
+                       threshold_source=point.source, pixel_threshold_source=point.pixel_source)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .features import CPU_FORWARD_CHUNK, Embedder, count_channels, random_channe
 from .gaussian import GaussianAccumulator, store_factor, unpack_lower
 from .images import ImageInput, input_batches
 from .memory import release_free_memory
-from .scoring import PadimResult, labels_at, masks_at, score_batches, score_embeddings, to_original_resolution
+from .scoring import PadimResult, score_batches, score_embeddings, to_original_resolution
 
 __all__ = ["PaDiM", "PadimResult", "to_original_resolution", "default_device"]
 
@@ -498,19 +498,8 @@ class PaDiM:
         point = self.operating_point(target_fpr, image_threshold, pixel_threshold, target_pixel_fpr)
         if original_resolution and self.config_.crop is not None:
             raise PadimError("maps at the original resolution need a model fitted without --crop")
-        scores, maps = [], []
-        for batch_scores, batch_maps, sizes in self.iter_predict(images):
-            scores.append(batch_scores)
-            if original_resolution:
-                maps += [to_original_resolution(m, hw) for m, hw in zip(batch_maps, sizes)]
-            else:
-                maps.append(batch_maps)
-        scores = torch.cat(scores).numpy()
-        maps = maps if original_resolution else torch.cat(maps).numpy()
-        return PadimResult(scores=scores, maps=maps, labels=labels_at(scores, point.image_threshold),
-                           masks=masks_at(maps, point.pixel_threshold), p_values=self.p_values(scores),
-                           image_threshold=point.image_threshold, pixel_threshold=point.pixel_threshold,
-                           threshold_source=point.source, pixel_threshold_source=point.pixel_source)
+        return cal.decide(self.iter_predict(images), point, self.p_values,
+                          to_original_resolution if original_resolution else None)
 
     def p_values(self, scores) -> Optional[np.ndarray]:
         """(N,) conformal p-values of image scores against the calibration images; None without them."""

@@ -16,9 +16,8 @@ Shapes: B images per batch, (H, W) the model's input size.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,24 +38,7 @@ class EngineError(PadimError):
     not apply to it (bf16 on ONNX Runtime, bf16 on a CPU without it)."""
 
 
-@dataclass
-class RuntimeResult:
-    """What ``ExportedModel.predict`` returns for N images: ``padim.PadimResult``'s fields.
-
-    scores: (N,) float32; maps: (N, H, W) float32 or a list of (H_i, W_i) maps at each image's
-    original resolution; labels: (N,) bool or None without an image threshold; masks: like maps,
-    bool, or None without a pixel threshold; p_values: (N,) against the calibration images, or None;
-    the thresholds used and their sources."""
-
-    scores: np.ndarray
-    maps: Union[np.ndarray, List[np.ndarray]]
-    labels: Optional[np.ndarray] = None
-    masks: Optional[Union[np.ndarray, List[np.ndarray]]] = None
-    p_values: Optional[np.ndarray] = None
-    image_threshold: Optional[float] = None
-    pixel_threshold: Optional[float] = None
-    threshold_source: Optional[str] = None
-    pixel_threshold_source: Optional[str] = None
+RuntimeResult = cal.PadimResult  # what ExportedModel.predict returns: the same fields as PaDiM.predict's
 
 
 def read_export(folder) -> dict:
@@ -274,18 +256,8 @@ class ExportedModel:
         point = self.operating_point(target_fpr, image_threshold, pixel_threshold, target_pixel_fpr)
         if original_resolution and self.config_.crop is not None:
             raise PadimError("maps at the original resolution need a model fitted without --crop")
-        scores, maps = [], []
-        for batch_scores, batch_maps, sizes in self.iter_predict(images):
-            scores.append(batch_scores)
-            if original_resolution:
-                maps += [to_original_resolution(m, hw) for m, hw in zip(batch_maps, sizes)]
-            else:
-                maps.append(batch_maps)
-        scores = np.concatenate(scores)
-        maps = maps if original_resolution else np.concatenate(maps)
-        return RuntimeResult(scores, maps, cal.labels_at(scores, point.image_threshold),
-                             cal.masks_at(maps, point.pixel_threshold), self.p_values(scores), point.image_threshold,
-                             point.pixel_threshold, point.source, point.pixel_source)
+        return cal.decide(self.iter_predict(images), point, self.p_values,
+                          to_original_resolution if original_resolution else None)
 
 
 def _calibration(record, folder) -> Optional[cal.Calibration]:

@@ -6,14 +6,13 @@ Shapes: B images per batch, P = h * w patch positions, d channels, (H, W) the mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibration import labels_at, masks_at  # noqa: F401  (decisions, shared with the torch-free runtime)
+from .calibration import PadimResult, labels_at, masks_at  # noqa: F401  (torch-free, shared with the runtime)
 from .errors import PadimError
 from .features import Embedder
 from .gaussian import mahalanobis, mahalanobis_packed
@@ -21,32 +20,6 @@ from .maps import anomaly_maps, image_scores
 from .memory import Workspace
 
 Batch = Tuple[torch.Tensor, List[Tuple[int, int]]]  # (B, 3, H, W) inputs, original (height, width) sizes
-
-
-@dataclass
-class PadimResult:
-    """What ``PaDiM.predict`` returns for N images.
-
-    scores: (N,) image anomaly scores (max of each map)
-    maps:   (N, H, W) anomaly maps at the model's input size, or a list of (H_i, W_i) maps at each
-            image's original resolution
-    labels: (N,) bool, score >= image threshold; None when the model has no threshold
-    masks:  like ``maps`` but bool, map >= pixel threshold; None when the model has no pixel threshold
-    p_values: (N,) conformal p-values against the model's calibration images; None without calibration
-    image_threshold, pixel_threshold: the thresholds used (None: none)
-    threshold_source, pixel_threshold_source: where they came from, e.g. "calibration: target FPR 5%
-            on 76 good images", "manual" or "test set (optimistic)"
-    """
-
-    scores: np.ndarray
-    maps: Union[np.ndarray, List[np.ndarray]]
-    labels: Optional[np.ndarray] = None
-    masks: Optional[Union[np.ndarray, List[np.ndarray]]] = None
-    p_values: Optional[np.ndarray] = None
-    image_threshold: Optional[float] = None
-    pixel_threshold: Optional[float] = None
-    threshold_source: Optional[str] = None
-    pixel_threshold_source: Optional[str] = None
 
 
 def score_batches(embedder: Embedder, mean: torch.Tensor, factor: torch.Tensor, feature_hw: Tuple[int, int],
