@@ -27,3 +27,14 @@ def writable_root(tmp_path, synthetic_root):
 
 # Fast settings for fitting on the synthetic category: untrained ResNet-18 at 64 x 64 on the CPU.
 FAST = dict(backbone="resnet18", weights="random", image_size=64, batch_size=8, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """The address of a real Ray cluster on 127.0.0.1 (2 CPUs), started once and stopped at the end."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    from ray_cluster import LocalCluster
+
+    cluster = LocalCluster(num_cpus=2)
+    yield cluster.address
+    cluster.stop()

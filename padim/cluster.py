@@ -1,0 +1,66 @@
+"""Connecting to a Ray cluster (the optional ``ray`` extra): by address, or a cluster of this machine.
+
+Why a module: every Ray job (``padim fit --ray``, ``padim predict --ray``, ``padim benchmark --ray``)
+starts the same way, and a missing extra or an unreachable address must be one line, not a traceback.
+
+The library does not change the host process: ``connect`` only calls ``ray.init`` when Ray is not
+initialised yet (a user who called ``ray.init`` themselves keeps their connection), and
+``loopback_environment`` - which sets environment variables - is called by the command line only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .errors import PadimError
+
+INSTALL_HINT = "pip install 'padim[ray]'"
+
+# Ray reads these when it starts processes. Usage statistics would try to reach the internet; and on
+# Linux Ray replaces a loopback node address by the machine's network address unless it believes it
+# runs a single-machine (Windows/macOS style) cluster, so a "local" cluster would listen on the network.
+LOOPBACK_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def require_ray():
+    """The ``ray`` module, or a PadimError saying how to install it."""
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise PadimError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+def loopback_environment() -> None:
+    """Sets ``LOOPBACK_ENVIRONMENT`` in this process (for the command line's ``--ray local``): the
+    cluster it starts keeps every server on 127.0.0.1 and reports nothing."""
+    for key, value in LOOPBACK_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+def connect(address: Optional[str], num_cpus: Optional[int] = None):
+    """Connects this process to Ray and returns the ``ray`` module.
+
+    address: "local" starts a cluster of this machine (on 127.0.0.1, no dashboard); "HOST:PORT" joins
+             a running cluster (``ray start --head ...`` printed it); None uses the connection the
+             caller made with ``ray.init``, or starts a local one when there is none.
+    """
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray
+    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        if address in (None, "local"):
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PadimError(f"cannot connect to the Ray cluster at {address}: {first}") from None
+    return ray
+
+
+def cpus_in_cluster(ray) -> int:
+    """CPUs the connected cluster offers (at least 1)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
