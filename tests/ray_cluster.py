@@ -18,7 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import padim
 from padim.cluster import LOOPBACK_ENVIRONMENT
+
+PACKAGE_ROOT = str(Path(padim.__file__).resolve().parents[1])  # the tree under test, not an installed copy
 
 
 def free_port() -> int:
@@ -28,8 +31,10 @@ def free_port() -> int:
 
 
 def loopback_env() -> dict:
+    """This environment + loopback-only Ray settings; its workers import the padim under test."""
     env = dict(os.environ)
     env.update(LOOPBACK_ENVIRONMENT)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
     return env
 
 
