@@ -54,43 +54,109 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def run_category(data_root, category: str, folder: Path, max_images: Optional[int], batch_size: int,
+                 device: Optional[str], log: Callable[[str], None], tune_malloc: bool, engine: str, precision: str,
+                 params: dict) -> dict:
+    """Fits and tests one category into ``folder`` -> its test summary (exceptions propagate)."""
+    fit_category(data_root, category, folder / "model.safetensors", note=log, batch_size=batch_size,
+                 device=device, progress=None, **params)
+    return test_category(folder / "model.safetensors", data_root, category, folder, pictures=True,
+                         max_images=max_images, device=device, batch_size=batch_size, note=log,
+                         tune_malloc=tune_malloc, engine=engine, precision=precision)
+
+
 def run_benchmark(data_root, categories: Sequence[str], output: Path, force: bool = False,
                   max_images: Optional[int] = None, batch_size: int = 32, device: Optional[str] = None,
                   log: Callable[[str], None] = None, tune_malloc: bool = False, engine: str = "torch",
-                  precision: str = "f32", **params) -> List[Dict]:
+                  precision: str = "f32", ray: Optional[str] = None, cpus_per_category: int = 1,
+                  **params) -> List[Dict]:
     """Fits PaDiM(**params) on each category and tests it; writes per-category folders, then
     results.md/csv/json and report.html (rewritten after every category). Returns the rows.
-    tune_malloc, engine, precision: see ``padim.runs.test_category``."""
+    tune_malloc, engine, precision: see ``padim.runs.test_category``.
+    ray: run the categories as parallel Ray tasks on that cluster ("local", "HOST:PORT"), each with
+    ``cpus_per_category`` CPUs; the data root and output must be at the same paths on every node. The
+    metrics are those of the sequential run (the same computation, elsewhere); rows keep the order of
+    ``categories`` whatever order the tasks finish in."""
     output = Path(output)
     log = log or (lambda message: tqdm.write(message, file=sys.stderr))  # lines that keep the bar intact
-    rows, summaries = [], {}
-    for category in tqdm(categories, desc="benchmark", unit="category", disable=None):
-        folder = output / category
-        done = folder / "metrics.json"
+    done_before = {}
+    for category in categories:
+        done = output / category / "metrics.json"
         if done.is_file() and not force:
-            summary = json.loads(done.read_text())
+            done_before[category] = json.loads(done.read_text())
             log(f"{category}: finished before, read back from {done} (--force redoes it)")
+    job = dict(max_images=max_images, batch_size=batch_size, device=device, tune_malloc=tune_malloc, engine=engine,
+               precision=precision, params=params)
+    todo = [category for category in categories if category not in done_before]
+    outcomes = (_on_ray(ray, data_root, todo, output, cpus_per_category, job) if ray is not None and todo else
+                ((category, _attempt(data_root, category, output / category, log, job)) for category in todo))
+    finished = dict(done_before)
+    bar = tqdm(total=len(categories), initial=len(done_before), desc="benchmark", unit="category", disable=None)
+    for category, outcome in outcomes:
+        bar.update(1)
+        finished[category] = outcome
+        if "error" in outcome:
+            log(f"{category}: FAILED: {outcome['error']}")
+            if outcome.get("traceback"):  # a bug in padim: keep its traceback visible
+                log(outcome["traceback"])
         else:
-            try:
-                fit_category(data_root, category, folder / "model.safetensors", note=log, batch_size=batch_size,
-                             device=device, progress=None, **params)
-                summary = test_category(folder / "model.safetensors", data_root, category, folder, pictures=True,
-                                        max_images=max_images, device=device, batch_size=batch_size, note=log,
-                                        tune_malloc=tune_malloc, engine=engine, precision=precision)
-            except Exception as exc:  # one bad category must not stop the others (Ctrl-C still does)
-                rows.append({"category": category, "error": _error_text(exc)})
-                log(f"{category}: FAILED: {_error_text(exc)}")
-                if not isinstance(exc, PadimError):  # a bug in padim: keep its traceback visible
-                    log("".join(traceback.format_exception(exc)).rstrip())
-                _write_results(output, rows, summaries, params, device)
-                continue
-            log(f"{category}: image_AUROC {summary['image_AUROC']:.3f}  pixel_AUROC {_fmt(summary['pixel_AUROC'])}  "
-                f"pixel_AUPRO {_fmt(summary['pixel_AUPRO'])}  fit {summary['fit_s']:.1f} s  "
-                f"{summary['test_ms_per_image']:.1f} ms/image")
-        summaries[category] = summary
-        rows.append(_row(summary))
-        _write_results(output, rows, summaries, params, device)
+            log(f"{category}: image_AUROC {outcome['image_AUROC']:.3f}  pixel_AUROC {_fmt(outcome['pixel_AUROC'])}  "
+                f"pixel_AUPRO {_fmt(outcome['pixel_AUPRO'])}  fit {outcome['fit_s']:.1f} s  "
+                f"{outcome['test_ms_per_image']:.1f} ms/image")
+        _write_results(output, *_rows(categories, finished), params, device)
+    bar.close()
+    rows, summaries = _rows(categories, finished)
+    _write_results(output, rows, summaries, params, device)
     return rows
+
+
+def _attempt(data_root, category: str, folder: Path, log, job: dict) -> dict:
+    """A category's summary, or {"category", "error"[, "traceback"]}: one bad category must not stop
+    the others (Ctrl-C still does)."""
+    try:
+        return run_category(data_root, category, folder, log=log, **job)
+    except Exception as exc:
+        failed = {"category": category, "error": _error_text(exc)}
+        if not isinstance(exc, PadimError):
+            failed["traceback"] = "".join(traceback.format_exception(exc)).rstrip()
+        return failed
+
+
+def _category_task(data_root, category: str, folder: Path, job: dict, threads: int) -> dict:
+    """A category on a Ray worker (a process of Ray's: its thread count is set to the task's CPUs)."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return _attempt(data_root, category, folder, lambda message: None, job)
+
+
+def _on_ray(address: str, data_root, categories: Sequence[str], output: Path, cpus: int, job: dict):
+    """Yields (category, outcome) as the categories' Ray tasks finish."""
+    from .cluster import connect
+
+    ray = connect(address)
+    task = ray.remote(num_cpus=cpus)(_category_task)
+    pending = {task.remote(str(Path(data_root).resolve()), category, (output / category).resolve(), job, cpus): category
+               for category in categories}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        category = pending.pop(ready[0])
+        yield category, ray.get(ready[0])
+
+
+def _rows(categories: Sequence[str], finished: Dict[str, dict]):
+    """Rows (in the order of ``categories``) and the summaries of the successful ones."""
+    rows, summaries = [], {}
+    for category in categories:
+        outcome = finished.get(category)
+        if outcome is None:
+            continue
+        if "error" in outcome:
+            rows.append({"category": category, "error": outcome["error"]})
+        else:
+            summaries[category] = outcome
+            rows.append(_row(outcome))
+    return rows, summaries
 
 
 def _write_results(output: Path, rows: List[Dict], summaries: Dict[str, dict], params: dict, device) -> None:

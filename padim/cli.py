@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--target-pixel-fpr", type=float, default=0.01,
                      help="fraction of the calibration images' pixels above the pixel threshold (default: 0.01)")
     fit.add_argument("--output", required=True, type=Path, help="model file to write, e.g. bottle.safetensors")
+    fit.add_argument("--ray", default=None, metavar="ADDRESS",
+                     help="fit on a Ray cluster: 'local' (this machine) or HOST:PORT of a running cluster; images "
+                          "must be readable at the same paths on every node (needs: pip install 'padim[ray]')")
+    fit.add_argument("--shards", type=int, default=None, metavar="N",
+                     help="with --ray: image shards, one task each (default: the cluster's CPUs)")
     fit.add_argument("--keep-statistics", type=Path, default=None, metavar="STATS",
                      help="also write the fit's statistics (float64 sums of the images the Gaussians were fitted on, "
                           "not the calibration hold-out) for 'padim update'")
@@ -194,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-images", type=int, default=None, help="panels for the N highest-scoring defects per category")
     bench.add_argument("--force", action="store_true", help="redo categories that already have results")
     bench.add_argument("--output", required=True, type=Path, help="folder for the results and the report")
+    bench.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="run the categories as parallel tasks on a Ray cluster: 'local' or HOST:PORT; the data "
+                            "root and output must be at the same paths on every node (needs: pip install 'padim[ray]')")
+    bench.add_argument("--cpus-per-category", type=int, default=1, metavar="N",
+                       help="with --ray: CPUs (and threads) each category's task takes (default: 1)")
     bench.add_argument("--engine", choices=ENGINE_NAMES, default="torch", help="what scores the tests (default: torch)")
     bench.add_argument("--precision", choices=PRECISION_NAMES, default="f32", help="with --engine openvino (default: f32)")
     _device_option(bench)
@@ -244,16 +254,43 @@ def _serve_parser(commands) -> None:
 
 
 # ----------------------------------------------------------------------------------------- commands
+def _ray_cluster(address: str):
+    """``--ray ADDRESS``: connected now (one line if it cannot be), so a wrong address fails before work.
+    'local' starts a cluster of this machine that listens on 127.0.0.1 only and reports nothing; a
+    loopback address needs the same environment (set here, before Ray is imported)."""
+    from .cluster import connect, is_loopback, loopback_environment
+
+    if is_loopback(address):
+        loopback_environment()
+    return connect(address)
+
+
+def _require_ray(address: str) -> None:
+    """Refuses --ray without the extra, in one line; for a loopback cluster, sets its environment
+    first (Ray reads it when imported)."""
+    from .cluster import is_loopback, loopback_environment, require_ray
+
+    if is_loopback(address):
+        loopback_environment()
+    require_ray()
+
+
 def cmd_fit(args) -> None:
     from .runs import fit_category
 
+    cluster = None
+    if args.ray is not None:
+        from .ray_fit import RayFit
+
+        _ray_cluster(args.ray)
+        cluster = RayFit(args.ray, shards=args.shards, log=_stderr)
     layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
     model = fit_category(args.data_root, args.category, args.output, backbone=args.backbone, weights=args.weights,
                          layers=layers, n_features=args.n_features, image_size=args.image_size, crop=args.crop,
                          seed=args.seed, factor_dtype=args.factor_dtype, batch_size=args.batch_size,
                          calibration_fraction=args.calibration_fraction, calibration=args.calibration,
                          folds=args.folds, target_fpr=args.target_fpr, target_pixel_fpr=args.target_pixel_fpr,
-                         device=args.device, progress=None, keep_statistics=args.keep_statistics)
+                         device=args.device, progress=None, keep_statistics=args.keep_statistics, cluster=cluster)
     size_mb = args.output.stat().st_size / 1e6
     print(f"fitted {model.config_.backbone} (weights: {model.weights_source_}, d={model.config_.n_features}, "
           f"layers {','.join(model.config_.layers)}) on {model.n_train_images_} images of {args.category} "
@@ -432,11 +469,13 @@ def _print_results(output: Path) -> None:
 def cmd_benchmark(args) -> None:
     from .benchmark import parse_categories, run_benchmark
 
+    if args.ray is not None:
+        _ray_cluster(args.ray)
     run_benchmark(args.data_root, parse_categories(args.categories), args.output, force=args.force,
                   max_images=args.max_images, batch_size=args.batch_size, device=args.device,
                   backbone=args.backbone, weights=args.weights, n_features=args.n_features,
                   image_size=args.image_size, seed=args.seed, tune_malloc=True, engine=args.engine,
-                  precision=args.precision)
+                  precision=args.precision, ray=args.ray, cpus_per_category=args.cpus_per_category)
     _print_results(args.output)
 
 
@@ -518,6 +557,16 @@ def _check_args(args) -> None:
         checks.check_output_file(args.output)
         if args.keep_statistics is not None:
             checks.check_output_file(args.keep_statistics, "--keep-statistics")
+        if args.shards is not None and args.ray is None:
+            raise PadimError("--shards is a --ray option (fit on a Ray cluster)")
+        if args.shards is not None and args.shards < 1:
+            raise PadimError(f"--shards must be at least 1, got {args.shards}")
+        if args.ray is not None:
+            if args.calibration == "cv":
+                raise PadimError("--calibration cv is not available with --ray yet: use holdout (the default)")
+            if args.device == "cuda":
+                raise PadimError("--ray fits on the workers' CPUs; --device cuda is for a local fit")
+            _require_ray(args.ray)
     elif args.command == "update":
         checks.check_output_file(args.output)
         if args.keep_statistics is not None:
@@ -526,6 +575,12 @@ def _check_args(args) -> None:
         checks.check_fit_options(args.backbone, None, args.n_features, args.image_size, None, args.seed,
                                  args.batch_size, "float32", args.device)
         checks.check_output_folder(args.output)
+        if args.cpus_per_category < 1:
+            raise PadimError(f"--cpus-per-category must be at least 1, got {args.cpus_per_category}")
+        if args.ray is not None:
+            if args.device == "cuda":
+                raise PadimError("--ray runs the categories on the workers' CPUs; --device cuda is for a local run")
+            _require_ray(args.ray)
     elif args.command == "test":
         checks.check_output_folder(args.output if args.output is not None else Path("padim-test") / args.category)
         if args.store_oracle_thresholds and args.model.is_file():  # the thresholds are written back into it

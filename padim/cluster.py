@@ -32,9 +32,18 @@ def require_ray():
     return ray
 
 
+def is_loopback(address: Optional[str]) -> bool:
+    """"local", None, or an address on 127.0.0.0/8 or localhost."""
+    if address in (None, "local"):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def loopback_environment() -> None:
-    """Sets ``LOOPBACK_ENVIRONMENT`` in this process (for the command line's ``--ray local``): the
-    cluster it starts keeps every server on 127.0.0.1 and reports nothing."""
+    """Sets ``LOOPBACK_ENVIRONMENT`` in this process, before Ray is imported (the command line does,
+    for ``--ray local`` and loopback addresses): a cluster it starts keeps every server on 127.0.0.1,
+    reports nothing, and a driver can reach a cluster started on 127.0.0.1."""
     for key, value in LOOPBACK_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
 
@@ -49,6 +58,10 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None):
     ray = require_ray()
     if ray.is_initialized():
         return ray
+    if address not in (None, "local") and is_loopback(address) and _swaps_loopback():
+        # Ray on Linux would try the machine's network address instead, and wait minutes for it
+        raise PadimError(f"to reach a Ray cluster at {address}, set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the "
+                         "environment before Python starts (the padim command does this itself)")
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         if address in (None, "local"):
@@ -64,3 +77,11 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None):
 def cpus_in_cluster(ray) -> int:
     """CPUs the connected cluster offers (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _swaps_loopback() -> bool:
+    """Whether this process's Ray replaces 127.0.0.1 by the machine's network address (its default on
+    Linux; read when Ray was imported)."""
+    from ray._private import ray_constants  # no public equivalent; only consulted, never changed
+
+    return bool(ray_constants.ENABLE_RAY_CLUSTER)

@@ -215,25 +215,26 @@ class PaDiM:
         return str(self.weights) == "random"
 
     # ----------------------------------------------------------------------------- fit
-    def fit(self, images: Sequence[ImageInput], keep_statistics: bool = False) -> "PaDiM":
+    def fit(self, images: Sequence[ImageInput], keep_statistics: bool = False, cluster=None) -> "PaDiM":
         """Fits one Gaussian per patch position on defect-free ``images`` (paths, PIL images or
         uint8 arrays) and calibrates its thresholds on good images it did not fit on (see the class
         docstring). Embeddings are streamed into running sums: memory does not grow with N.
         The new state is built aside and replaces the old one only when the whole fit succeeded.
         ``keep_statistics``: keep the sums as ``statistics_`` (a ``padim.statistics.FitStatistics``
         of the images the Gaussians were fitted on) for ``partial_fit`` or saving; else None. The
-        sums are then held beside the factor: the fit's peak grows by their size (P d (d + 3) / 2 float64)."""
+        sums are then held beside the factor: the fit's peak grows by their size (P d (d + 3) / 2 float64).
+        ``cluster``: computes the statistics, factors and calibration scores elsewhere (a
+        ``padim.ray_fit.RayFit``: shards on a Ray cluster); the result equals the local fit."""
         images = list(images)
         if len(images) < 2:
             raise DataError(f"PaDiM needs at least 2 training images, got {len(images)}")
         started = time.perf_counter()
         config = self._make_config()
         n_calibration, note = self._calibration_plan(len(images))
+        if cluster is not None and n_calibration and self.calibration == "cv":
+            raise PadimError("calibration 'cv' is not available on a cluster yet: use 'holdout' (the default)")
         device = self._resolve_device()
-        extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
-        extractor = extractor.to(device, memory_format=torch.channels_last)
-        n_channels = count_channels(extractor, config.input_size, device)
-        embedder = Embedder(extractor, random_channel_subset(n_channels, config.n_features, config.seed).to(device), device)
+        embedder, source, sha256 = self.build_embedder(config)
 
         held_out = []
         fit_images = images
@@ -242,20 +243,26 @@ class PaDiM:
             fit_images = [images[i] for i in fit_indices]
             held_out = [images[i] for i in calibration_indices]
         with torch.inference_mode():
-            stats, feature_hw = self._accumulate(embedder, config, device, fit_images, "fit")
             calibration = None
-            if n_calibration and self.calibration == "cv":
-                calibration = self._cross_fit(embedder, config, device, images, stats, feature_hw)
-            mean, packed = stats.finalize(config.epsilon, release=release_free_memory,  # (P, d), (P, d (d + 1) / 2)
-                                          keep=keep_statistics)
+            if cluster is None:
+                stats, feature_hw = self._accumulate(embedder, config, device, fit_images, "fit")
+                if n_calibration and self.calibration == "cv":
+                    calibration = self._cross_fit(embedder, config, device, images, stats, feature_hw)
+                mean, packed = stats.finalize(config.epsilon, release=release_free_memory,  # (P, d), (P, d (d + 1) / 2)
+                                              keep=keep_statistics)
+            else:
+                mean, packed, stats, feature_hw = cluster.statistics_and_factors(self, config, fit_images, source,
+                                                                                 sha256, keep_statistics)
             kept = _fit_statistics(config, embedder, feature_hw, stats, source, sha256, len(fit_images),
                                    len(held_out), "fit") if keep_statistics else None
             del stats
             release_free_memory()
             packed = store_factor(packed, config.factor_dtype)
             if held_out:
-                calibration = self._score_calibration(embedder, config, device, held_out, mean.float(), packed,
-                                                      feature_hw)
+                scores, maps = (self.held_out_scores(held_out, mean.float(), packed, feature_hw, embedder)
+                                if cluster is None else
+                                cluster.held_out_scores(self, held_out, mean.float(), packed, feature_hw))
+                calibration = cal.Calibration.from_scores(scores, maps, "holdout")
         info = {"weights_source": source, "weights_sha256": sha256, "n_train_images": len(fit_images),
                 "calibration_fraction": float(self.calibration_fraction), "folds": self.folds,
                 "target_pixel_fpr": float(self.target_pixel_fpr),
@@ -303,11 +310,7 @@ class PaDiM:
             if previous is None:
                 config = self._make_config()
                 device = self._resolve_device()
-                extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
-                extractor = extractor.to(device, memory_format=torch.channels_last)
-                n_channels = count_channels(extractor, config.input_size, device)
-                embedder = Embedder(extractor, random_channel_subset(n_channels, config.n_features, config.seed).to(device),
-                                    device)
+                embedder, source, sha256 = self.build_embedder(config)
                 stats = GaussianAccumulator()
             else:
                 config, embedder, device = self.config_, self.embedder_, self.device_
@@ -424,17 +427,52 @@ class PaDiM:
             release_free_memory()
         return stats, feature_hw
 
-    def _score_calibration(self, embedder, config, device, images, mean, packed, feature_hw) -> cal.Calibration:
-        """Scores held-out good images with the fitted Gaussians -> their Calibration. Small batches
-        and the factor unpacked block by block keep this below the fit's own peak memory."""
+    def build_embedder(self, config: Optional[PadimConfig] = None) -> Tuple[Embedder, str, Optional[str]]:
+        """The frozen backbone and channel subset of ``config`` (default: these parameters') on this
+        estimator's device -> (embedder, weights source, weights file SHA-256 or None)."""
+        config = config if config is not None else self._make_config()
+        device = self._resolve_device()
+        extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
+        extractor = extractor.to(device, memory_format=torch.channels_last)
+        n_channels = count_channels(extractor, config.input_size, device)
+        channel_idx = random_channel_subset(n_channels, config.n_features, config.seed).to(device)
+        return Embedder(extractor, channel_idx, device), source, sha256
+
+    def statistics(self, images: Sequence[ImageInput], shift: Optional[torch.Tensor] = None,
+                   desc: str = "statistics"):
+        """The ``padim.statistics.FitStatistics`` of ``images`` under these parameters: sums only,
+        no factor, no calibration (what one shard of a distributed fit computes; merging disjoint
+        shards' statistics and finalising them equals a fit on all the images with
+        ``calibration_fraction=0``). ``shift``: (P, d) to take the sums around (default: the first
+        batch's mean). Does not change this estimator."""
+        images = list(images)
+        if not images:
+            raise DataError("statistics need at least 1 image")
+        config = self._make_config()
+        embedder, source, sha256 = self.build_embedder(config)
+        with torch.inference_mode():
+            stats, feature_hw = self._accumulate(embedder, config, embedder.device, images, desc,
+                                                 GaussianAccumulator(shift=shift))
+        return _fit_statistics(config, embedder, feature_hw, stats, source, sha256, len(images), 0, "statistics")
+
+    def held_out_scores(self, images: Sequence[ImageInput], mean: torch.Tensor, packed: torch.Tensor,
+                        feature_hw: Tuple[int, int], embedder: Optional[Embedder] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Scores held-out good images with given Gaussians (what calibration is made of)
+        -> image scores (n,) and anomaly maps (n, H, W), float32.
+
+        mean: (P, d) float32; packed: (P, d (d + 1) / 2) factor; embedder: default ``build_embedder()``.
+        Small batches and the factor unpacked block by block keep this below the fit's own peak memory."""
+        config = self._make_config()
+        embedder = embedder if embedder is not None else self.build_embedder(config)[0]
+        device = embedder.device
         batch_size = min(self.batch_size, CPU_FORWARD_CHUNK) if device.type == "cpu" else self.batch_size
         batches = input_batches(images, config, batch_size, device, self.workers, self.progress, "calibrate")
         scores, maps = [], []
-        for batch_scores, batch_maps, _ in score_batches(embedder, mean, packed, feature_hw, config.input_size,
-                                                         config.sigma, batches):
+        for batch_scores, batch_maps, _ in score_batches(embedder, mean.to(device), packed.to(device), feature_hw,
+                                                         config.input_size, config.sigma, batches):
             scores.append(batch_scores)
             maps.append(batch_maps)
-        return cal.Calibration.from_scores(torch.cat(scores).numpy(), torch.cat(maps).numpy(), "holdout")
+        return torch.cat(scores).numpy(), torch.cat(maps).numpy()
 
     def _cross_fit(self, embedder, config, device, images, total: GaussianAccumulator, feature_hw) -> cal.Calibration:
         """Scores each of ``folds`` seeded folds with the statistics of the other folds (``total``

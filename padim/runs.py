@@ -23,14 +23,15 @@ def _stderr(message: str) -> None:
 
 
 def fit_category(data_root, category: str, output: Path, note: Callable[[str], None] = _stderr,
-                 keep_statistics: Optional[Path] = None, **params) -> PaDiM:
+                 keep_statistics: Optional[Path] = None, cluster=None, **params) -> PaDiM:
     """Fits PaDiM(**params) on DATA_ROOT/CATEGORY/train/good and saves it to ``output``; with
-    ``keep_statistics``, also its statistics there (see ``padim.statistics``)."""
+    ``keep_statistics``, also its statistics there (see ``padim.statistics``); with ``cluster``
+    (a ``padim.ray_fit.RayFit``), on a Ray cluster."""
     found = find_category(data_root, category, note=note)
     model = PaDiM(**params)
     if model.uses_random_weights:
         note(RANDOM_WEIGHTS_WARNING)
-    model.fit(found.train, keep_statistics=keep_statistics is not None)
+    model.fit(found.train, keep_statistics=keep_statistics is not None, cluster=cluster)
     model.category_ = category
     model.save(output)
     if keep_statistics is not None:

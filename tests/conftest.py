@@ -1,8 +1,13 @@
 """Shared fixtures: small synthetic categories generated in code (nothing shipped as files)."""
 
+import os
 import shutil
 
 import pytest
+
+# Before anything imports Ray (it reads them at import): no usage statistics, and a cluster on
+# 127.0.0.1 stays there (see padim.cluster.LOOPBACK_ENVIRONMENT). Tests only ever start loopback clusters.
+os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
 
 from padim.data.synthetic import make_synthetic_category
 

