@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fit on a Ray cluster: 'local' (this machine) or HOST:PORT of a running cluster; images "
                           "must be readable at the same paths on every node (needs: pip install 'padim[ray]')")
     fit.add_argument("--shards", type=int, default=None, metavar="N",
-                     help="with --ray: image shards, one task each (default: the cluster's CPUs)")
+                     help="with --ray: image shards, one task each (default: the cluster's CPUs / --cpus-per-shard)")
+    fit.add_argument("--cpus-per-shard", type=int, default=1, metavar="N",
+                     help="with --ray: CPUs (and threads) each shard's task takes; on many nodes, one shard per node "
+                          "(N = its cores) moves the fewest statistics (default: 1)")
     fit.add_argument("--keep-statistics", type=Path, default=None, metavar="STATS",
                      help="also write the fit's statistics (float64 sums of the images the Gaussians were fitted on, "
                           "not the calibration hold-out) for 'padim update'")
@@ -283,7 +286,7 @@ def cmd_fit(args) -> None:
         from .ray_fit import RayFit
 
         _ray_cluster(args.ray)
-        cluster = RayFit(args.ray, shards=args.shards, log=_stderr)
+        cluster = RayFit(args.ray, shards=args.shards, cpus_per_shard=args.cpus_per_shard, log=_stderr)
     layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
     model = fit_category(args.data_root, args.category, args.output, backbone=args.backbone, weights=args.weights,
                          layers=layers, n_features=args.n_features, image_size=args.image_size, crop=args.crop,
@@ -557,10 +560,12 @@ def _check_args(args) -> None:
         checks.check_output_file(args.output)
         if args.keep_statistics is not None:
             checks.check_output_file(args.keep_statistics, "--keep-statistics")
-        if args.shards is not None and args.ray is None:
-            raise PadimError("--shards is a --ray option (fit on a Ray cluster)")
-        if args.shards is not None and args.shards < 1:
-            raise PadimError(f"--shards must be at least 1, got {args.shards}")
+        if (args.shards is not None or args.cpus_per_shard != 1) and args.ray is None:
+            raise PadimError("--shards and --cpus-per-shard are --ray options (fit on a Ray cluster)")
+        for name in ("shards", "cpus_per_shard"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise PadimError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if args.ray is not None:
             if args.calibration == "cv":
                 raise PadimError("--calibration cv is not available with --ray yet: use holdout (the default)")

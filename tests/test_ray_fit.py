@@ -111,7 +111,7 @@ def test_ray_options_are_checked_before_work(tmp_path, capsys, monkeypatch):
 
     out = tmp_path / "m.safetensors"
     assert main(["fit", "--data-root", str(tmp_path), "--category", "x", "--output", str(out), "--shards", "2"]) == 1
-    assert "--shards is a --ray option" in capsys.readouterr().err
+    assert "--shards and --cpus-per-shard are --ray options" in capsys.readouterr().err
     assert main(["fit", "--data-root", str(tmp_path), "--category", "x", "--output", str(out), "--ray", "local",
                  "--calibration", "cv"]) == 1
     assert "--calibration cv is not available with --ray" in capsys.readouterr().err
