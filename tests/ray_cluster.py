@@ -55,18 +55,26 @@ class LocalCluster:
             raise RuntimeError(f"ray start failed: {done.stderr[-2000:]}")
 
     def processes(self):
-        """PIDs of this cluster's processes (their command lines name its folder)."""
-        pids = []
+        """PIDs of this cluster's processes: those whose command lines name its folder, and their
+        descendants (workers rename themselves "ray::...")."""
+        found, parents = set(), {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
                 cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+                stat = (entry / "stat").read_text()
             except OSError:
                 continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
             if str(self.folder) in cmdline:
-                pids.append(int(entry.name))
-        return pids
+                found.add(int(entry.name))
+        grew = True
+        while grew:
+            children = {pid for pid, parent in parents.items() if parent in found} - found
+            found |= children
+            grew = bool(children)
+        return sorted(found)
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
