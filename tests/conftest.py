@@ -1,10 +1,17 @@
 """Shared fixtures: small synthetic categories generated in code (nothing shipped as files)."""
 
+import os
 import shutil
 
 import pytest
 
+from padim.cluster import LOOPBACK_ENVIRONMENT
 from padim.data.synthetic import make_synthetic_category
+
+# Ray reads these when it is imported (before any fixture runs): without them a driver in this process
+# would look for the loopback cluster of ``ray_address`` at the machine's network address.
+for _key, _value in LOOPBACK_ENVIRONMENT.items():
+    os.environ.setdefault(_key, _value)
 
 SMALL = dict(n_train=12, n_test_good=4, n_test_per_defect=2, size=64)
 
