@@ -162,6 +162,7 @@ class ResultsFolder:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._next: Optional[int] = None  # number of the next part
 
     @staticmethod
     def check(folder: Path, option: str = "--output") -> None:
@@ -209,9 +210,11 @@ class ResultsFolder:
 
     def write(self, table: pa.Table) -> Path:
         """Writes ``table`` as the next part, atomically."""
-        numbers = [int(PART.fullmatch(p.name).group(1)) for p in self.parts()]
-        path = self.folder / f"part-{max(numbers, default=-1) + 1:05d}.parquet"
+        if self._next is None:
+            self._next = 1 + max((int(PART.fullmatch(p.name).group(1)) for p in self.parts()), default=-1)
+        path = self.folder / f"part-{self._next:05d}.parquet"
         atomic_write(path, lambda handle: pq.write_table(table, handle), what="Parquet part")
+        self._next += 1
         return path
 
 
