@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders of images")
     predict.add_argument("--output", type=Path, default=None,
                          help="with --ray: the Parquet folder of results (required; a rerun skips the images it "
-                              "holds). Without --ray: folder for NAME.EXT_heatmap.png, a heatmap overlay (long side at most 4096 px), and "
-                              "(with a pixel threshold) NAME.EXT_mask.png, a binary mask at the image's original "
+                              "holds). Without --ray: folder for NAME.EXT_heatmap.png, a heatmap overlay (long side "
+                              "at most 4096 px), and (with a pixel threshold) NAME.EXT_mask.png, a binary mask at the image's original "
                               "resolution, per input NAME.EXT (for a model fitted with --crop: both at the crop, "
                               "over the resized and cropped image the model saw)")
     _weights_location_option(predict)

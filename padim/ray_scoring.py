@@ -170,7 +170,8 @@ class ResultsFolder:
         folder = Path(folder)
         if os.path.lexists(folder) and not folder.is_dir():
             raise PadimError(f"{option} {folder} is a file; give a folder for the Parquet results, e.g. results.parquet")
-        if folder.is_dir() and not (folder / MANIFEST).is_file() and any(not p.name.startswith(".") for p in folder.iterdir()):
+        foreign = folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir())
+        if foreign and not (folder / MANIFEST).is_file():
             raise PadimError(f"{option} {folder} is a folder that does not hold padim predict --ray results "
                              f"(no {MANIFEST}): give a new folder, or that of an earlier run to resume it")
 
@@ -255,8 +256,9 @@ def score_archive(ray, model_path, paths: Sequence[Path], output, point: Operati
     ``output``, skipping the paths it already holds (see the module's docstring).
 
     point: the operating point (``PaDiM.operating_point``) that decides labels; actors: the size of
-    the actor pool, each taking ``threads`` CPUs and torch threads; heatmaps: a folder for ``padim predict``'s pictures, or
-    None; progress: called as ``progress(rows done, total, errors)`` after each part is written.
+    the actor pool, each taking ``threads`` CPUs and torch threads; heatmaps: a folder for ``padim
+    predict``'s pictures, or None; progress: called as ``progress(rows done, total, errors)`` after
+    each part is written.
     """
     started = time.perf_counter()
     results = ResultsFolder(output)

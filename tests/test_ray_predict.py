@@ -97,16 +97,17 @@ def killed_and_resumed(ray_address, ray_connected, archive, tmp_path_factory):
                "--actors", "1", "--batch-size", "8", "--output", str(output), "--heatmaps", str(heatmaps),
                *map(str, sorted({p.parent for p in paths}))]
     env = {key: value for key, value in loopback_env().items() if not key.startswith("RAY_")}  # the CLI sets them
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not ResultsFolder(output).parts() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        _, stderr = process.communicate()
-    assert process.returncode == -signal.SIGKILL, stderr
+    with open(root / "stderr.txt", "w+") as stderr:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 180
+            while not ResultsFolder(output).parts() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            process.kill()  # SIGKILL: no cleanup of any kind
+            process.wait()
+        stderr.seek(0)
+        assert process.returncode == -signal.SIGKILL, stderr.read()
     # a part being written when it died, by a writer gone long ago
     half_written = output / ".part-00099.parquet.abcdef-999999-dead.tmp"
     half_written.write_bytes(b"PAR1 half")
