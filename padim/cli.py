@@ -160,13 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="score images with a fitted model",
                                   description="Print one JSON line per image: path, score, p_value (against the "
-                                              "model's calibration images), threshold, threshold_source and label.")
+                                              "model's calibration images), threshold, threshold_source and label. "
+                                              "With --ray: score on a Ray cluster into a Parquet folder (--output), "
+                                              "a row per image, resumed by a rerun.")
     predict.add_argument("--model", type=Path, default=None,
                          help="model file written by 'padim fit' (optional with --export: the export's own header is used)")
     predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders of images")
     predict.add_argument("--output", type=Path, default=None,
-                         help="folder for NAME.EXT_heatmap.png, a heatmap overlay (long side at most 4096 px), and "
-                              "(with a pixel threshold) NAME.EXT_mask.png, a binary mask at the image's original "
+                         help="with --ray: the Parquet folder of results (required; a rerun skips the images it "
+                              "holds). Without --ray: folder for NAME.EXT_heatmap.png, a heatmap overlay (long side "
+                              "at most 4096 px), and (with a pixel threshold) NAME.EXT_mask.png, a binary mask at the image's original "
                               "resolution, per input NAME.EXT (for a model fitted with --crop: both at the crop, "
                               "over the resized and cropped image the model saw)")
     _weights_location_option(predict)
@@ -178,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_option(predict, "with --engine onnxruntime|openvino: an export folder ('padim export'); needs no --model "
                             "and no PyTorch")
     _device_option(predict)
+    predict.add_argument("--ray", default=None, metavar="ADDRESS",
+                         help="score on a Ray cluster: 'local' (this machine) or HOST:PORT of a running cluster; the "
+                              "model and images must be readable at the same paths on every node; rows (path, score, "
+                              "p_value, label, threshold, threshold_source, error) go to --output as Parquet "
+                              "(needs: pip install 'padim[ray]')")
+    predict.add_argument("--actors", type=int, default=None, metavar="N",
+                         help="with --ray: scoring actors, each loading the model once (default: one per CPU of the "
+                              "cluster, divided by --actor-threads)")
+    predict.add_argument("--actor-threads", type=int, default=None, metavar="N",
+                         help="with --ray: torch threads (and CPUs) per actor (default: 1)")
+    predict.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
+                         help="with --ray: also write the pictures --output writes without --ray into DIR (on a "
+                              "cluster of several machines: a folder every node sees at that path)")
 
     export = commands.add_parser("export", help="export a model's scoring path as one ONNX or OpenVINO graph",
                                  description="Write one graph from uint8 pixels (B, H, W, 3), already resized to the "
@@ -398,33 +414,78 @@ def _predict_model(args):
     return open_engine(args.engine, args.precision, args.model, args.export, args.weights, args.batch_size, progress=None)
 
 
+def _predict_notes(model, point, pictures: bool) -> None:
+    """What ``padim predict`` says on stderr before it scores: thresholds it cannot guarantee, no
+    calibration, random weights, no masks."""
+    from .errors import RANDOM_WEIGHTS_WARNING
+
+    if point.warning:
+        _stderr(point.warning)
+    if model.calibration_ is None:
+        _stderr("note: the model has no calibration (fitted on too few images, with --calibration-fraction 0, or by "
+                "an older padim): no p-values" + ("" if point.image_threshold is not None else ", no labels"))
+    if model.uses_random_weights:
+        _stderr(RANDOM_WEIGHTS_WARNING)
+    if pictures and point.pixel_threshold is None:
+        _stderr("note: the model has no pixel threshold (no calibration; give --pixel-threshold): writing heatmaps, "
+                "no masks")
+
+
+def _predict_on_ray(args) -> None:
+    """--ray: the images scored by a pool of actors on a Ray cluster into the Parquet folder --output
+    (``padim.ray_scoring``); progress on stderr, a summary line on stdout."""
+    import logging
+
+    from . import cluster
+    from .model import PaDiM
+    from .ray_scoring import score_archive
+
+    # loaded here too, so that a wrong model, weights file or threshold option is one line before any actor starts
+    model = PaDiM.load(args.model, device="cpu", batch_size=args.batch_size, progress=None, weights=args.weights)
+    point = model.operating_point(args.target_fpr, args.image_threshold, args.pixel_threshold)
+    _predict_notes(model, point, args.heatmaps is not None)
+    del model
+    paths = _expand_paths(args.paths)
+    ray = cluster.require_ray_data()
+    connected_before = ray.is_initialized()
+    cluster.connect(args.ray)
+    try:
+        threads, cpus = args.actor_threads or 1, cluster.cpus_in_cluster(ray)
+        actors = args.actors or max(1, cpus // threads)
+        if actors * threads > cpus:
+            raise PadimError(f"--actors {actors} x --actor-threads {threads} needs {actors * threads} CPUs; the "
+                             f"cluster has {cpus}")
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notes would drown the progress lines
+        _stderr(f"scoring {len(paths)} images on {actors} actor(s) x {threads} thread(s) -> {args.output}")
+        summary = score_archive(
+            ray, args.model, paths, args.output, point, actors=actors, batch_size=args.batch_size, threads=threads,
+            weights=None if args.weights is None else str(Path(args.weights).resolve()), heatmaps=args.heatmaps,
+            tune_malloc=True, progress=lambda done, total, errors: _stderr(f"{done}/{total} images ({errors} errors)"))
+    finally:
+        if not connected_before:
+            ray.shutdown()
+    rate = (summary.scored + summary.errors) / max(summary.seconds, 1e-9)
+    print(f"{summary.scored} scored, {summary.errors} errors, {summary.skipped} already in the folder; "
+          f"{summary.seconds:.1f} s ({rate:.1f} images/s) -> {summary.output}")
+
+
 def cmd_predict(args) -> None:
     """Scores; with --output, per input NAME.EXT (the whole file name, so 000.png and 000.tif do not
     collide) writes NAME.EXT_heatmap.png (long side <= 4096 px) and NAME.EXT_mask.png (full size).
-    With --engine onnxruntime|openvino and --export DIR, scoring needs no torch (pictures still do)."""
-    from PIL import Image
-
-    from .errors import RANDOM_WEIGHTS_WARNING
-    from .images import load_pixels, read_image
-
+    With --engine onnxruntime|openvino and --export DIR, scoring needs no torch (pictures still do).
+    With --ray, see ``_predict_on_ray``."""
+    if args.ray is not None:
+        return _predict_on_ray(args)
     model = _predict_model(args)
     point = model.operating_point(args.target_fpr, args.image_threshold, args.pixel_threshold)
-    if point.warning:
-        print(point.warning, file=sys.stderr)
-    if model.calibration_ is None:
-        print("note: the model has no calibration (fitted on too few images, with --calibration-fraction 0, or by "
-              "an older padim): no p-values" + ("" if point.image_threshold is not None else ", no labels"),
-              file=sys.stderr)
+    _predict_notes(model, point, args.output is not None)
     paths = _expand_paths(args.paths)
     if args.engine == "torch" and model.device_.type == "cpu":
         _tune_malloc()
-    if model.uses_random_weights:
-        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    if args.output is not None and point.pixel_threshold is None:
-        print("note: the model has no pixel threshold (no calibration; give --pixel-threshold): writing heatmaps, "
-              "no masks", file=sys.stderr)
-    # outputs mirror the inputs' folders below their common parent, so equal file names never collide
-    common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+    if args.output is not None:
+        from .visualize import common_parent, save_prediction_pictures
+
+        common = common_parent(paths)
     done = 0
     for scores, maps, sizes in model.iter_predict(paths):
         for score, anomaly_map, size in zip(scores.tolist(), maps, sizes):
@@ -439,28 +500,8 @@ def cmd_predict(args) -> None:
             if args.output is not None:
                 import torch  # pictures and masks (padim.visualize) need torch, whatever the engine
 
-                from .memory import release_free_memory
-                from .scoring import to_original_resolution
-                from .visualize import heatmap_overlay, mask_at_size, mask_image, overlay_size, save_png
-
-                anomaly_map = torch.as_tensor(anomaly_map)
-                stem = args.output / path.resolve().parent.relative_to(common) / path.name
-                if model.config_.crop is None:  # the map and the picture at the image's own size
-                    draw = overlay_size(size)  # the heatmap: long side <= 4096 px
-                    drawn, picture = to_original_resolution(anomaly_map, draw), read_image(path, draw, 1, 1)[0]
-                else:  # a crop has no full-size map: both at the crop the model saw
-                    drawn, picture = anomaly_map.numpy(), Image.fromarray(load_pixels(path, model.config_)[0])
-                if point.pixel_threshold is not None:
-                    vmin, vmax = 0.0, 2 * point.pixel_threshold
-                    full_size = size if model.config_.crop is None else tuple(anomaly_map.shape)
-                    mask = mask_image(mask_at_size(anomaly_map, full_size, point.pixel_threshold))
-                    save_png(mask, stem.with_name(stem.name + "_mask.png"))
-                    del mask
-                else:
-                    vmin, vmax = float(drawn.min()), float(drawn.max())
-                save_png(heatmap_overlay(picture, drawn, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
-                del picture, drawn
-                release_free_memory()  # a big picture's buffers, kept by glibc otherwise
+                save_prediction_pictures(path, torch.as_tensor(anomaly_map), size, model.config_,
+                                         point.pixel_threshold, args.output, common)
             print(json.dumps(record), flush=True)
 
 
@@ -586,6 +627,8 @@ def _check_args(args) -> None:
             if args.device == "cuda":
                 raise PadimError("--ray runs the categories on the workers' CPUs; --device cuda is for a local run")
             _require_ray(args.ray)
+    elif args.command == "predict":
+        _check_predict_ray(args)
     elif args.command == "test":
         checks.check_output_folder(args.output if args.output is not None else Path("padim-test") / args.category)
         if args.store_oracle_thresholds and args.model.is_file():  # the thresholds are written back into it
@@ -604,6 +647,36 @@ def _check_args(args) -> None:
         checks.check_output_folder(args.output)
     elif args.command == "download":
         checks.check_output_folder(args.to, "--to")
+
+
+def _check_predict_ray(args) -> None:
+    """padim predict's --ray options: the others refused, the output a results folder, Ray installed."""
+    from . import checks, cluster
+
+    ray_only = {"--actors": args.actors, "--actor-threads": args.actor_threads, "--heatmaps": args.heatmaps}
+    if args.ray is None:
+        for option, value in ray_only.items():
+            if value is not None:
+                raise PadimError(f"{option} is a --ray option (without --ray, --output DIR holds the pictures)")
+        return
+    if args.output is None:
+        raise PadimError("--ray needs --output FOLDER: the results go there as Parquet (e.g. --output results.parquet)")
+    if args.engine != "torch":
+        raise PadimError(f"--ray scores with --engine torch for now; --engine {args.engine} runs without --ray")
+    if args.device == "cuda":
+        raise PadimError("--ray scores on the actors' CPUs; --device cuda is for scoring without --ray")
+    for option in ("--actors", "--actor-threads"):
+        value = ray_only[option]
+        if value is not None and value < 1:
+            raise PadimError(f"{option} must be at least 1, got {value}")
+    if args.heatmaps is not None:
+        checks.check_output_folder(args.heatmaps, "--heatmaps")
+    if cluster.is_loopback(args.ray):
+        cluster.loopback_environment()  # before Ray is imported: it reads these when it loads
+    cluster.require_ray_data()
+    from .ray_scoring import ResultsFolder
+
+    ResultsFolder.check(args.output)
 
 
 COMMANDS = {"fit": cmd_fit, "update": cmd_update, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark,

@@ -20,7 +20,11 @@ INSTALL_HINT = "pip install 'padim[ray]'"
 # Ray reads these when it starts processes. Usage statistics would try to reach the internet; and on
 # Linux Ray replaces a loopback node address by the machine's network address unless it believes it
 # runs a single-machine (Windows/macOS style) cluster, so a "local" cluster would listen on the network.
-LOOPBACK_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Token authentication (Ray >= 2.5x) is left off: otherwise a local ``ray.init`` writes ~/.ray/auth_token,
+# and from then on every ``ray start`` of that user turns authentication on, which drivers given an
+# explicit address do not follow (they are refused: "InvalidAuthToken").
+LOOPBACK_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                        "RAY_AUTH_MODE": "disabled"}
 
 
 def require_ray():
@@ -33,11 +37,14 @@ def require_ray():
 
 
 def is_loopback(address: Optional[str]) -> bool:
-    """"local", None, or an address on 127.0.0.0/8 or localhost."""
-    if address in (None, "local"):
-        return True
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """True for "local" and for an address on this machine's loopback (127.x.x.x, localhost, ::1):
+    connecting to such a cluster needs ``loopback_environment`` set before Ray is imported, or Ray
+    looks for it at the machine's network address."""
+    if address is None or address == "local":
+        return address == "local"
+    address = address.split("://", 1)[-1]  # ray://HOST:PORT (Ray Client)
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def loopback_environment() -> None:
@@ -71,6 +78,18 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None):
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PadimError(f"cannot connect to the Ray cluster at {address}: {first}") from None
+    return ray
+
+
+def require_ray_data():
+    """The ``ray`` module with Ray Data and pyarrow (``padim predict --ray``), or a PadimError saying
+    how to install them."""
+    ray = require_ray()
+    try:
+        import pyarrow  # noqa: F401
+        import ray.data  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise PadimError(f"--ray predict needs Ray Data ({exc.name} is missing): {INSTALL_HINT}") from None
     return ray
 
 

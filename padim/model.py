@@ -30,7 +30,7 @@ from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError
 from .features import CPU_FORWARD_CHUNK, Embedder, count_channels, random_channel_subset
 from .gaussian import GaussianAccumulator, store_factor, unpack_lower
-from .images import ImageInput, input_batches
+from .images import ImageInput, input_batches, to_input
 from .memory import release_free_memory
 from .scoring import PadimResult, score_batches, score_embeddings, to_original_resolution
 
@@ -502,6 +502,22 @@ class PaDiM:
         batches = input_batches(images, config, self.batch_size, self.device_, self.workers, self.progress, desc)
         yield from score_batches(self.embedder_, self.mean_, self.precision_factor_, self.feature_hw_,
                                  config.input_size, config.sigma, batches)
+
+    def score_pixels(self, pixels) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, 3) uint8 pixels decoded by ``images.load_pixels`` -> scores (B,), maps (B, H, W)
+        on the CPU: the steps ``iter_predict`` runs after decoding (the same numbers), for callers
+        that decode each file alone so that a corrupt one fails alone (the service, ``padim predict
+        --ray``). ``ExportedModel.score_pixels`` is its engine counterpart."""
+        self._check_fitted()
+        config = self.config_
+        if len(pixels) == 0 or tuple(pixels[0].shape) != (*config.input_size, 3):
+            raise PadimError(f"pixels must be (B, {config.input_size[0]}, {config.input_size[1]}, 3) uint8 with "
+                             f"B >= 1, got {tuple(np.shape(pixels))}")
+        batch = to_input(pixels, config)  # (B, 3, H, W)
+        scored = score_batches(self.embedder_, self.mean_, self.precision_factor_, self.feature_hw_,
+                               config.input_size, config.sigma, [(batch, [None] * len(batch))])
+        scores, maps, _ = next(iter(scored))
+        return scores, maps
 
     def operating_point(self, target_fpr: Optional[float] = None, image_threshold: Optional[float] = None,
                         pixel_threshold: Optional[float] = None,

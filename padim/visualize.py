@@ -7,8 +7,9 @@ and keep the input's full resolution, computed in strips of rows (``mask_at_size
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib import colormaps
@@ -70,3 +71,42 @@ def mask_at_size(anomaly_map: torch.Tensor, size: Tuple[int, int], threshold: fl
     for start in range(0, size[0], step):
         out[start : start + step] = (rows[start : start + step] @ across >= threshold).numpy()
     return out
+
+
+def common_parent(paths: Sequence[Path]) -> Path:
+    """The deepest folder holding every one of ``paths`` (resolved): ``save_prediction_pictures``
+    mirrors the inputs' folders below it, so that equal file names in two folders never collide."""
+    return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
+
+
+def save_prediction_pictures(path: Path, anomaly_map: torch.Tensor, size: Tuple[int, int], config,
+                             pixel_threshold: Optional[float], folder: Path, common: Path) -> None:
+    """``padim predict``'s pictures of one image ``path`` (scored to ``anomaly_map`` (H, W); ``size``
+    its upright original (height, width)), written below ``folder`` at the input's place relative
+    to ``common``: NAME.EXT_heatmap.png, an overlay with its long side <= ``OVERLAY_MAX_SIDE``, and
+    with a pixel threshold NAME.EXT_mask.png, the mask at the image's full resolution. For a model
+    fitted with a crop both are at the crop, over the resized and cropped image the model saw. The
+    image is read again for the overlay."""
+    from .decode import read_image
+    from .images import load_pixels
+    from .memory import release_free_memory
+    from .scoring import to_original_resolution
+
+    path = Path(path)
+    stem = Path(folder) / path.resolve().parent.relative_to(common) / path.name
+    if config.crop is None:  # the map and the picture at the image's own size
+        draw = overlay_size(size)  # the heatmap: long side <= 4096 px
+        drawn, picture = to_original_resolution(anomaly_map, draw), read_image(path, draw, 1, 1)[0]
+    else:  # a crop has no full-size map: both at the crop the model saw
+        drawn, picture = anomaly_map.numpy(), Image.fromarray(load_pixels(path, config)[0])
+    if pixel_threshold is not None:
+        vmin, vmax = 0.0, 2 * pixel_threshold
+        full_size = size if config.crop is None else tuple(anomaly_map.shape)
+        mask = mask_image(mask_at_size(anomaly_map, full_size, pixel_threshold))
+        save_png(mask, stem.with_name(stem.name + "_mask.png"))
+        del mask
+    else:
+        vmin, vmax = float(drawn.min()), float(drawn.max())
+    save_png(heatmap_overlay(picture, drawn, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
+    del picture, drawn
+    release_free_memory()  # a big picture's buffers, kept by glibc otherwise

@@ -5,11 +5,13 @@ import shutil
 
 import pytest
 
-# Before anything imports Ray (it reads them at import): no usage statistics, and a cluster on
-# 127.0.0.1 stays there (see padim.cluster.LOOPBACK_ENVIRONMENT). Tests only ever start loopback clusters.
-os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
-
+from padim.cluster import LOOPBACK_ENVIRONMENT
 from padim.data.synthetic import make_synthetic_category
+
+# Ray reads these when it is imported (before any fixture runs): without them a driver in this process
+# would look for the loopback cluster of ``ray_address`` at the machine's network address.
+for _key, _value in LOOPBACK_ENVIRONMENT.items():
+    os.environ.setdefault(_key, _value)
 
 SMALL = dict(n_train=12, n_test_good=4, n_test_per_defect=2, size=64)
 

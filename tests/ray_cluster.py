@@ -84,7 +84,7 @@ class LocalCluster:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            deadline = time.time() + 10
+            deadline = time.time() + (2 if sig == signal.SIGTERM else 10)  # gcs_server and raylet ignore SIGTERM
             while pids and time.time() < deadline and self.processes():
                 time.sleep(0.2)
         shutil.rmtree(self.folder, ignore_errors=True)

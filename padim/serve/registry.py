@@ -7,8 +7,8 @@ names a file.
 Scoring starts from decoded pixels (``padim.images.load_pixels``' output) rather than from
 ``PaDiM.iter_predict``, which decodes its inputs itself: the service decodes each upload on its own
 first, so that one corrupt image fails alone, and then scores a batch gathered from several
-requests. The steps after decoding are the ones ``iter_predict`` runs (``to_input``, then
-``scoring.score_batches`` with the model's fitted state), so scores are the same numbers.
+requests. ``PaDiM.score_pixels`` runs the steps ``iter_predict`` runs after decoding (``to_input``,
+then ``scoring.score_batches`` with the model's fitted state), so scores are the same numbers.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import PadimError
-from ..images import to_input
 from ..model import PaDiM
-from ..scoring import score_batches
 
 MODEL_SUFFIX = ".safetensors"
 
@@ -79,11 +77,8 @@ def load_models(paths: Sequence[os.PathLike], device: Optional[str] = None, batc
 
 def score_pixels(model: PaDiM, pixels: Sequence[np.ndarray]) -> List[Tuple[float, torch.Tensor]]:
     """Decoded images ((H, W, 3) uint8 each, the model's input size) -> [(image score, (H, W) map on
-    the CPU)], one backbone batch."""
-    batch = to_input(np.stack(pixels), model.config_)  # (B, 3, H, W)
-    scored = score_batches(model.embedder_, model.mean_, model.precision_factor_, model.feature_hw_,
-                           model.config_.input_size, model.config_.sigma, [(batch, [None] * len(pixels))])
-    scores, maps, _ = next(iter(scored))
+    the CPU)], one backbone batch (``PaDiM.score_pixels``)."""
+    scores, maps = model.score_pixels(np.stack(pixels))
     return list(zip(scores.tolist(), maps))
 
 
