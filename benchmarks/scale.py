@@ -1,8 +1,10 @@
-"""Scaling padim out on Ray: batch scoring (``score``); the distributed fit (``fit``) has its slot.
+"""Scaling padim out on Ray: batch scoring (``score``) and the distributed fit (``fit``).
 
     pip install ".[ray]"
     python benchmarks/scale.py score                      # 2,000 generated images, throughput table
     python benchmarks/scale.py score --images 10000 --memory   # one run, memory sampled every second
+    python benchmarks/scale.py fit                        # magnetic_tile: padim fit --ray vs padim fit
+                                                          # (see benchmarks/scale_fit.py)
 
 Both start their own Ray cluster on 127.0.0.1 (tests/ray_cluster.py: --cpus CPUs, no dashboard, no
 usage report) and stop it at the end. ``score`` generates --images pictures (smooth random textures,
@@ -45,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # ray_cluster: the loopback cluster of the tests
+sys.path.insert(0, str(ROOT / "benchmarks"))  # scale_fit
 
 from ray_cluster import LocalCluster, loopback_env  # noqa: E402
 
@@ -313,7 +316,14 @@ def memory_run(cluster: LocalCluster, model_file: Path, folder: Path, work: Path
 
 
 def fit(args) -> None:
-    raise SystemExit("benchmarks/scale.py fit: not written yet (padim fit --ray; its author adds it here)")
+    """``padim fit --ray`` (fresh loopback cluster per run) vs ``padim fit`` on a real category."""
+    from scale_fit import fit_table, measure_fit
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="padim-scale-fit-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result = measure_fit(Path(args.data_root), args.category, args.image_size, args.repeats, args.shards, work)
+    print(fit_table(result))
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -333,7 +343,13 @@ def main() -> None:
     run.add_argument("--work", default=None, help="folder for the images, model and results (default: a new "
                                                   "temporary folder; reused when given)")
     run.set_defaults(job=score)
-    fit_parser = commands.add_parser("fit", help="(to come) padim fit --ray vs a local fit")
+    fit_parser = commands.add_parser("fit", help="padim fit --ray vs a local fit: time, peak memory per process")
+    fit_parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "datasets"))
+    fit_parser.add_argument("--category", default="magnetic_tile")
+    fit_parser.add_argument("--image-size", type=int, default=128, help="(default: 128)")
+    fit_parser.add_argument("--shards", type=int, default=2, help="(default: 2, one per CPU)")
+    fit_parser.add_argument("--repeats", type=int, default=3)
+    fit_parser.add_argument("--work", default=None, help="folder for the model files (default: a new temporary one)")
     fit_parser.set_defaults(job=fit)
     args = parser.parse_args()
     args.job(args)
