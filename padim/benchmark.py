@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import traceback
 from datetime import datetime, timezone
@@ -18,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from tqdm import tqdm
 
 from . import __version__
+from .backbones import is_weights_file
 from .data.mvtec import MVTEC_CATEGORIES
 from .errors import PadimError
 from .report import RESULT_COLUMNS, results_markdown, write_html
@@ -85,6 +87,10 @@ def run_benchmark(data_root, categories: Sequence[str], output: Path, force: boo
         if done.is_file() and not force:
             done_before[category] = json.loads(done.read_text())
             log(f"{category}: finished before, read back from {done} (--force redoes it)")
+    if ray is not None:
+        device = "cpu"  # tasks ask Ray for CPUs only: concurrent categories must not all pick the same GPU
+        if is_weights_file(params.get("weights")):  # workers do not share the driver's working directory
+            params = {**params, "weights": os.path.abspath(os.fspath(params["weights"]))}
     job = dict(max_images=max_images, batch_size=batch_size, device=device, tune_malloc=tune_malloc, engine=engine,
                precision=precision, params=params)
     todo = [category for category in categories if category not in done_before]
@@ -132,16 +138,21 @@ def _category_task(data_root, category: str, folder: Path, job: dict, threads: i
 
 def _on_ray(address: str, data_root, categories: Sequence[str], output: Path, cpus: int, job: dict):
     """Yields (category, outcome) as the categories' Ray tasks finish."""
-    from .cluster import connect
+    from .cluster import check_task_cpus, connect, get
 
     ray = connect(address)
+    check_task_cpus(ray, cpus, "--cpus-per-category")
     task = ray.remote(num_cpus=cpus)(_category_task)
     pending = {task.remote(str(Path(data_root).resolve()), category, (output / category).resolve(), job, cpus): category
                for category in categories}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         category = pending.pop(ready[0])
-        yield category, ray.get(ready[0])
+        try:
+            outcome = get(ray, ready[0])
+        except PadimError as exc:  # the task itself was lost (worker killed, out of memory): this category only
+            outcome = {"category": category, "error": str(exc)}
+        yield category, outcome
 
 
 def _rows(categories: Sequence[str], finished: Dict[str, dict]):

@@ -451,6 +451,7 @@ def _predict_on_ray(args) -> None:
     cluster.connect(args.ray)
     try:
         threads, cpus = args.actor_threads or 1, cluster.cpus_in_cluster(ray)
+        cluster.check_task_cpus(ray, threads, "--actor-threads")
         actors = args.actors or max(1, cpus // threads)
         if actors * threads > cpus:
             raise PadimError(f"--actors {actors} x --actor-threads {threads} needs {actors * threads} CPUs; the "

@@ -69,6 +69,8 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None):
         # Ray on Linux would try the machine's network address instead, and wait minutes for it
         raise PadimError(f"to reach a Ray cluster at {address}, set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the "
                          "environment before Python starts (the padim command does this itself)")
+    if address not in (None, "local", "auto") and "://" not in address:
+        _probe(address)
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         if address in (None, "local"):
@@ -96,6 +98,57 @@ def require_ray_data():
 def cpus_in_cluster(ray) -> int:
     """CPUs the connected cluster offers (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def largest_node_cpus(ray) -> int:
+    """CPUs of the cluster's largest live node: the most one task or actor can ask for."""
+    cpus = [node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(1, int(max(cpus, default=1)))
+
+
+def check_task_cpus(ray, cpus: int, option: str) -> None:
+    """Refuses a task size no node can run (Ray would wait for one forever, silently)."""
+    largest = largest_node_cpus(ray)
+    if cpus > largest:
+        raise PadimError(f"{option} {cpus}: the largest node of the Ray cluster has {largest} CPUs, so no "
+                         "task of that size could ever start")
+
+
+def get(ray, refs):
+    """``ray.get`` with one-line errors: a task's exception becomes a PadimError with the task's own
+    message (not the worker's traceback); a lost worker, actor or object says so in one line."""
+    from ray.exceptions import RayError, RayTaskError
+
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        raise PadimError(f"on a Ray worker: {one_line(cause if cause is not None else exc)}") from None
+    except RayError as exc:
+        raise PadimError(f"the Ray job failed: {one_line(exc)}") from None
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception (with its type unless it is a PadimError)."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if isinstance(exc, PadimError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """One line, after at most ``timeout`` seconds, when nothing listens at HOST:PORT (Ray itself
+    retries for about a minute, silently)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or not host:
+        raise PadimError(f"--ray takes 'local' or HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise PadimError(f"cannot connect to the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 def _swaps_loopback() -> bool:

@@ -175,6 +175,34 @@ class ResultsFolder:
             raise PadimError(f"{option} {folder} is a folder that does not hold padim predict --ray results "
                              f"(no {MANIFEST}): give a new folder, or that of an earlier run to resume it")
 
+    def lock(self) -> None:
+        """Takes the folder for this run (``.lock``: host and pid), or refuses when another live run
+        holds it: two runs would write parts of the same numbers and score the same paths."""
+        import socket
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock, mine = self.folder / ".lock", f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                host, _, pid = lock.read_text().partition(" ") if lock.is_file() else ("", "", "")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    lock.unlink(missing_ok=True)  # left by a run that was killed
+                    continue
+                raise PadimError(f"another run is writing to {self.folder} ({lock.name}: {host} pid {pid}); "
+                                 "wait for it, or remove the lock if that run is gone") from None
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(mine)
+            self._lock = lock
+            return
+
+    def unlock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+            self._lock = None
+
     def parts(self) -> List[Path]:
         return sorted(p for p in self.folder.iterdir() if PART.fullmatch(p.name)) if self.folder.is_dir() else []
 
@@ -189,13 +217,16 @@ class ResultsFolder:
             except (OSError, ValueError) as exc:
                 raise PadimError(f"cannot read {manifest}: {describe_error(exc)}") from None
             before = stored.get("identity", {}) if isinstance(stored, dict) else {}
-            changed = [key for key in identity if before.get(key) != identity[key]]
+            changed = [key for key in identity  # heatmaps may be asked for on a rerun, not at another threshold
+                       if (key in before or key != "pixel threshold") and before.get(key) != identity[key]]
             if changed:
                 was = ", ".join(f"{key} {before.get(key)!r}" for key in changed)
                 raise PadimError(f"{self.folder} holds the results of another {' and '.join(changed)} ({was}): "
                                  "give a new --output folder, or the same model and options to resume")
+            base = stored.get("working_directory") if isinstance(stored, dict) else None
         else:
-            record = {"padim": __version__, "columns": SCHEMA.names, "identity": identity}
+            base = os.getcwd()
+            record = {"padim": __version__, "columns": SCHEMA.names, "identity": identity, "working_directory": base}
             atomic_write(manifest, lambda handle: handle.write(json.dumps(record, indent=1).encode()), what="manifest")
         for temporary in self.folder.glob(".part-*.tmp"):  # parts a killed run was writing
             if is_stale(temporary):
@@ -203,10 +234,15 @@ class ResultsFolder:
         done: Set[str] = set()
         for part in self.parts():
             try:
-                done.update(path_key(p) for p in pq.read_table(part, columns=["path"]).column("path").to_pylist())
+                written = pq.read_table(part, columns=["path"]).column("path").to_pylist()
             except (OSError, pa.ArrowException) as exc:
                 raise PadimError(f"cannot read {part} (remove it to score its images again): "
                                  f"{describe_error(exc)}") from None
+            if base and os.path.realpath(base) != os.path.realpath(os.getcwd()) and \
+                    any(not os.path.isabs(p) for p in written):
+                # relative paths name other files from here: matching them would score everything twice
+                raise PadimError(f"{self.folder} holds paths relative to {base}: resume from that folder")
+            done.update(path_key(p) for p in written)
         return done
 
     def write(self, table: pa.Table) -> Path:
@@ -235,16 +271,19 @@ class ScoringSummary:
     output: Path
 
 
-def model_identity(model_path, point: OperatingPoint) -> dict:
+def model_identity(model_path, point: OperatingPoint, heatmaps: bool = False) -> dict:
     """What the rows depend on: the model file (its stored checksum, else its size and time) and the
-    image threshold with its source."""
+    image threshold with its source; with heatmaps, the pixel threshold their masks are drawn at."""
     from .io import read_metadata
 
     checksum = read_metadata(model_path).get("checksum")
     if checksum is None:
         stat = Path(model_path).stat()
         checksum = f"size {stat.st_size}, modified {stat.st_mtime_ns}"
-    return {"model": checksum, "threshold": point.image_threshold, "threshold source": point.source}
+    identity = {"model": checksum, "threshold": point.image_threshold, "threshold source": point.source}
+    if heatmaps:
+        identity["pixel threshold"] = point.pixel_threshold
+    return identity
 
 
 def score_archive(ray, model_path, paths: Sequence[Path], output, point: OperatingPoint, *, actors: int,
@@ -262,7 +301,17 @@ def score_archive(ray, model_path, paths: Sequence[Path], output, point: Operati
     """
     started = time.perf_counter()
     results = ResultsFolder(output)
-    done = results.open(model_identity(model_path, point))
+    results.lock()
+    try:
+        return _score_archive(ray, results, model_path, paths, output, point, started, actors, batch_size, threads,
+                              weights, heatmaps, tune_malloc, rows_per_part, seconds_per_part, progress)
+    finally:
+        results.unlock()
+
+
+def _score_archive(ray, results, model_path, paths, output, point, started, actors, batch_size, threads, weights,
+                   heatmaps, tune_malloc, rows_per_part, seconds_per_part, progress) -> "ScoringSummary":
+    done = results.open(model_identity(model_path, point, heatmaps is not None))
     todo = [p for p in paths if path_key(p) not in done]
     summary = ScoringSummary(len(paths), len(paths) - len(todo), 0, 0, 0.0, Path(output))
     if todo:
@@ -279,7 +328,7 @@ def score_archive(ray, model_path, paths: Sequence[Path], output, point: Operati
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
         actors = min(actors, blocks)  # a short job: no actor that would wait for nothing
         dataset = dataset.map_batches(Scorer, fn_constructor_kwargs=scorer, batch_size=batch_size, num_cpus=threads,
-                                      batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors))
+                                      batch_format="numpy", concurrency=actors)
         context = dataset.context  # this dataset's settings, not the process's
         context.enable_progress_bars = False  # progress is ``progress``'s
         context.print_on_execution_start = context.enable_auto_log_stats = False
@@ -300,16 +349,15 @@ def _drain(dataset, results: ResultsFolder, done: Set[str], summary: ScoringSumm
         if held:
             table = pa.concat_tables(pending)
             results.write(table)
-            errors = table.column("score").null_count
-            summary.scored += table.num_rows - errors
-            summary.errors += errors
+            summary.scored += table.num_rows - table.column("score").null_count
+            summary.errors += table.num_rows - table.column("error").null_count  # a failed picture too
             if progress is not None:
                 progress(summary.skipped + summary.scored + summary.errors, total, summary.errors)
         pending, held, last = [], 0, time.monotonic()
 
     batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
-        for table in batches:
+        for table in _one_line_errors(batches):
             keep = [path_key(p) not in done for p in table.column("path").to_pylist()]
             if not all(keep):  # a retried batch: its rows were written already
                 table = table.filter(pa.array(keep))
@@ -325,3 +373,32 @@ def _drain(dataset, results: ResultsFolder, done: Set[str], summary: ScoringSumm
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+
+
+def _one_line_errors(batches):
+    """The batches; a failure of the Ray job (an actor that cannot load the model, a lost node) as one
+    PadimError line instead of Ray's traceback."""
+    from ray.exceptions import RayError
+
+    from .cluster import one_line
+
+    try:
+        yield from batches
+    except RayError as exc:
+        cause = getattr(exc, "cause", None)
+        raise PadimError(f"the Ray job failed: {one_line(cause if cause is not None else exc)}") from None
+    except Exception as exc:  # Ray Data wraps errors of user code (the Scorer) in its own types
+        if type(exc).__module__.startswith("ray."):
+            cause = exc.__cause__ or getattr(exc, "cause", None) or exc
+            raise PadimError(f"the Ray job failed: {one_line(cause)}") from None
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

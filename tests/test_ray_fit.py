@@ -171,3 +171,38 @@ def _with_fewer_test_images(category, root, every: int):
         for image in sorted(kind.iterdir())[::every]:
             (target / "test" / kind.name / image.name).symlink_to(image)
     return root
+
+
+def test_cluster_mistakes_are_one_line_and_quick(ray_connected, forty_four, tmp_path, capsys):
+    """No silent wait: a task no node can run, a training image a worker cannot read, and (before Ray
+    is asked) an address where nothing listens."""
+    import socket
+    import time
+
+    from padim.cluster import connect
+    from padim.errors import PadimError
+    from padim.ray_fit import RayFit
+
+    images = sorted((forty_four / "tiles" / "train" / "good").iterdir())[:6]
+    params = {**FAST, "calibration_fraction": 0}
+    with pytest.raises(PadimError, match="largest node of the Ray cluster has 2 CPUs"):
+        PaDiM(**params).fit(images, cluster=RayFit(cpus_per_shard=99))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    with pytest.raises(PadimError) as caught:
+        PaDiM(**params).fit(images + [broken], cluster=RayFit(shards=2))
+    assert str(caught.value).startswith("on a Ray worker: ") and "broken.png" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    import ray
+
+    ray.shutdown()
+    try:
+        started = time.perf_counter()
+        with pytest.raises(PadimError, match=f"cannot connect to the Ray cluster at {closed}"):
+            connect(closed)
+        assert time.perf_counter() - started < 10
+    finally:
+        connect(ray_connected)
