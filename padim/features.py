@@ -83,7 +83,9 @@ def embed(feature_maps: Sequence[torch.Tensor], channel_idx: torch.Tensor, out: 
         inside = (channel_idx >= start) & (channel_idx < stop)
         local = channel_idx[inside] - start
         if len(local):
-            part = fmap.permute(0, 2, 3, 1).index_select(3, local.to(fmap.device))  # (B, h_l, w_l, k_l)
+            part = fmap.permute(0, 2, 3, 1)  # (B, h_l, w_l, C_l), a view (contiguous for channels_last maps)
+            if len(local) < fmap.shape[1]:  # (sorted and distinct: as many as C_l means all of them, in order)
+                part = part.index_select(3, local.to(fmap.device))  # (B, h_l, w_l, k_l)
             if projection is None:
                 _write_upsampled(out[..., column : column + len(local)], part, grid, add=False)  # (B, h_0, w_0, k_l)
                 column += len(local)
