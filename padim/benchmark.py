@@ -176,6 +176,8 @@ def _write_results(output: Path, rows: List[Dict], summaries: Dict[str, dict], p
         "backbone": first.get("backbone", params.get("backbone")),
         "weights_source": first.get("weights_source", params.get("weights")),
         "n_features": first.get("n_features", params.get("n_features")),
+        "reduction": first.get("reduction", params.get("reduction", "random")),
+        "covariance": first.get("covariance", params.get("covariance", "fixed")),
         "image_size": first.get("image_size", params.get("image_size")),
         "seed": first.get("seed", params.get("seed")),
         "padim_version": __version__,

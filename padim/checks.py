@@ -176,13 +176,14 @@ def fit_memory_estimate(layout: Layout, d: int, input_size: Tuple[int, int], bat
     """A lower bound of the bytes a fit needs at its peak.
 
     The float64 running sums hold P x d (d + 1) / 2 lower triangles (x 8 bytes; the covariance itself
-    would be P x d^2 x 8), the factor as many entries in its storage dtype, plus the backbone's stage
+    would be P x d^2 x 8) and P x (d + 1) fourth-moment sums, the factor as many entries in its storage
+    dtype, plus the backbone's stage
     outputs for the images of one forward pass (8 at a time on the CPU, the batch on a GPU) in float32
     and the batch's (B, P, d) embeddings.
     """
     positions = layout.grid[0] * layout.grid[1]
     triangle = d * (d + 1) // 2
-    statistics = positions * triangle * (8 + factor_bytes) + 3 * positions * d * 8
+    statistics = positions * triangle * (8 + factor_bytes) + 4 * positions * d * 8 + positions * 8
     per_forward = min(batch_size, 8) if device == "cpu" else batch_size
     activations = 4 * per_forward * (layout.stage_elements + 3 * input_size[0] * input_size[1])
     embeddings = 4 * batch_size * positions * d
@@ -236,14 +237,22 @@ def check_epsilon(epsilon) -> None:
         raise PadimError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
 
 
+def check_choice(value, option: str, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise PadimError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features, image_size, crop, seed,
                       batch_size, factor_dtype: str = "float32", device: Optional[str] = None,
-                      sigma=4.0, epsilon=0.01) -> None:
+                      sigma=4.0, epsilon=0.01, reduction: str = "random", covariance: str = "fixed") -> None:
     """Every option of a fit, before anything is read or built. ``layers``/``n_features`` None take
     the backbone's defaults; ``device`` None is the default device (cuda when available)."""
     from .backbones import get_spec
+    from .config import COVARIANCES, REDUCTIONS
 
     spec = get_spec(backbone)
+    check_choice(reduction, "--reduction (reduction)", REDUCTIONS)
+    check_choice(covariance, "--covariance (covariance)", COVARIANCES)
     check_batch_size(batch_size)
     check_seed(seed)
     size, crop = check_sizes(image_size, crop)
@@ -268,7 +277,8 @@ def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features
 def check_estimator(model) -> None:
     """``check_fit_options`` for a ``PaDiM`` estimator's parameters (called by its ``_make_config``)."""
     check_fit_options(model.backbone, model.layers, model.n_features, model.image_size, model.crop, model.seed,
-                      model.batch_size, model.factor_dtype, model.device, model.sigma, model.epsilon)
+                      model.batch_size, model.factor_dtype, model.device, model.sigma, model.epsilon,
+                      model.reduction, model.covariance)
 
 
 # ----------------------------------------------------------------------------------------- outputs

@@ -17,6 +17,7 @@ from .errors import DataError, PadimError
 # the command's top-level imports stay torch-free, so that the runtime's predict runs without torch.
 BACKBONE_NAMES = ("efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2")
 ENGINE_NAMES, PRECISION_NAMES = ("torch", "onnxruntime", "openvino"), ("f32", "bf16")
+REDUCTION_NAMES, COVARIANCE_NAMES = ("random", "semi-orthogonal"), ("fixed", "oas", "ledoit-wolf")  # = padim.config's
 # what a command that needs PyTorch imports: its absence is a one-line error, not a traceback
 TORCH_STACK = ("torch", "torchvision", "timm", "scipy", "sklearn", "matplotlib", "tqdm")
 
@@ -52,6 +53,16 @@ def _engine_option(parser: argparse.ArgumentParser, export_help: str) -> None:
     parser.add_argument("--precision", choices=PRECISION_NAMES, default="f32",
                         help="inference precision of --engine openvino: bf16 where the CPU has it (faster, maps move "
                              "by ~1e-2 relative); default f32")
+
+
+def _accuracy_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reduction", choices=REDUCTION_NAMES, default="random",
+                        help="how the d channels are made: random (d of the layers' channels, the paper's) or "
+                             "semi-orthogonal (a seeded orthonormal projection of all of them, Kim et al. 2021); "
+                             "see benchmarks/RESULTS.md for what each gave (default: random)")
+    parser.add_argument("--covariance", choices=COVARIANCE_NAMES, default="fixed",
+                        help="per-position covariance: fixed (+ 0.01 I, the paper's), or shrunk by an amount "
+                             "estimated from the data: oas or ledoit-wolf (default: fixed)")
 
 
 def _tune_malloc() -> None:
@@ -95,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--factor-dtype", default="float32", choices=["float32", "float16"],
                      help="storage of the precision factor: float16 halves the model file; scores moved by <= 1e-4 "
                           "relative on magnetic_tile (scoring still computes in float32; default: float32)")
+    _accuracy_options(fit)
     fit.add_argument("--calibration-fraction", type=float, default=0.1,
                      help="part of train/good held out (seeded) to calibrate the thresholds on good images: at least "
                           "20 images, none when the training set is under 40; 0 turns calibration off (default: 0.1)")
@@ -215,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--n-features", type=int, default=None, help="d (default: the backbone's)")
     bench.add_argument("--image-size", type=_size, default=256, help="N or HxW (default: 256)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the channel subset (default: 0)")
+    _accuracy_options(bench)
     bench.add_argument("--max-images", type=int, default=None, help="panels for the N highest-scoring defects per category")
     bench.add_argument("--force", action="store_true", help="redo categories that already have results")
     bench.add_argument("--output", required=True, type=Path, help="folder for the results and the report")
@@ -307,11 +320,14 @@ def cmd_fit(args) -> None:
     model = fit_category(args.data_root, args.category, args.output, backbone=args.backbone, weights=args.weights,
                          layers=layers, n_features=args.n_features, image_size=args.image_size, crop=args.crop,
                          seed=args.seed, factor_dtype=args.factor_dtype, batch_size=args.batch_size,
+                         reduction=args.reduction, covariance=args.covariance,
                          calibration_fraction=args.calibration_fraction, calibration=args.calibration,
                          folds=args.folds, target_fpr=args.target_fpr, target_pixel_fpr=args.target_pixel_fpr,
                          device=args.device, progress=None, keep_statistics=args.keep_statistics, cluster=cluster)
     size_mb = args.output.stat().st_size / 1e6
-    print(f"fitted {model.config_.backbone} (weights: {model.weights_source_}, d={model.config_.n_features}, "
+    options = "" if (model.config_.reduction, model.config_.covariance) == ("random", "fixed") else \
+        f", {model.config_.reduction} reduction, {model.config_.covariance} covariance"
+    print(f"fitted {model.config_.backbone} (weights: {model.weights_source_}, d={model.config_.n_features}{options}, "
           f"layers {','.join(model.config_.layers)}) on {model.n_train_images_} images of {args.category} "
           f"in {model.fit_seconds_:.1f} s -> {args.output} ({size_mb:.1f} MB)")
 
@@ -520,7 +536,8 @@ def cmd_benchmark(args) -> None:
                   max_images=args.max_images, batch_size=args.batch_size, device=args.device,
                   backbone=args.backbone, weights=args.weights, n_features=args.n_features,
                   image_size=args.image_size, seed=args.seed, tune_malloc=True, engine=args.engine,
-                  precision=args.precision, ray=args.ray, cpus_per_category=args.cpus_per_category)
+                  precision=args.precision, reduction=args.reduction, covariance=args.covariance, ray=args.ray,
+                  cpus_per_category=args.cpus_per_category)
     _print_results(args.output)
 
 
@@ -598,7 +615,8 @@ def _check_args(args) -> None:
     if args.command == "fit":
         layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
         checks.check_fit_options(args.backbone, layers, args.n_features, args.image_size, args.crop, args.seed,
-                                 args.batch_size, args.factor_dtype, args.device)
+                                 args.batch_size, args.factor_dtype, args.device, reduction=args.reduction,
+                                 covariance=args.covariance)
         checks.check_output_file(args.output)
         if args.keep_statistics is not None:
             checks.check_output_file(args.keep_statistics, "--keep-statistics")
@@ -620,7 +638,8 @@ def _check_args(args) -> None:
             checks.check_output_file(args.keep_statistics, "--keep-statistics")
     elif args.command == "benchmark":
         checks.check_fit_options(args.backbone, None, args.n_features, args.image_size, None, args.seed,
-                                 args.batch_size, "float32", args.device)
+                                 args.batch_size, "float32", args.device, reduction=args.reduction,
+                                 covariance=args.covariance)
         checks.check_output_folder(args.output)
         if args.cpus_per_category < 1:
             raise PadimError(f"--cpus-per-category must be at least 1, got {args.cpus_per_category}")

@@ -10,6 +10,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Regulariser added to every patch covariance, as in the paper (Defard et al. 2020, Sec. 3.2).
 COVARIANCE_EPSILON = 0.01
+# How d embedding channels are made from the layers' C channels (see ``padim.features``).
+REDUCTIONS = ("random", "semi-orthogonal")
+# How each position's covariance is estimated from its sums (see ``padim.gaussian``).
+COVARIANCES = ("fixed", "oas", "ledoit-wolf")
 
 
 @dataclass(frozen=True)
@@ -19,14 +23,20 @@ class PadimConfig:
     backbone:    registry name, e.g. "resnet18" (see ``padim.backbones.BACKBONES``)
     weights:     "imagenet", "random" (tests only) or a path to a local state_dict
     layers:      feature layers, shallow to deep; deeper maps are upsampled to the first one's grid
-    n_features:  d, the number of randomly kept embedding channels
+    n_features:  d, the number of embedding channels
     image_size:  (height, width) images are resized to
     crop:        optional centre crop (height, width) after the resize
     seed:        seeds the channel subset (and random backbone weights)
     sigma:       standard deviation of the Gaussian blur of the anomaly map, in pixels
-    epsilon:     added to every covariance's diagonal (the paper's 0.01)
+    epsilon:     added to every covariance's diagonal (the paper's 0.01); with a shrinkage
+                 ``covariance`` only at positions whose estimate is not positive definite
     factor_dtype: "float32", or "float16" to store the precision factor in half the space (scoring
                  still computes in float32)
+    reduction:   "random": d of the C channels, chosen with the seed (the paper's); "semi-orthogonal":
+                 all C channels times a seeded (C, d) matrix with orthonormal columns (Kim et al. 2021)
+    covariance:  "fixed": unbiased covariance + epsilon I (the paper's); "oas" / "ledoit-wolf": the
+                 maximum-likelihood covariance shrunk towards a multiple of I by an amount estimated
+                 from the data at each position (epsilon only as a fallback, see ``padim.gaussian``)
     """
 
     backbone: str = "resnet18"
@@ -41,6 +51,8 @@ class PadimConfig:
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     factor_dtype: str = "float32"
+    reduction: str = "random"
+    covariance: str = "fixed"
 
     @property
     def input_size(self) -> Tuple[int, int]:
@@ -135,6 +147,10 @@ def validate_config_dict(data, where: str = "model file") -> PadimConfig:
         refuse(f"std must be > 0, got {fields['std']!r}")
     if fields["factor_dtype"] not in ("float32", "float16"):
         refuse(f"factor_dtype must be float32 or float16, got {fields['factor_dtype']!r}")
+    if fields["reduction"] not in REDUCTIONS:
+        refuse(f"reduction must be one of {', '.join(REDUCTIONS)}, got {fields['reduction']!r}")
+    if fields["covariance"] not in COVARIANCES:
+        refuse(f"covariance must be one of {', '.join(COVARIANCES)}, got {fields['covariance']!r}")
     if len(set(layers)) != len(layers):
         refuse(f"layers names a layer twice: {layers!r}")
     try:

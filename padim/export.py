@@ -14,7 +14,9 @@ The graph (``ScoringGraph``), shapes with B images (dynamic), (H, W) the model's
     pixels (B, H, W, 3) uint8, RGB, already resized/cropped by ``padim.images.load_pixels``
       -> float32, ImageNet mean/std                       (= ``images.to_input``)
       -> backbone prefix, BatchNorm folded as in PyTorch   (= the model's ``extractor_``)
-      -> channel subset + nearest upsampling -> (P, B, d)  (= ``features.embed``, as gathers)
+      -> channel subset + nearest upsampling -> (P, B, d)  (= ``features.embed``, as gathers; with a
+                                                              semi-orthogonal reduction, each layer times
+                                                              its rows of the projection, then summed)
       -> ||W_p (x - mean_p)|| -> (B, h, w)                 (= ``gaussian.mahalanobis``)
       -> R_h @ D @ R_w^T -> maps (B, H, W)                 (= ``maps.anomaly_maps``)
       -> max -> scores (B,)                                (= ``maps.image_scores``)
@@ -48,7 +50,7 @@ METADATA_FILE = "padim.json"
 GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 INPUT_NAME, OUTPUT_NAMES = "pixels", ("maps", "scores")
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf stops at 2 GB)
-GRAPH_TENSORS = ("mean", "precision_factor_packed", "channel_idx")  # what the graph is built from
+GRAPH_TENSORS = ("mean", "precision_factor_packed", "channel_idx", "projection")  # what the graph is built from
 
 EXPORT_INSTALL_HINT = 'pip install "padim[export]"'
 OPENVINO_INSTALL_HINT = 'pip install "padim[openvino]"'
@@ -91,13 +93,20 @@ class ScoringGraph(nn.Module):
         if shapes[0][1:] != self.grid:
             raise ExportError(f"the backbone's first layer grid {shapes[0][1:]} differs from the fitted {self.grid}")
         channel_idx = model.channel_idx_.cpu()
-        self.n_layers, self.used, start = len(shapes), [], 0
+        projection = getattr(model, "projection_", None)
+        self.projected = projection is not None
+        self.n_layers, self.used, self.whole, start = len(shapes), [], [], 0
         for layer, (channels, h_l, w_l) in enumerate(shapes):
-            local = channel_idx[(channel_idx >= start) & (channel_idx < start + channels)] - start
+            inside = (channel_idx >= start) & (channel_idx < start + channels)
+            local = channel_idx[inside] - start
             start += channels
             if len(local):  # layers with no kept channel are skipped (their map is still computed)
                 self.used.append(layer)
+                if len(local) == channels:
+                    self.whole.append(layer)  # every channel: no gather
                 self.register_buffer(f"channels_{layer}", local.clone())
+                if self.projected:  # (k_l, d): this layer's rows of the projection
+                    self.register_buffer(f"projection_{layer}", projection.detach().cpu()[inside].to(torch.float32).clone())
                 self.register_buffer(f"rows_{layer}", _nearest_indices(h_l, self.grid[0]))
                 self.register_buffer(f"cols_{layer}", _nearest_indices(w_l, self.grid[1]))
         self.register_buffer("mean", model.mean_.detach().to("cpu", torch.float32).clone())  # (P, d)
@@ -115,10 +124,19 @@ class ScoringGraph(nn.Module):
         feature_maps = self.extractor(x)
         parts = []
         for layer in self.used:
-            part = feature_maps[layer].index_select(1, getattr(self, f"channels_{layer}"))  # (B, k, h_l, w_l)
+            part = feature_maps[layer]
+            if layer not in self.whole:
+                part = part.index_select(1, getattr(self, f"channels_{layer}"))  # (B, k, h_l, w_l)
+            if self.projected:  # projected at the layer's own resolution (it commutes with nearest upsampling)
+                part = torch.matmul(part.permute(0, 2, 3, 1), getattr(self, f"projection_{layer}")).permute(0, 3, 1, 2)
             part = part.index_select(2, getattr(self, f"rows_{layer}")).index_select(3, getattr(self, f"cols_{layer}"))
-            parts.append(part)  # (B, k, h, w)
-        emb = torch.cat(parts, dim=1)  # (B, d, h, w): sorted channel_idx order, layer by layer
+            parts.append(part)  # (B, k, h, w), or (B, d, h, w) projected
+        if self.projected:
+            emb = parts[0]
+            for part in parts[1:]:
+                emb = emb + part  # (B, d, h, w)
+        else:
+            emb = torch.cat(parts, dim=1)  # (B, d, h, w): sorted channel_idx order, layer by layer
         return emb.flatten(2).permute(2, 0, 1)  # (P, B, d)
 
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -222,11 +240,11 @@ def graph_key(model_path) -> str:
     header, header_bytes = read_header(model_path)
     meta = read_metadata(model_path)
     identity = {key: meta.get(key) for key in ("config", "feature_hw", "weights_source", "weights_sha256")}
-    tensors = {name: header.get(name) for name in GRAPH_TENSORS}
+    tensors = {name: header.get(name) for name in GRAPH_TENSORS if name in header or name != "projection"}
     digest = hashlib.sha256(json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": identity,
                                         "tensors": tensors}, sort_keys=True).encode())
     with open(model_path, "rb") as handle:
-        for name in GRAPH_TENSORS:
+        for name in tensors:
             start, stop = tensors[name]["data_offsets"] if tensors[name] else (0, 0)
             handle.seek(8 + header_bytes + start)
             for offset in range(start, stop, 16 << 20):

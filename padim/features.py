@@ -1,4 +1,5 @@
-"""PaDiM embeddings: multi-layer CNN features on layer1's grid, reduced to a random subset of d channels."""
+"""PaDiM embeddings: multi-layer CNN features on layer1's grid, reduced to d channels: a random subset
+(the paper's) or a semi-orthogonal projection of all of them."""
 
 from __future__ import annotations
 
@@ -22,40 +23,93 @@ def random_channel_subset(n_channels: int, d: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_channels, generator=generator)[:d].sort().values
 
 
-def embed(feature_maps: Sequence[torch.Tensor], channel_idx: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Concatenates the selected channels of every layer on the first layer's grid.
+def semi_orthogonal_projection(n_channels: int, d: int, seed: int) -> torch.Tensor:
+    """A seeded (C, d) matrix W with orthonormal columns, W^T W = I (Kim et al. 2021, "Semi-orthogonal
+    Embedding for Efficient Unsupervised Anomaly Segmentation"): every embedding channel is a mix of
+    all C channels instead of one of them. Returns (n_channels, d) float32.
+
+    W is the Q of the QR decomposition of a seeded float64 Gaussian (C, d) matrix, its column signs
+    fixed so that diag(R) > 0 (Q is then unique and uniformly distributed). Model files store W:
+    LAPACK need not give the same last bits on another machine, a stored matrix does."""
+    if not 0 < d <= n_channels:
+        raise ValueError(f"n_features must be in 1..{n_channels} for these layers, got {d}")
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(n_channels, d, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)  # (C, d), (d, d)
+    signs = torch.where(r.diagonal() < 0, -1.0, 1.0).to(torch.float64)
+    return (q * signs).to(torch.float32).contiguous()
+
+
+def make_reduction(n_channels: int, d: int, seed: int, method: str = "random") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The channels an embedding reads and how they become d: (channel_idx (k,) int64, projection (k, d)
+    float32 or None). "random": the paper's d seeded channels, no projection (k = d);
+    "semi-orthogonal": all k = C channels times ``semi_orthogonal_projection``."""
+    if method == "random":
+        return random_channel_subset(n_channels, d, seed), None
+    if method == "semi-orthogonal":
+        return torch.arange(n_channels), semi_orthogonal_projection(n_channels, d, seed)
+    raise ValueError(f"reduction must be 'random' or 'semi-orthogonal', got {method!r}")
+
+
+def embed(feature_maps: Sequence[torch.Tensor], channel_idx: torch.Tensor, out: Optional[torch.Tensor] = None,
+          projection: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Concatenates the selected channels of every layer on the first layer's grid (and projects them).
 
     feature_maps: list of (B, C_l, h_l, w_l), shallow to deep (h_0 >= h_1 >= ...)
-    channel_idx:  (d,) sorted indices into the concatenation of all C_l channels
+    channel_idx:  (k,) sorted indices into the concatenation of all C_l channels
     out:          optional (B, h_0, w_0, d) tensor to write into (e.g. a slice of a larger batch)
+    projection:   optional (k, d): the embedding is then (selected channels) @ projection
     returns:      (B, h_0, w_0, d), channels last: each patch's embedding is a contiguous row
+                  (d = k without a projection)
 
-    Equal to upsampling every map (nearest) to (h_0, w_0), concatenating and then keeping
-    ``channel_idx``, but selects first, so unused channels are never upsampled, and writes each
-    layer's channels straight into their columns of the result: when the grids differ by whole
-    factors (the usual strides 4, 8, 16), nearest upsampling is a broadcast copy into (s_h, s_w)
-    blocks, with no upsampled temporary and no concatenating copy.
+    Equal to upsampling every map (nearest) to (h_0, w_0), concatenating, keeping ``channel_idx``
+    (and multiplying by ``projection``), but selects first, so unused channels are never upsampled,
+    and writes each layer's part straight into the result: when the grids differ by whole factors
+    (the usual strides 4, 8, 16), nearest upsampling is a broadcast copy into (s_h, s_w) blocks, with
+    no upsampled temporary and no concatenating copy. Nearest upsampling copies a pixel's channel
+    vector, so it commutes with a per-pixel linear map: each layer is projected at its own
+    resolution with its rows of ``projection`` (C_l x d), and the upsampled results are added. Only
+    the batch's maps are ever full-channel, never a (B, h_0, w_0, C) upsampled embedding.
     """
     first = feature_maps[0]
     grid = tuple(first.shape[-2:])
+    d = len(channel_idx) if projection is None else projection.shape[1]
     if out is None:
-        out = first.new_empty(first.shape[0], *grid, len(channel_idx))
+        out = first.new_empty(first.shape[0], *grid, d)
     start = column = 0
+    written = False
     for fmap in feature_maps:
         stop = start + fmap.shape[1]
-        local = channel_idx[(channel_idx >= start) & (channel_idx < stop)] - start
+        inside = (channel_idx >= start) & (channel_idx < stop)
+        local = channel_idx[inside] - start
         if len(local):
-            part = fmap.permute(0, 2, 3, 1).index_select(3, local.to(fmap.device))  # (B, h_l, w_l, k)
-            target = out[..., column : column + len(local)]  # (B, h_0, w_0, k)
-            h_l, w_l = part.shape[1:3]
-            if grid[0] % h_l == 0 and grid[1] % w_l == 0:
-                blocks = target.unflatten(2, (w_l, grid[1] // w_l)).unflatten(1, (h_l, grid[0] // h_l))
-                blocks.copy_(part[:, :, None, :, None, :])  # (B, h_l, s_h, w_l, s_w, k)
+            part = fmap.permute(0, 2, 3, 1)  # (B, h_l, w_l, C_l), a view (contiguous for channels_last maps)
+            if len(local) < fmap.shape[1]:  # (sorted and distinct: as many as C_l means all of them, in order)
+                part = part.index_select(3, local.to(fmap.device))  # (B, h_l, w_l, k_l)
+            if projection is None:
+                _write_upsampled(out[..., column : column + len(local)], part, grid, add=False)  # (B, h_0, w_0, k_l)
+                column += len(local)
             else:
-                target.copy_(F.interpolate(part.permute(0, 3, 1, 2), size=grid, mode="nearest").permute(0, 2, 3, 1))
-            column += len(local)
+                rows = projection[inside.to(projection.device)].to(part.dtype)  # (k_l, d)
+                _write_upsampled(out, torch.matmul(part, rows), grid, add=written)  # (B, h_l, w_l, d) summed in
+                written = True
         start = stop
     return out
+
+
+def _write_upsampled(target: torch.Tensor, part: torch.Tensor, grid: Tuple[int, int], add: bool) -> None:
+    """Writes (or adds) (B, h_l, w_l, k) ``part``, upsampled (nearest) to ``grid``, into (B, h_0, w_0, k)
+    ``target``."""
+    h_l, w_l = part.shape[1:3]
+    if grid[0] % h_l == 0 and grid[1] % w_l == 0:
+        target = target.unflatten(2, (w_l, grid[1] // w_l)).unflatten(1, (h_l, grid[0] // h_l))
+        part = part[:, :, None, :, None, :]  # (B, h_l, s_h, w_l, s_w, k) by broadcasting
+    else:
+        part = F.interpolate(part.permute(0, 3, 1, 2), size=grid, mode="nearest").permute(0, 2, 3, 1)
+    if add:
+        target.add_(part)
+    else:
+        target.copy_(part)
 
 
 def count_channels(extractor: nn.Module, input_size: Tuple[int, int], device) -> int:
@@ -66,16 +120,24 @@ def count_channels(extractor: nn.Module, input_size: Tuple[int, int], device) ->
 
 
 class Embedder:
-    """A frozen feature extractor and its channel subset: normalised images -> PaDiM embeddings.
+    """A frozen feature extractor and its reduction: normalised images -> PaDiM embeddings.
 
     extractor:   (B, 3, H, W) -> list of (B, C_l, h_l, w_l), already on ``device`` (channels_last)
-    channel_idx: (d,) int64 on ``device``, sorted indices into the concatenated C_l channels
+    channel_idx: (k,) int64 on ``device``, sorted indices into the concatenated C_l channels
+    projection:  None (the channels are the embedding, d = k), or (k, d) float32 on ``device``
     """
 
-    def __init__(self, extractor: nn.Module, channel_idx: torch.Tensor, device: torch.device):
+    def __init__(self, extractor: nn.Module, channel_idx: torch.Tensor, device: torch.device,
+                 projection: Optional[torch.Tensor] = None):
         self.extractor = extractor
         self.channel_idx = channel_idx
+        self.projection = projection
         self.device = torch.device(device)
+
+    @property
+    def n_features(self) -> int:
+        """d, the embedding's channels."""
+        return len(self.channel_idx) if self.projection is None else self.projection.shape[1]
 
     def __call__(self, batch: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, h, w, d) PaDiM embeddings (channels last).
@@ -91,8 +153,8 @@ class Embedder:
         for start in range(0, len(batch), chunk):
             feature_maps = self.extractor(batch[start : start + chunk])
             if out is None:
-                shape = (len(batch), *feature_maps[0].shape[-2:], len(self.channel_idx))
+                shape = (len(batch), *feature_maps[0].shape[-2:], self.n_features)
                 out = workspace.get("embeddings", shape, feature_maps[0].dtype, feature_maps[0].device)
-            embed(feature_maps, self.channel_idx, out=out[start : start + chunk])
+            embed(feature_maps, self.channel_idx, out=out[start : start + chunk], projection=self.projection)
             del feature_maps
         return out

@@ -29,6 +29,11 @@ class GaussianAccumulator:
     Positions are handled in blocks of ``chunk``: the float64 temporaries stay small, and ``finalize``
     frees each block of sums as soon as its Cholesky factor is computed, so that the sums and the
     factor are never both held whole (wide_resnet50_2, d=550: 5 GB of sums, 2.5 GB of factor).
+
+    Two more sums, of fourth moments, make the Ledoit-Wolf shrinkage computable without keeping any
+    embedding: ``cubic`` (P, C) = sum ||y||^2 y and ``quartic`` (P,) = sum ||y||^4 with y = x - shift
+    (P (C + 1) floats: 2 % of the triangles at d = 100). They re-centre and merge exactly like the
+    others. Sums read from files written before them have None there (Ledoit-Wolf is then refused).
     """
 
     def __init__(self, chunk: Optional[int] = None, shift: Optional[torch.Tensor] = None) -> None:
@@ -37,6 +42,13 @@ class GaussianAccumulator:
         self.shift = shift  # (P, C) float64     first batch's mean, or given (to subtract accumulators)
         self.sum = None  # (P, C)                sum of (x - shift)
         self.outer = None  # list of (p, T)      lower triangles of sum of (x - shift)(x - shift)^T
+        self.cubic = None  # (P, C)              sum of ||x - shift||^2 (x - shift)
+        self.quartic = None  # (P,)              sum of ||x - shift||^4
+
+    @property
+    def has_fourth_moments(self) -> bool:
+        """Whether ``cubic`` and ``quartic`` are held (needed by the Ledoit-Wolf shrinkage)."""
+        return self.cubic is not None and self.quartic is not None
 
     def update(self, embeddings: torch.Tensor) -> None:
         """embeddings: (B, P, C), any float dtype (row p of image b is that patch's embedding)."""
@@ -47,6 +59,8 @@ class GaussianAccumulator:
             if self.shift is None:
                 self.shift = embeddings.to(torch.float64).mean(dim=0)
             self.sum = torch.zeros(n_pos, n_ch, dtype=torch.float64, device=device)
+            self.cubic = torch.zeros(n_pos, n_ch, dtype=torch.float64, device=device)
+            self.quartic = torch.zeros(n_pos, dtype=torch.float64, device=device)
             rows, cols = torch.tril_indices(n_ch, n_ch, device=device)
             self._lower = rows * n_ch + cols  # (T,) flat indices of the lower triangle
             self.outer = [torch.zeros(min(self.chunk, n_pos - start), len(rows), dtype=torch.float64, device=device)
@@ -59,6 +73,10 @@ class GaussianAccumulator:
             self.sum[start:stop] += x.sum(dim=1)
             square = torch.bmm(x.transpose(1, 2), x, out=products[: len(block)])  # (p, C, C)
             block += square.view(len(block), -1).index_select(1, self._lower)
+            if self.cubic is not None:
+                norms = x.square().sum(dim=2)  # (p, B) = ||x - shift||^2
+                self.cubic[start:stop] += torch.bmm(norms.unsqueeze(1), x).squeeze(1)  # (p, C)
+                self.quartic[start:stop] += norms.square().sum(dim=1)
         self.count += n_img
 
     def without(self, part: "GaussianAccumulator") -> "GaussianAccumulator":
@@ -73,27 +91,36 @@ class GaussianAccumulator:
         rest.sum = self.sum - part.sum
         rest._lower = self._lower
         rest.outer = [mine - theirs for mine, theirs in zip(self.outer, part.outer)]
+        if self.has_fourth_moments and part.has_fourth_moments:
+            rest.cubic, rest.quartic = self.cubic - part.cubic, self.quartic - part.quartic
         return rest
 
     @classmethod
     def from_sums(cls, count: int, shift: torch.Tensor, total: torch.Tensor, outer: list,
-                  chunk: Optional[int] = None) -> "GaussianAccumulator":
+                  chunk: Optional[int] = None, cubic: Optional[torch.Tensor] = None,
+                  quartic: Optional[torch.Tensor] = None) -> "GaussianAccumulator":
         """An accumulator holding given sums (e.g. read back from a statistics file): ``count``
         images, ``shift`` and ``total`` (P, C) float64, ``outer`` a list of (p, T) float64 blocks
-        (re-cut into blocks of ``chunk`` positions when given and different)."""
+        (re-cut into blocks of ``chunk`` positions when given and different); the fourth-moment sums
+        ``cubic`` (P, C) and ``quartic`` (P,) when known."""
         n_pos, n_ch = shift.shape
         rows, cols = torch.tril_indices(n_ch, n_ch, device=shift.device)
         out = cls(chunk or len(outer[0]), shift)
         if any(len(block) != out.chunk for block in outer[:-1]) or len(outer[-1]) > out.chunk:
             outer = list(torch.cat(outer).split(out.chunk))
         out.count, out.sum, out.outer, out._lower = int(count), total, list(outer), rows * n_ch + cols
+        if cubic is not None and quartic is not None:
+            out.cubic, out.quartic = cubic, quartic
         return out
 
     def recentred(self, shift: torch.Tensor) -> "GaussianAccumulator":
         """The same statistics taken around another ``shift`` (P, C): exact, in float64. With y = x - s
         and delta = s - t, x - t = y + delta, so over the n images
             sum' = sum + n delta
-            outer' = outer + sum delta^T + delta sum^T + n delta delta^T   (each lower triangle).
+            outer' = outer + sum delta^T + delta sum^T + n delta delta^T   (each lower triangle)
+        and, with O the whole outer sum, e = ||delta||^2 (see ``_recentred_fourth``)
+            cubic' = cubic + tr(O) delta + 2 O delta + 2 (sum . delta) delta + e sum + n e delta
+            quartic' = quartic + 4 delta^T O delta + 4 delta . cubic + 2 e tr(O) + 4 e (sum . delta) + n e^2.
         A new accumulator (same blocks); this one stays."""
         shift = shift.to(torch.float64)
         delta = self.shift - shift  # (P, C)
@@ -103,11 +130,18 @@ class GaussianAccumulator:
         out.count, out._lower = self.count, self._lower
         out.sum = self.sum + self.count * delta
         out.outer = []
+        fourth = self.has_fourth_moments
+        if fourth:
+            out.cubic, out.quartic = torch.empty_like(self.cubic), torch.empty_like(self.quartic)
         for block, start in zip(self.outer, range(0, len(delta), self.chunk)):
             part = slice(start, start + len(block))
             s, dl = self.sum[part], delta[part]  # (p, C)
             out.outer.append(block + s[:, rows] * dl[:, cols] + dl[:, rows] * s[:, cols]
                              + self.count * dl[:, rows] * dl[:, cols])
+            if fourth:
+                whole = _symmetric(unpack_lower(block, n_ch))  # (p, C, C): the old O
+                out.cubic[part], out.quartic[part] = _recentred_fourth(
+                    self.count, s, whole, self.cubic[part], self.quartic[part], dl)
         return out
 
     def merged(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
@@ -119,25 +153,42 @@ class GaussianAccumulator:
         if other.sum.shape != self.sum.shape:
             raise ValueError(f"cannot merge statistics of shapes {tuple(self.sum.shape)} and {tuple(other.sum.shape)}")
         if other.chunk != self.chunk:
-            other = GaussianAccumulator.from_sums(other.count, other.shift, other.sum, other.outer, self.chunk)
+            other = GaussianAccumulator.from_sums(other.count, other.shift, other.sum, other.outer, self.chunk,
+                                                  other.cubic, other.quartic)
         moved = other if torch.equal(other.shift, self.shift) else other.recentred(self.shift)
         out = GaussianAccumulator(self.chunk, self.shift)
         out.count, out._lower = self.count + other.count, self._lower
         out.sum = self.sum + moved.sum
         out.outer = [mine + theirs for mine, theirs in zip(self.outer, moved.outer)]
+        if self.has_fourth_moments and moved.has_fourth_moments:
+            out.cubic, out.quartic = self.cubic + moved.cubic, self.quartic + moved.quartic
         return out
 
-    def _covariance_block(self, index: int, epsilon: float) -> torch.Tensor:
-        """(p, C, C) float64 unbiased covariance + epsilon * I of block ``index``."""
+    def _covariance_block(self, index: int, epsilon: float, covariance: str = "fixed") -> torch.Tensor:
+        """(p, C, C) float64 covariance estimate of block ``index`` (see ``covariance``)."""
         start = index * self.chunk
         block = self.outer[index]
         n_ch = self.sum.shape[1]
         mean_shifted = self.sum[start : start + len(block)] / self.count  # (p, C)
-        tril = unpack_lower(block, n_ch)
-        outer = tril + tril.transpose(1, 2) - torch.diag_embed(tril.diagonal(dim1=1, dim2=2))
-        cov = (outer - self.count * mean_shifted.unsqueeze(2) * mean_shifted.unsqueeze(1)) / (self.count - 1)
-        cov.diagonal(dim1=1, dim2=2).add_(epsilon)
-        return cov
+        outer = _symmetric(unpack_lower(block, n_ch))  # (p, C, C) sum of y y^T
+        scatter = outer - self.count * mean_shifted.unsqueeze(2) * mean_shifted.unsqueeze(1)  # sum of centred products
+        if covariance == "fixed":
+            cov = scatter / (self.count - 1)
+            cov.diagonal(dim1=1, dim2=2).add_(epsilon)
+            return cov
+        mle = scatter / self.count  # (p, C, C) S, the maximum-likelihood covariance
+        if covariance == "oas":
+            shrinkage = oas_shrinkage(mle, self.count)
+        elif covariance == "ledoit-wolf":
+            if not self.has_fourth_moments:
+                raise PadimError("the Ledoit-Wolf shrinkage needs fourth-moment sums, which these statistics (saved "
+                                 "by an older padim) lack: use --covariance oas or fixed, or refit")
+            part = slice(start, start + len(block))
+            fourth = centred_fourth_moment(self.count, self.sum[part], outer, self.cubic[part], self.quartic[part])
+            shrinkage = ledoit_wolf_shrinkage(mle, self.count, fourth)
+        else:
+            raise ValueError(f"covariance must be 'fixed', 'oas' or 'ledoit-wolf', got {covariance!r}")
+        return shrink(mle, shrinkage)
 
     def _check_count(self) -> None:
         if self.count < 2:
@@ -148,15 +199,26 @@ class GaussianAccumulator:
         self._check_count()
         return self.shift + self.sum / self.count
 
-    def covariance(self, epsilon: float = COVARIANCE_EPSILON) -> torch.Tensor:
-        """(P, C, C) float64 unbiased covariance + epsilon * I (whole, so for small problems and tests)."""
+    def covariance(self, epsilon: float = COVARIANCE_EPSILON, covariance: str = "fixed") -> torch.Tensor:
+        """(P, C, C) float64 covariance estimate (whole, so for small problems and tests): "fixed", the
+        unbiased covariance + epsilon * I; "oas" / "ledoit-wolf", the shrunk maximum-likelihood
+        covariance (without epsilon: see ``finalize``)."""
         self._check_count()
-        return torch.cat([self._covariance_block(i, epsilon) for i in range(len(self.outer))])
+        return torch.cat([self._covariance_block(i, epsilon, covariance) for i in range(len(self.outer))])
 
     def finalize(self, epsilon: float = COVARIANCE_EPSILON, dtype: torch.dtype = torch.float32,
-                 release: Optional[Callable[[], None]] = None, keep: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                 release: Optional[Callable[[], None]] = None, keep: bool = False,
+                 covariance: str = "fixed") -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns mean (P, C) float64 and the packed precision factor (P, T) in ``dtype``: the lower
-        triangle of W = L^-1, where covariance + epsilon * I = L L^T, so that W^T W = its inverse.
+        triangle of W = L^-1, where the covariance estimate is L L^T, so that W^T W = its inverse.
+
+        covariance: "fixed" (the paper's): the unbiased covariance + epsilon * I. "oas" or
+        "ledoit-wolf": S, the maximum-likelihood covariance (divided by n, as scikit-learn's), shrunk
+        towards mu I (mu = tr(S) / C) by the estimated amount; both need only streamed sums. epsilon is
+        *not* added then: the shrinkage is the ridge (rho mu I), scaled to the features and to the
+        number of images, and adding a constant would undo what it measured. It is only a fallback:
+        positions whose shrunk estimate is not positive definite (all images equal there, tr(S) = 0)
+        get S + epsilon * I, as "fixed" would.
 
         Cholesky and a triangular solve rather than an explicit inverse: stabler, and the distance is
         ||W (x - mean)||. Each block of sums is released once its factor is computed; afterwards the
@@ -170,7 +232,14 @@ class GaussianAccumulator:
         eye = torch.eye(n_ch, dtype=torch.float64, device=mean.device)
         released = 0
         for index in range(len(self.outer)):
-            lower = torch.linalg.cholesky(self._covariance_block(index, epsilon))
+            cov = self._covariance_block(index, epsilon, covariance)
+            if covariance == "fixed":
+                lower = torch.linalg.cholesky(cov)
+            else:
+                lower, info = torch.linalg.cholesky_ex(cov)
+                failed = torch.nonzero(info).squeeze(1)
+                if len(failed):  # degenerate positions: the ridge after all
+                    lower[failed] = torch.linalg.cholesky(cov[failed] + epsilon * eye)
             if not keep:
                 released += self.outer[index].numel() * 8
                 self.outer[index] = None  # release this block's sums...
@@ -181,8 +250,102 @@ class GaussianAccumulator:
             inverse = torch.linalg.solve_triangular(lower, eye, upper=False)  # (p, C, C)
             factor[start : start + len(inverse)] = inverse.reshape(len(inverse), -1).index_select(1, self._lower)
         if not keep:
-            self.outer = self.sum = None
+            self.outer = self.sum = self.cubic = self.quartic = None
         return mean, factor
+
+    def shrinkage(self, covariance: str) -> torch.Tensor:
+        """(P,) float64 shrinkage intensity of every position under ``covariance`` ("oas" or
+        "ledoit-wolf"): 0 keeps S, 1 replaces it by mu I. For reports and tests."""
+        self._check_count()
+        out = []
+        for index, block in enumerate(self.outer):
+            cov = self._covariance_block(index, 0.0, "fixed") * ((self.count - 1) / self.count)  # S
+            if covariance == "oas":
+                out.append(oas_shrinkage(cov, self.count))
+            else:
+                part = slice(index * self.chunk, index * self.chunk + len(block))
+                outer = _symmetric(unpack_lower(block, cov.shape[1]))
+                fourth = centred_fourth_moment(self.count, self.sum[part], outer, self.cubic[part], self.quartic[part])
+                out.append(ledoit_wolf_shrinkage(cov, self.count, fourth))
+        return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------- shrinkage
+def oas_shrinkage(mle: torch.Tensor, n: int) -> torch.Tensor:
+    """Oracle Approximating Shrinkage intensity (Chen et al. 2010, as ``sklearn.covariance.oas``):
+    mle (p, C, C) maximum-likelihood covariances S of n samples -> (p,) in [0, 1].
+
+        mu = tr(S) / C, alpha = mean(S^2), rho = min((alpha + mu^2) / ((n + 1) (alpha - mu^2 / C)), 1)
+
+    Only tr(S) and tr(S^2) = C^2 alpha: computable from the streamed sums."""
+    n_ch = mle.shape[-1]
+    mu = mle.diagonal(dim1=1, dim2=2).sum(dim=1) / n_ch
+    alpha = mle.square().mean(dim=(1, 2))
+    numerator = alpha + mu.square()
+    denominator = (n + 1) * (alpha - mu.square() / n_ch)
+    ratio = numerator / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return torch.where(denominator == 0, torch.ones_like(ratio), ratio.clamp(max=1.0))
+
+
+def ledoit_wolf_shrinkage(mle: torch.Tensor, n: int, fourth: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf shrinkage intensity (Ledoit & Wolf 2004, as ``sklearn.covariance.ledoit_wolf``):
+    mle (p, C, C) maximum-likelihood covariances S of n samples, fourth (p,) = sum_i ||x_i - mean||^4
+    -> (p,) in [0, 1].
+
+        mu = tr(S) / C, delta = (||S||_F^2 - tr(S)^2 / C) / C,
+        beta = min((fourth / n - ||S||_F^2) / (C n), delta), rho = beta / delta (0 when beta = 0)
+
+    sum_i ||x_i x_i^T - S||_F^2 = fourth - n ||S||_F^2: fourth moments, which the accumulator streams
+    (``cubic``, ``quartic``; see ``centred_fourth_moment``)."""
+    n_ch = mle.shape[-1]
+    trace = mle.diagonal(dim1=1, dim2=2).sum(dim=1)
+    frobenius = mle.square().sum(dim=(1, 2))
+    delta = (frobenius - trace.square() / n_ch) / n_ch
+    beta = torch.minimum((fourth / n - frobenius) / (n_ch * n), delta)
+    positive = beta > 0  # beta >= 0 in exact arithmetic (sum ||x||^4 / n >= tr(S)^2 >= ||S||_F^2)
+    return torch.where(positive, beta / torch.where(positive, delta, torch.ones_like(delta)), torch.zeros_like(beta))
+
+
+def centred_fourth_moment(n: int, total: torch.Tensor, outer: torch.Tensor, cubic: torch.Tensor,
+                          quartic: torch.Tensor) -> torch.Tensor:
+    """sum_i ||x_i - mean||^4 per position from sums around a shift (y = x - shift): total (p, C) =
+    sum y, outer (p, C, C) = sum y y^T, cubic (p, C) = sum ||y||^2 y, quartic (p,) = sum ||y||^4.
+    With m = total / n and c = ||m||^2, ||y - m||^2 = ||y||^2 - 2 y.m + c, and squaring and summing,
+
+        quartic - 4 m.cubic + 4 m^T outer m + 2 c tr(outer) - 3 n c^2."""
+    m = total / n  # (p, C)
+    c = m.square().sum(dim=1)
+    quadratic = torch.einsum("pi,pij,pj->p", m, outer, m)
+    trace = outer.diagonal(dim1=1, dim2=2).sum(dim=1)
+    return quartic - 4 * (m * cubic).sum(dim=1) + 4 * quadratic + 2 * c * trace - 3 * n * c.square()
+
+
+def shrink(mle: torch.Tensor, shrinkage: torch.Tensor) -> torch.Tensor:
+    """(1 - rho) S + rho mu I per position: mle (p, C, C), shrinkage (p,) -> (p, C, C)."""
+    mu = mle.diagonal(dim1=1, dim2=2).mean(dim=1)  # (p,)
+    out = (1.0 - shrinkage)[:, None, None] * mle
+    out.diagonal(dim1=1, dim2=2).add_((shrinkage * mu).unsqueeze(1))
+    return out
+
+
+def _symmetric(tril: torch.Tensor) -> torch.Tensor:
+    """(p, C, C) lower triangles -> the symmetric matrices they are the lower half of."""
+    return tril + tril.transpose(1, 2) - torch.diag_embed(tril.diagonal(dim1=1, dim2=2))
+
+
+def _recentred_fourth(n: int, total: torch.Tensor, outer: torch.Tensor, cubic: torch.Tensor, quartic: torch.Tensor,
+                      delta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fourth-moment sums around shift - delta, from those around shift (see
+    ``GaussianAccumulator.recentred``): total, cubic, delta (p, C); outer (p, C, C); quartic (p,)."""
+    e = delta.square().sum(dim=1)  # (p,)
+    trace = outer.diagonal(dim1=1, dim2=2).sum(dim=1)
+    o_delta = torch.bmm(outer, delta.unsqueeze(2)).squeeze(2)  # (p, C)
+    s_delta = (total * delta).sum(dim=1)
+    new_cubic = (cubic + trace[:, None] * delta + 2 * o_delta + 2 * s_delta[:, None] * delta
+                 + e[:, None] * total + n * e[:, None] * delta)
+    new_quartic = (quartic + 4 * (delta * o_delta).sum(dim=1) + 4 * (delta * cubic).sum(dim=1) + 2 * e * trace
+                   + 4 * e * s_delta + n * e.square())
+    return new_cubic, new_quartic
 
 
 def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor,

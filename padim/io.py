@@ -243,6 +243,31 @@ def _no_constant(name: str):
 
 
 # ----------------------------------------------------------------------------------------- contents
+PROJECTION_TOLERANCE = 1e-4  # largest |W^T W - I| entry a stored projection may have
+
+
+def check_projection(projection, config, k: int):
+    """A stored projection against its config: None for reduction "random"; with "semi-orthogonal",
+    (k, d) float32, finite, with orthonormal columns (to ``PROJECTION_TOLERANCE``). Returns it, or
+    raises ModelFileError giving the reason (the caller names the file)."""
+    if config.reduction != "semi-orthogonal":
+        if projection is not None:
+            raise ModelFileError(f"it holds a projection but its reduction is {config.reduction!r}")
+        return None
+    d = config.n_features
+    if projection is None:
+        raise ModelFileError("its reduction is semi-orthogonal but it lacks the tensor 'projection'")
+    if tuple(projection.shape) != (k, d) or projection.dtype != torch.float32:
+        raise ModelFileError(f"tensor 'projection' is {projection.dtype} {tuple(projection.shape)}, expected "
+                             f"float32 {(k, d)}")
+    if not _all_finite(projection):
+        raise ModelFileError("tensor 'projection' holds NaN or infinite values")
+    gram = projection.double().T @ projection.double()  # (d, d)
+    if float((gram - torch.eye(d, dtype=torch.float64)).abs().max()) > PROJECTION_TOLERANCE:
+        raise ModelFileError("tensor 'projection' does not have orthonormal columns (damaged?)")
+    return projection
+
+
 def _number_or_none(value) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
 
@@ -258,8 +283,10 @@ def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
 
     The config must be valid (``padim.config.validate_config_dict``); ``feature_hw`` must be the grid of
     the first feature layer at the config's input size; mean (P, d) float32 and the packed factor
-    (P, d (d + 1) / 2) in the config's factor dtype, both finite; channel_idx (d,) integer, strictly
-    increasing, within the layers' channels; thresholds numbers or null.
+    (P, d (d + 1) / 2) in the config's factor dtype, both finite; channel_idx (k,) integer, strictly
+    increasing, within the layers' channels (k = d, or all C channels with a projection); the
+    projection, with reduction "semi-orthogonal" only, (C, d) float32 with orthonormal columns;
+    thresholds numbers or null.
     """
     from .checks import feature_layout
     from .config import validate_config_dict
@@ -283,7 +310,7 @@ def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
     expected = {
         "mean": ((n_pos, d), (torch.float32,)),
         "precision_factor_packed": ((n_pos, d * (d + 1) // 2), (FACTOR_DTYPES[config.factor_dtype],)),
-        "channel_idx": ((d,), (torch.int64, torch.int32)),
+        "channel_idx": ((layout.channels if config.reduction == "semi-orthogonal" else d,), (torch.int64, torch.int32)),
     }
     for name, (shape, dtypes) in expected.items():
         tensor = tensors.get(name)
@@ -301,6 +328,10 @@ def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
     for name in ("mean", "precision_factor_packed"):
         if not _all_finite(tensors[name]):
             refuse(f"tensor {name!r} holds NaN or infinite values")
+    try:
+        check_projection(tensors.get("projection"), config, len(idx))
+    except ModelFileError as exc:
+        refuse(str(exc))
     for key in ("image_threshold", "pixel_threshold", "fit_seconds"):
         if not _number_or_none(metadata.get(key)):
             refuse(f"{key} must be a number or null, got {metadata.get(key)!r}")

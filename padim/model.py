@@ -28,7 +28,7 @@ from .backbones import build_extractor, file_sha256, get_spec, is_weights_file
 from .checks import check_batch_size, check_estimator, pair
 from .config import COVARIANCE_EPSILON, PadimConfig
 from .errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError
-from .features import CPU_FORWARD_CHUNK, Embedder, count_channels, random_channel_subset
+from .features import CPU_FORWARD_CHUNK, Embedder, count_channels, make_reduction
 from .gaussian import GaussianAccumulator, store_factor, unpack_lower
 from .images import ImageInput, input_batches, to_input
 from .memory import release_free_memory
@@ -49,7 +49,8 @@ class PaDiM:
     failed refit leaves the previous model whole: ``config_``, ``device_``, ``mean_`` (P, d),
     ``precision_factor_packed_`` (P, d (d + 1) / 2, in ``factor_dtype``): the lower triangle of the
     factor W with W^T W = cov^-1 (``precision_factor_`` unpacks it to (P, d, d) for scoring),
-    ``channel_idx_`` (d,), ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
+    ``channel_idx_`` (k,) and ``projection_`` (k, d) or None (see ``padim.features.make_reduction``),
+    ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
     ``weights_source_``, ``weights_sha256_``, ``fit_seconds_``, ``fit_date_``, ``category_``;
     ``calibration_`` (a ``padim.calibration.Calibration``, or None) and the operating point in use:
     ``image_threshold_`` / ``pixel_threshold_`` with their sources ``threshold_source_`` /
@@ -65,6 +66,11 @@ class PaDiM:
     Where it departs from scikit-learn: ``predict`` returns a ``PadimResult`` with the scores and
     anomaly maps as well as labels, because a defect's location is half of the answer; labels exist
     only once a threshold is set, because PaDiM's scores have no natural cut.
+
+    Accuracy options (issue 15; the defaults are the paper's): ``reduction="semi-orthogonal"`` makes
+    the d embedding channels a seeded orthonormal projection of all channels (Kim et al. 2021)
+    instead of d random ones; ``covariance="oas"`` or ``"ledoit-wolf"`` shrinks each covariance by
+    an amount estimated from the data instead of adding ``epsilon`` (see ``GaussianAccumulator.finalize``).
     """
 
     def __init__(
@@ -79,6 +85,8 @@ class PaDiM:
         sigma: float = 4.0,
         epsilon: float = COVARIANCE_EPSILON,
         factor_dtype: str = "float32",
+        reduction: str = "random",
+        covariance: str = "fixed",
         calibration_fraction: float = cal.DEFAULT_CALIBRATION_FRACTION,
         calibration: str = "holdout",
         folds: int = 5,
@@ -99,6 +107,8 @@ class PaDiM:
         self.sigma = sigma
         self.epsilon = epsilon
         self.factor_dtype = factor_dtype
+        self.reduction = reduction
+        self.covariance = covariance
         self.calibration_fraction = calibration_fraction
         self.calibration = calibration
         self.folds = folds
@@ -152,6 +162,8 @@ class PaDiM:
             sigma=float(self.sigma),
             epsilon=float(self.epsilon),
             factor_dtype=self.factor_dtype,
+            reduction=self.reduction,
+            covariance=self.covariance,
         )
 
     def _resolve_device(self) -> torch.device:
@@ -175,6 +187,7 @@ class PaDiM:
         self.precision_factor_packed_ = content.factor_packed.to(embedder.device)
         self._precision_factor = None  # the unpacked cache of the previous fit, if any
         self.channel_idx_ = embedder.channel_idx
+        self.projection_ = embedder.projection
         self.feature_hw_ = tuple(content.feature_hw)
         self.weights_source_ = info["weights_source"]
         self.weights_sha256_ = info["weights_sha256"]
@@ -207,7 +220,7 @@ class PaDiM:
         never needs it whole, so fitting wide backbones (d = 550) holds only the packed half."""
         self._check_fitted()
         if self._precision_factor is None:
-            self._precision_factor = unpack_lower(self.precision_factor_packed_, len(self.channel_idx_), torch.float32)
+            self._precision_factor = unpack_lower(self.precision_factor_packed_, self.config_.n_features, torch.float32)
         return self._precision_factor
 
     @property
@@ -249,7 +262,7 @@ class PaDiM:
                 if n_calibration and self.calibration == "cv":
                     calibration = self._cross_fit(embedder, config, device, images, stats, feature_hw)
                 mean, packed = stats.finalize(config.epsilon, release=release_free_memory,  # (P, d), (P, d (d + 1) / 2)
-                                              keep=keep_statistics)
+                                              keep=keep_statistics, covariance=config.covariance)
             else:
                 mean, packed, stats, feature_hw = cluster.statistics_and_factors(self, config, fit_images, source,
                                                                                  sha256, keep_statistics)
@@ -275,7 +288,8 @@ class PaDiM:
             info.update(image_threshold=point.image_threshold, pixel_threshold=point.pixel_threshold,
                         threshold_source=point.source, pixel_threshold_source=point.pixel_source,
                         target_fpr=point.target_fpr)
-        content = modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, feature_hw, info, calibration)
+        content = modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, feature_hw, info, calibration,
+                                         embedder.projection)
         self._set_fitted(content, embedder)
         self.statistics_ = kept
         return self
@@ -357,8 +371,9 @@ class PaDiM:
                 not statistics.weights_sha256 and source != statistics.weights_source:
             raise ModelFileError(f"the statistics were computed with backbone weights '{statistics.weights_source}' "
                                  f"but they now resolve to '{source}'")
+        projection = None if statistics.projection is None else statistics.projection.to(device)
         embedder = Embedder(extractor.to(device, memory_format=torch.channels_last),
-                            statistics.channel_idx.to(device), device)
+                            statistics.channel_idx.to(device), device, projection)
         model._fit_from_statistics(statistics, embedder, time.perf_counter(), 0)
         return model
 
@@ -382,7 +397,7 @@ class PaDiM:
             if stale is not None:
                 info.update(stale)
         content = modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, statistics.feature_hw,
-                                         info, None)
+                                         info, None, embedder.projection)
         self._set_fitted(content, embedder)
         self.statistics_ = statistics
 
@@ -428,15 +443,14 @@ class PaDiM:
         return stats, feature_hw
 
     def build_embedder(self, config: Optional[PadimConfig] = None) -> Tuple[Embedder, str, Optional[str]]:
-        """The frozen backbone and channel subset of ``config`` (default: these parameters') on this
-        estimator's device -> (embedder, weights source, weights file SHA-256 or None)."""
+        """The frozen backbone and channel reduction (subset or projection) of ``config`` (default:
+        these parameters') on this estimator's device -> (embedder, weights source, weights file
+        SHA-256 or None)."""
         config = config if config is not None else self._make_config()
         device = self._resolve_device()
         extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
         extractor = extractor.to(device, memory_format=torch.channels_last)
-        n_channels = count_channels(extractor, config.input_size, device)
-        channel_idx = random_channel_subset(n_channels, config.n_features, config.seed).to(device)
-        return Embedder(extractor, channel_idx, device), source, sha256
+        return _make_embedder(extractor, config, device), source, sha256
 
     def statistics(self, images: Sequence[ImageInput], shift: Optional[torch.Tensor] = None,
                    desc: str = "statistics"):
@@ -484,7 +498,8 @@ class PaDiM:
             kept = []
             part, _ = self._accumulate(embedder, config, device, [images[i] for i in sorted(fold)], "cross-fit",
                                        GaussianAccumulator(total.chunk, total.shift), kept)
-            mean, packed = total.without(part).finalize(config.epsilon, release=release_free_memory)
+            mean, packed = total.without(part).finalize(config.epsilon, release=release_free_memory,
+                                                        covariance=config.covariance)
             for emb in kept:
                 batch_scores, batch_maps = score_embeddings(emb, mean.float(), packed, feature_hw, config.input_size,
                                                             config.sigma)
@@ -573,7 +588,8 @@ class PaDiM:
         self._check_fitted()
         info = {key: getattr(self, f"{key}_", None) for key in modelfile.INFO_DEFAULTS}
         modelfile.write(path, modelfile.ModelContent(self.config_, self.mean_, self.precision_factor_packed_,
-                                                     self.channel_idx_, self.feature_hw_, info, self.calibration_))
+                                                     self.channel_idx_, self.feature_hw_, info, self.calibration_,
+                                                     self.projection_))
 
     @classmethod
     def load(cls, path, device: Optional[str] = None, batch_size: int = 32, workers: int = 2,
@@ -605,7 +621,9 @@ class PaDiM:
                 f"model file {path} was fitted with backbone weights '{content.info.get('weights_source')}' "
                 f"but they now resolve to '{source}'"
             )
-        embedder = Embedder(extractor.to(device, memory_format=torch.channels_last), content.channel_idx.to(device), device)
+        projection = None if content.projection is None else content.projection.to(device)
+        embedder = Embedder(extractor.to(device, memory_format=torch.channels_last), content.channel_idx.to(device), device,
+                            projection)
         content.config = config
         model._set_fitted(content, embedder)
         return model
@@ -620,7 +638,17 @@ def _fit_statistics(config, embedder, feature_hw, stats, source, sha256, n_image
         covers = (f"the {n_images} training images the Gaussians were fitted on ({how}); the {n_held_out} held out "
                   "for calibration are not included")
     history = [{"how": how, "n_images": n_images, "date": now()}]
-    return FitStatistics(config, embedder.channel_idx.cpu(), tuple(feature_hw), stats, source, sha256, covers, history)
+    projection = None if embedder.projection is None else embedder.projection.cpu()
+    return FitStatistics(config, embedder.channel_idx.cpu(), tuple(feature_hw), stats, source, sha256, covers, history,
+                         projection)
+
+
+def _make_embedder(extractor, config: PadimConfig, device) -> Embedder:
+    """The embedder of a new fit: ``extractor`` (on ``device``) and the configuration's reduction of
+    its channels, drawn from the seed (``padim.features.make_reduction``)."""
+    n_channels = count_channels(extractor, config.input_size, device)
+    channel_idx, projection = make_reduction(n_channels, config.n_features, config.seed, config.reduction)
+    return Embedder(extractor, channel_idx.to(device), device, None if projection is None else projection.to(device))
 
 
 def _stale_thresholds(model: "PaDiM", n_added: int) -> Optional[Dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""What a padim model file holds, and its checks: tensors (mean, packed factor, channel indices) and
-a JSON header (configuration, provenance, thresholds), stored with ``padim.io`` (safetensors, no pickle).
+"""What a padim model file holds, and its checks: tensors (mean, packed factor, channel indices, the
+projection of a semi-orthogonal reduction) and a JSON header (configuration, provenance, thresholds), stored with ``padim.io`` (safetensors, no pickle).
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ class ModelContent:
     """Everything a model file stores.
 
     mean: (P, d) float32; factor_packed: (P, d (d + 1) / 2) in ``config.factor_dtype``;
-    channel_idx: (d,) int64; feature_hw: (h, w) with P = h * w; info: ``INFO_DEFAULTS``' keys;
-    calibration: the calibration images' scores, stored as float64 tensors (n,), (Q,), (Q,).
+    channel_idx: (k,) int64; feature_hw: (h, w) with P = h * w; info: ``INFO_DEFAULTS``' keys;
+    calibration: the calibration images' scores, stored as float64 tensors (n,), (Q,), (Q,);
+    projection: (k, d) float32 with reduction "semi-orthogonal" (k = all C channels), else None
+    (tensor ``projection``, absent from files of the random reduction and from older files).
     """
 
     config: PadimConfig
@@ -62,12 +64,15 @@ class ModelContent:
     feature_hw: Tuple[int, int]
     info: Dict[str, Any] = field(default_factory=dict)
     calibration: Optional[Calibration] = None
+    projection: Optional[torch.Tensor] = None
 
 
 def write(path, content: ModelContent) -> None:
     """Writes ``content`` atomically to ``path``."""
     tensors = {"mean": content.mean, "precision_factor_packed": content.factor_packed,
                "channel_idx": content.channel_idx}
+    if content.projection is not None:
+        tensors["projection"] = content.projection.to(torch.float32)
     info = dict(content.info)
     if content.calibration is not None:
         found = content.calibration
@@ -84,7 +89,8 @@ def read(path) -> ModelContent:
     config, feature_hw = model_io.verify(path, tensors, meta)  # contents checked against each other, not trusted
     mean, packed, channel_idx = tensors["mean"], tensors["precision_factor_packed"], tensors["channel_idx"]
     info = {key: meta.get(key, default) for key, default in INFO_DEFAULTS.items()}
-    return ModelContent(config, mean, packed, channel_idx.long(), feature_hw, info, _calibration(path, tensors, info))
+    return ModelContent(config, mean, packed, channel_idx.long(), feature_hw, info, _calibration(path, tensors, info),
+                        tensors.get("projection"))
 
 
 def _calibration(path, tensors: Dict[str, torch.Tensor], info: Dict[str, Any]) -> Optional[Calibration]:

@@ -53,7 +53,8 @@ def _estimator(params: dict, threads: int):
 
 def split_positions(acc: GaussianAccumulator, n_groups: int) -> List[GaussianAccumulator]:
     """``acc`` cut into at most ``n_groups`` accumulators of consecutive positions, each holding
-    whole blocks of ``acc.chunk`` positions (views of its sums: no copy)."""
+    whole blocks of ``acc.chunk`` positions (the blocks themselves are shared, not copied), with
+    their slices of the fourth-moment sums when ``acc`` has them."""
     n_blocks = len(acc.outer)
     per_group = math.ceil(n_blocks / max(1, n_groups))
     groups = []
@@ -62,8 +63,10 @@ def split_positions(acc: GaussianAccumulator, n_groups: int) -> List[GaussianAcc
         start = first * acc.chunk
         stop = start + sum(len(b) for b in blocks)
         # clones: a slice sent to another process would carry its whole base tensor with it
+        fourth = (acc.cubic[start:stop].clone(), acc.quartic[start:stop].clone()) if acc.has_fourth_moments \
+            else (None, None)
         groups.append(GaussianAccumulator.from_sums(acc.count, acc.shift[start:stop].clone(),
-                                                    acc.sum[start:stop].clone(), list(blocks), acc.chunk))
+                                                    acc.sum[start:stop].clone(), list(blocks), acc.chunk, *fourth))
     return groups
 
 
@@ -86,12 +89,12 @@ def _merge(left: Optional[GaussianAccumulator], right: Optional[GaussianAccumula
     return None if left is None else left.merged(right)
 
 
-def _finalize(group: GaussianAccumulator, epsilon: float, keep: bool):
+def _finalize(group: GaussianAccumulator, epsilon: float, keep: bool, covariance: str = "fixed"):
     """-> (mean (p, d) float64, packed factor (p, T) float32, the sums when ``keep`` else None)."""
     if group is None:
         return None, None, None
     torch.set_num_threads(1)
-    mean, packed = group.finalize(epsilon, torch.float32, keep=keep)
+    mean, packed = group.finalize(epsilon, torch.float32, keep=keep, covariance=covariance)
     return mean, packed, (group if keep else None)
 
 
@@ -165,7 +168,7 @@ class RayFit:
             while len(level) > 1:  # pairwise, left to right: shard 0's shift survives
                 level = [merge_task.remote(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
                          for i in range(0, len(level), 2)]
-            results.append(finalize_task.remote(level[0], config.epsilon, keep))
+            results.append(finalize_task.remote(level[0], config.epsilon, keep, config.covariance))
             del level
         grid_ref, count_refs = shards[0][0], [refs[1] for refs in shards]
         del shards
@@ -209,9 +212,12 @@ class RayFit:
 def _concatenate(groups: List[GaussianAccumulator]) -> GaussianAccumulator:
     """The groups' sums as one accumulator (they share count and chunk; shifts differ per position only)."""
     first = groups[0]
+    fourth = all(g.has_fourth_moments for g in groups)
     return GaussianAccumulator.from_sums(first.count, torch.cat([g.shift for g in groups]),
                                          torch.cat([g.sum for g in groups]),
-                                         [block for g in groups for block in g.outer], first.chunk)
+                                         [block for g in groups for block in g.outer], first.chunk,
+                                         torch.cat([g.cubic for g in groups]) if fourth else None,
+                                         torch.cat([g.quartic for g in groups]) if fourth else None)
 
 
 def _as_path(image) -> str:

@@ -140,6 +140,8 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         "weights_source": model.weights_source_,
         "random_weights": model.uses_random_weights,
         "n_features": model.config_.n_features,
+        "reduction": model.config_.reduction,
+        "covariance": model.config_.covariance,
         "image_size": list(model.config_.input_size),
         "seed": model.config_.seed,
         "model": str(model_path),

