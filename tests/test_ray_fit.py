@@ -67,16 +67,21 @@ def test_fit_on_ray_equals_the_local_fit_with_its_calibration_and_statistics(ray
     np.testing.assert_allclose(scores_remote, local.predict(images[:4]).scores, rtol=1e-5)
 
 
-def test_more_groups_than_blocks_of_positions_and_one_shard(ray_connected, forty_four):
+@pytest.mark.parametrize("options", [{}, {"reduction": "semi-orthogonal", "covariance": "ledoit-wolf"}])
+def test_more_groups_than_blocks_of_positions_and_one_shard(ray_connected, forty_four, options):
+    """Also with the projection and the Ledoit-Wolf shrinkage, whose fourth-moment sums the groups carry."""
     from padim.ray_fit import RayFit
 
     images = sorted((forty_four / "tiles" / "train" / "good").iterdir())[:10]
-    params = {**FAST, "calibration_fraction": 0}
-    local = PaDiM(**params).fit(images)
-    for cluster in (RayFit(shards=1, groups=50), RayFit(shards=4, groups=1)):
-        remote = PaDiM(**params).fit(images, cluster=cluster)
+    params = {**FAST, "calibration_fraction": 0, **options}
+    local = PaDiM(**params).fit(images, keep_statistics=True)
+    for cluster in (RayFit(shards=1, groups=50), RayFit(shards=4, groups=1), RayFit(shards=3, groups=2)):
+        remote = PaDiM(**params).fit(images, cluster=cluster, keep_statistics=True)
         assert _relative(remote.mean_, local.mean_) <= 1e-9
         assert _relative(remote.precision_factor_packed_, local.precision_factor_packed_) <= 1e-6
+        if options:
+            assert remote.statistics_.accumulator.has_fourth_moments
+            assert _relative(remote.statistics_.accumulator.quartic, local.statistics_.accumulator.quartic) <= 1e-9
 
 
 def test_fit_on_ray_takes_paths_only(ray_connected):
