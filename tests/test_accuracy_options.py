@@ -342,4 +342,5 @@ def test_accuracy_benchmark_grid_verify_costs_and_report_on_a_tiny_setting(synth
     row = next(iter(json.loads(costs.read_text())["costs"].values()))
     assert row["fit_s"] > 0 and row["test_ms_per_image"] > 0 and row["model_MB"] > 0
     report = run("report", "--results", str(results), "--costs", str(costs))
-    assert "| semi-orthogonal | oas | 6 |" in report and "Decision rule" in report
+    assert "| semi-orthogonal | oas | 6 |" in report and "Differences of the means from random + fixed" in report
+    assert "| semi-orthogonal + oas | 6 |" in report  # the rule's verdict for each option

@@ -50,11 +50,17 @@ def test_fit_on_ray_equals_the_local_fit_with_its_calibration_and_statistics(ray
 
     images = sorted((forty_four / "tiles" / "train" / "good").iterdir())
     params = {**FAST, "calibration_fraction": 0.5}
-    local = PaDiM(**params).fit(images, keep_statistics=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker: float32 convolutions round alike
+    try:
+        local = PaDiM(**params).fit(images, keep_statistics=True)
+    finally:
+        torch.set_num_threads(threads)
     remote = PaDiM(**params).fit(images, keep_statistics=True, cluster=RayFit(shards=3, groups=2))
 
     assert remote.n_train_images_ == local.n_train_images_ == 22
-    assert _relative(remote.mean_, local.mean_) <= 1e-9
+    assert _relative(remote.statistics_.mean(), local.statistics_.mean()) <= 1e-9  # float64
+    assert _relative(remote.mean_, local.mean_) <= 1e-7  # stored in float32
     assert _relative(remote.precision_factor_packed_, local.precision_factor_packed_) <= 1e-6
     # the same held-out images, scored by the workers: the same calibration and thresholds
     np.testing.assert_allclose(remote.calibration_.image_scores, local.calibration_.image_scores, rtol=1e-6)
@@ -62,7 +68,6 @@ def test_fit_on_ray_equals_the_local_fit_with_its_calibration_and_statistics(ray
     assert remote.pixel_threshold_ == pytest.approx(local.pixel_threshold_, rel=1e-6)
     # the kept statistics are those of the local fit (so `padim update` works after a Ray fit)
     assert remote.statistics_.count == local.statistics_.count
-    assert _relative(remote.statistics_.mean(), local.statistics_.mean()) <= 1e-12
     scores_remote = remote.predict(images[:4]).scores
     np.testing.assert_allclose(scores_remote, local.predict(images[:4]).scores, rtol=1e-5)
 
@@ -74,10 +79,16 @@ def test_more_groups_than_blocks_of_positions_and_one_shard(ray_connected, forty
 
     images = sorted((forty_four / "tiles" / "train" / "good").iterdir())[:10]
     params = {**FAST, "calibration_fraction": 0, **options}
-    local = PaDiM(**params).fit(images, keep_statistics=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker: float32 products round alike (the projection's too)
+    try:
+        local = PaDiM(**params).fit(images, keep_statistics=True)
+    finally:
+        torch.set_num_threads(threads)
     for cluster in (RayFit(shards=1, groups=50), RayFit(shards=4, groups=1), RayFit(shards=3, groups=2)):
         remote = PaDiM(**params).fit(images, cluster=cluster, keep_statistics=True)
-        assert _relative(remote.mean_, local.mean_) <= 1e-9
+        assert _relative(remote.statistics_.mean(), local.statistics_.mean()) <= 1e-9  # float64
+        assert _relative(remote.mean_, local.mean_) <= 1e-7  # stored in float32
         assert _relative(remote.precision_factor_packed_, local.precision_factor_packed_) <= 1e-6
         if options:
             assert remote.statistics_.accumulator.has_fourth_moments
