@@ -5,15 +5,15 @@ data set: image AUROC, and pixel AUROC and AUPRO where there are masks.
 
 Why it is affordable on 2 cores: the backbone forward dominates a fit and a test, and it does not
 depend on the reduction, the covariance, d or (with ImageNet weights) the seed. So each image goes
-through the backbone once (``padim.images.input_batches`` + ``padim.backbones.build_extractor``, as a
+through the backbone once (``padim.files.images.input_batches`` + ``padim.core.backbones.build_extractor``, as a
 fit does), its layer maps are cached on disk at their native resolutions (float32 memmaps:
 0.67 MB per image for efficientnet_lite0 at 256 px), and every cell then feeds those maps through
 padim's own code: ``features.make_reduction`` + ``features.embed`` -> ``gaussian.GaussianAccumulator``
 -> ``finalize(covariance=...)`` -> ``gaussian.store_factor`` -> ``scoring.score_embeddings`` ->
-``padim.metrics`` (as ``padim.evaluate`` calls them). Each cell fits on the images a default
+``padim.jobs.metrics`` (as ``padim.jobs.evaluate`` calls them). Each cell fits on the images a default
 ``padim fit`` fits on (the seeded 10 % calibration hold-out left out). With random backbone weights
 the backbone depends on the seed: the cache is then per seed. ``verify`` checks a cell against a real
-``PaDiM(...).fit`` + ``padim.evaluate.evaluate`` (scores equal to ~1e-5 relative; see RESULTS.md).
+``PaDiM(...).fit`` + ``padim.jobs.evaluate.evaluate`` (scores equal to ~1e-5 relative; see RESULTS.md).
 
 The costs of a cell (fit time, test ms per image, model size) depend on neither the seed nor the
 data set: ``costs`` times real ``padim fit`` / ``padim test`` processes per (reduction, covariance,
@@ -57,16 +57,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from padim import calibration as cal  # noqa: E402
-from padim.backbones import build_extractor, get_spec  # noqa: E402
-from padim.config import COVARIANCES, REDUCTIONS, PadimConfig  # noqa: E402
+from padim.core import calibration as cal  # noqa: E402
+from padim.core.backbones import build_extractor, get_spec  # noqa: E402
+from padim.core.config import COVARIANCES, REDUCTIONS, PadimConfig  # noqa: E402
 from padim.data.mvtec import find_category  # noqa: E402
-from padim.features import embed, make_reduction  # noqa: E402
-from padim.gaussian import GaussianAccumulator, store_factor, unpack_lower  # noqa: E402
-from padim.images import input_batches, load_mask  # noqa: E402
-from padim.memory import Workspace  # noqa: E402
-from padim.metrics import image_metrics, pixel_metrics  # noqa: E402
-from padim.scoring import score_embeddings  # noqa: E402
+from padim.core.features import embed, make_reduction  # noqa: E402
+from padim.core.gaussian import GaussianAccumulator, store_factor, unpack_lower  # noqa: E402
+from padim.files.images import input_batches, load_mask  # noqa: E402
+from padim.core.memory import Workspace  # noqa: E402
+from padim.jobs.metrics import image_metrics, pixel_metrics  # noqa: E402
+from padim.core.scoring import score_embeddings  # noqa: E402
 
 BATCH = 32  # the fit's and test's default batch size
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
@@ -105,7 +105,7 @@ def cell_key(dataset: str, args, reduction: str, covariance: str, d: int, seed: 
 class FeatureCache:
     """A data set's backbone layer maps, once per image: train (N, C_l, h_l, w_l) and test float32
     memmaps per layer, the test labels, and the test masks at the model's geometry (as
-    ``padim.evaluate`` loads them) for the images that have ground truth."""
+    ``padim.jobs.evaluate`` loads them) for the images that have ground truth."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -276,9 +276,9 @@ def cmd_grid(args) -> None:
 
 # ----------------------------------------------------------------------------------------- verify
 def cmd_verify(args) -> None:
-    """One cell against the product: ``PaDiM(...).fit(train)`` then ``padim.evaluate.evaluate``."""
-    from padim.evaluate import evaluate
-    from padim.model import PaDiM
+    """One cell against the product: ``PaDiM(...).fit(train)`` then ``padim.jobs.evaluate.evaluate``."""
+    from padim.jobs.evaluate import evaluate
+    from padim.core.estimator import PaDiM
 
     torch.set_num_threads(args.threads)
     args._seed = args.seed
@@ -348,7 +348,7 @@ def cmd_costs(args) -> None:
 
 
 def _padim_header(path: Path) -> dict:
-    from padim.io import read_metadata
+    from padim.files.safetensors_io import read_metadata
 
     return read_metadata(path)
 

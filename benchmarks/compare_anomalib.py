@@ -78,7 +78,7 @@ def build_anomalib(args, channel_idx):
     """anomalib's PadimModel with padim's backbone weights and padim's channel subset."""
     from anomalib.models.image.padim.torch_model import PadimModel
 
-    from padim.backbones import get_spec, load_backbone
+    from padim.core.backbones import get_spec, load_backbone
 
     spec = get_spec(args.backbone)
     layers = args.layers.split(",") if args.layers else list(spec.default_layers)
@@ -163,9 +163,9 @@ def phase_ours_fit(args):
 def phase_ours_test(args):
     torch.set_num_threads(args.threads)
     from padim import PaDiM
-    from padim.images import load_mask
+    from padim.files.images import load_mask
 
-    from padim.memory import tune_malloc_for_scoring
+    from padim.core.memory import tune_malloc_for_scoring
 
     tune_malloc_for_scoring()  # as the padim command does before it scores
     category = load_category(args)
@@ -193,9 +193,9 @@ def phase_floor(args):
     """
     torch.set_num_threads(args.threads)
     from padim import PaDiM
-    from padim.images import load_image
-    from padim.features import CPU_FORWARD_CHUNK
-    from padim.memory import tune_malloc_for_scoring
+    from padim.files.images import load_image
+    from padim.core.features import CPU_FORWARD_CHUNK
+    from padim.core.memory import tune_malloc_for_scoring
 
     tune_malloc_for_scoring()  # as the padim command does before it scores
 
@@ -236,7 +236,7 @@ def phase_equivalence(args):
     given the same total regularisation here, so that only the two implementations differ."""
     torch.set_num_threads(args.threads)
     from padim import PaDiM
-    from padim.images import load_image
+    from padim.files.images import load_image
 
     category = load_category(args)
     train = category.train[: args.equivalence_images]

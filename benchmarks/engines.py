@@ -6,10 +6,10 @@ category folder, in one process, alternated, medians of --repeats.
         --backbone efficientnet_lite0 --repeats 3
 
 Figures per engine:
-- end to end: ms per test image from files (decoding with padim.images.load_pixels in 2 threads,
+- end to end: ms per test image from files (decoding with padim.files.images.load_pixels in 2 threads,
   batches of --batch-size, maps and scores on the CPU), as ``padim test`` scores;
 - model only: ms per image on pixels decoded beforehand (the engine's floor for this scoring path);
-- the five metrics of ``padim test`` (padim.evaluate with the engine's scores) and their largest
+- the five metrics of ``padim test`` (padim.jobs.evaluate with the engine's scores) and their largest
   difference from the torch engine's, and the largest relative difference of the maps.
 Every engine gets the same thread count (--threads, default torch's). The last line is JSON.
 """
@@ -32,12 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 from padim import PaDiM  # noqa: E402
 from padim.data import find_category  # noqa: E402
-from padim.engines import as_torch, export_file  # noqa: E402
-from padim.evaluate import METRIC_KEYS, evaluate  # noqa: E402
-from padim.images import load_pixels, prefetched, to_input  # noqa: E402
-from padim.memory import tune_malloc_for_scoring  # noqa: E402
+from padim.pipeline.cache import export_file  # noqa: E402
+from padim.pipeline.engines import as_torch  # noqa: E402
+from padim.jobs.evaluate import METRIC_KEYS, evaluate  # noqa: E402
+from padim.files.images import load_pixels, prefetched, to_input  # noqa: E402
+from padim.core.memory import tune_malloc_for_scoring  # noqa: E402
 from padim.runtime import ExportedModel  # noqa: E402
-from padim.scoring import score_batches  # noqa: E402
+from padim.core.scoring import score_batches  # noqa: E402
 
 
 def torch_model_only(model: PaDiM, pixels: np.ndarray, batch_size: int) -> np.ndarray:

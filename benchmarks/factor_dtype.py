@@ -18,7 +18,7 @@ import torch
 
 from padim import PaDiM
 from padim.data import find_category
-from padim.evaluate import METRIC_KEYS, evaluate
+from padim.jobs.evaluate import METRIC_KEYS, evaluate
 
 
 def main() -> None:

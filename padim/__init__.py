@@ -7,12 +7,12 @@ onnxruntime --export DIR``) works where torch is not installed.
 
 __version__ = "0.1.0"
 
-from .errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError  # noqa: E402
+from padim.errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError  # noqa: E402
 
 __all__ = ["PaDiM", "PadimResult", "PadimError", "DataError", "ModelFileError", "NotFittedError",
            "WeightsUnavailableError", "__version__"]
 
-_LAZY = {"PaDiM": "model", "PadimResult": "model"}
+_LAZY = {"PaDiM": "core.estimator", "PadimResult": "core.estimator"}
 
 
 def __getattr__(name):

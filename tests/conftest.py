@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from padim.cluster import LOOPBACK_ENVIRONMENT
+from padim.cluster.connect import LOOPBACK_ENVIRONMENT
 from padim.data.synthetic import make_synthetic_category
 
 # Ray reads these when it is imported (before any fixture runs): without them a driver in this process

@@ -1,4 +1,4 @@
-"""Reading and rewriting model files byte by byte, independently of padim.io (the tests' reference)."""
+"""Reading and rewriting model files byte by byte, independently of padim.files.safetensors_io (the tests' reference)."""
 
 import hashlib
 import json

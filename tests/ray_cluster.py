@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import padim
-from padim.cluster import LOOPBACK_ENVIRONMENT
+from padim.cluster.connect import LOOPBACK_ENVIRONMENT
 
 PACKAGE_ROOT = str(Path(padim.__file__).resolve().parents[1])  # the tree under test, not an installed copy
 

@@ -17,13 +17,13 @@ from sklearn.covariance import ledoit_wolf, oas
 from conftest import FAST
 from modelfile_helpers import padim_header, rewrite
 from padim.cli import main
-from padim.config import PadimConfig
+from padim.core.config import PadimConfig
 from padim.data import find_category
 from padim.errors import ModelFileError, PadimError
-from padim.features import embed, make_reduction, semi_orthogonal_projection
-from padim.gaussian import GaussianAccumulator, unpack_lower
-from padim.model import PaDiM
-from padim.statistics import FitStatistics, StatisticsFileError, StatisticsMismatchError
+from padim.core.features import embed, make_reduction, semi_orthogonal_projection
+from padim.core.gaussian import GaussianAccumulator, unpack_lower
+from padim.core.estimator import PaDiM
+from padim.core.statistics import FitStatistics, StatisticsFileError, StatisticsMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,14 +298,14 @@ def test_unknown_options_are_refused_before_any_work(capsys):
 
 
 def test_exported_graph_projects_like_the_model(semi):
-    """The export's scoring module (the ONNX graph's source) with a projection equals predict."""
-    from padim.export import ScoringGraph
-    from padim.images import load_pixels
+    """What export traces (the scorer in tracing mode: plain operations, the projection summed layer by
+    layer without output buffers) equals predict's eager path (buffers, CPU chunks) with a projection."""
+    from padim.files.images import load_pixels
 
     model, _, images, scores, _ = semi
     pixels = torch.from_numpy(np.stack([load_pixels(path, model.config_)[0] for path in images]))
-    with torch.inference_mode():
-        maps, graph_scores = ScoringGraph(model)(pixels)
+    with torch.inference_mode(), model.scorer_.tracing():
+        maps, graph_scores = model.scorer_(pixels)
     np.testing.assert_allclose(graph_scores.numpy(), scores, rtol=1e-4)
 
 

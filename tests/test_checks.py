@@ -6,10 +6,11 @@ import time
 import pytest
 import torch
 
-import padim.images
-import padim.model
-from padim import checks
-from padim.backbones import BACKBONES, get_spec
+import padim.files.images
+import padim.core.estimator
+from padim.core import options as checks
+from padim.files import outputs
+from padim.core.backbones import BACKBONES, get_spec
 from padim.cli import main
 from padim.errors import PadimError
 
@@ -24,7 +25,7 @@ def no_image_reads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an image was read before the options were checked")
 
-    monkeypatch.setattr(padim.images, "load_pixels", refuse)
+    monkeypatch.setattr(padim.files.images, "load_pixels", refuse)
 
 
 def _refused(capsys, argv, *words):
@@ -68,7 +69,7 @@ def test_n_features_outside_the_layers_channels(synthetic_root, tmp_path, capsys
 def test_n_features_zero_in_the_library_is_not_the_default(synthetic_root, no_image_reads):
     train = sorted((synthetic_root / "fabric" / "train" / "good").glob("*.png"))
     with pytest.raises(PadimError, match="n-features must be 1 to 448"):
-        padim.model.PaDiM(**FAST, n_features=0).fit(train)
+        padim.core.estimator.PaDiM(**FAST, n_features=0).fit(train)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_batch_size_below_one_on_every_command(synthetic_root, model_file, tmp_p
 
 def test_library_load_refuses_batch_size_zero(model_file):
     with pytest.raises(PadimError, match="batch-size"):
-        padim.model.PaDiM.load(model_file, device="cpu", batch_size=0)
+        padim.core.estimator.PaDiM.load(model_file, device="cpu", batch_size=0)
 
 
 @pytest.mark.parametrize("seed, ok", [(2 ** 64, False), (-(2 ** 63) - 1, False), (2 ** 64 - 1, True), (-(2 ** 63), True)])
@@ -112,7 +113,7 @@ def test_seed_range_is_the_one_torch_accepts(seed, ok):
     if ok:
         checks.check_seed(seed)
     else:
-        with pytest.raises(PadimError, match="--seed"):
+        with pytest.raises(PadimError, match="`seed`"):
             checks.check_seed(seed)
 
 
@@ -181,16 +182,16 @@ def test_read_only_folder(synthetic_root, tmp_path, capsys, no_image_reads):
 def test_read_only_file_system_is_refused(tmp_path, monkeypatch):
     """os.access reports EROFS even for root; simulated here, as a test cannot mount one."""
     real = os.access
-    monkeypatch.setattr(checks.os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real(path, mode))
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real(path, mode))
     with pytest.raises(PadimError, match="not writable"):
-        checks.check_output_file(tmp_path / "m.safetensors")
+        outputs.check_output_file(tmp_path / "m.safetensors")
 
 
 @pytest.mark.parametrize("sigma, epsilon, words", [(0.0, 0.01, "sigma"), (-1.0, 0.01, "sigma"), (40.0, 0.01, "blurs over"),
                                                    (4.0, -1.0, "epsilon"), (4.0, float("nan"), "epsilon")])
 def test_sigma_and_epsilon_are_checked_before_any_work(no_image_reads, sigma, epsilon, words):
     with pytest.raises(PadimError, match=words):
-        padim.model.PaDiM(**{**FAST, "sigma": sigma, "epsilon": epsilon}).fit(["never-read.png"] * 3)
+        padim.core.estimator.PaDiM(**{**FAST, "sigma": sigma, "epsilon": epsilon}).fit(["never-read.png"] * 3)
 
 
 def test_layers_named_twice_are_refused(synthetic_root, capsys, no_image_reads):

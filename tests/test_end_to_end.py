@@ -168,8 +168,8 @@ def test_demo_runs_offline_and_detects_the_synthetic_defects(tmp_path, capsys):
 
 
 def test_float16_factor_storage_halves_the_factor_and_keeps_the_scores(fitted, synthetic_root, tmp_path):
-    from padim import io as model_io
-    from padim.modelfile import TENSOR_RANKS
+    from padim.files import safetensors_io as model_io
+    from padim.files.modelfile import TENSOR_RANKS
     from padim.errors import ModelFileError, PadimError
 
     model32, path32, category = fitted

@@ -22,10 +22,11 @@ pytest.importorskip("onnxruntime", reason='pip install "padim[export]"')
 from padim import PaDiM  # noqa: E402
 from padim.cli import main  # noqa: E402
 from padim.data import find_category  # noqa: E402
-from padim.engines import export_file, open_engine  # noqa: E402
+from padim.pipeline.cache import export_file  # noqa: E402
+from padim.pipeline.engines import open_engine  # noqa: E402
 from padim.errors import PadimError  # noqa: E402
 from padim.runtime import EngineError, ExportedModel  # noqa: E402
-from padim.scoring import labels_at, masks_at  # noqa: E402
+from padim.core.scoring import labels_at, masks_at  # noqa: E402
 
 from conftest import FAST  # noqa: E402
 
@@ -98,7 +99,7 @@ def test_exported_maps_scores_and_decisions_equal_the_torch_engines(which, engin
 
 def test_weights_as_external_data_score_the_same(resnet, tmp_path):
     """The path of d = 550 models, whose factors pass protobuf's 2 GB: the weights in model.onnx.data."""
-    from padim.export import export_model
+    from padim.pipeline.export import export_model
 
     folder = export_model(resnet["model"], tmp_path / "external", "onnx", external_data_bytes=0)
     assert (folder / "model.onnx.data").stat().st_size > (folder / "model.onnx").stat().st_size
@@ -147,7 +148,7 @@ def test_a_numpy_resize_to_the_original_resolution_equals_torchs():
     import torch
 
     from padim.runtime import to_original_resolution as numpy_resize
-    from padim.scoring import to_original_resolution as torch_resize
+    from padim.core.scoring import to_original_resolution as torch_resize
 
     rng = np.random.default_rng(0)
     for shape, size in [((64, 64), (48, 96)), ((64, 48), (333, 17)), ((32, 32), (32, 32)), ((20, 30), (7, 200))]:
@@ -237,7 +238,7 @@ def test_predict_from_an_export_runs_without_torch(resnet, tmp_path):
 
 
 def test_cli_backbone_names_are_the_registrys():
-    from padim.backbones import BACKBONES
+    from padim.core.backbones import BACKBONES
     from padim.cli import BACKBONE_NAMES, ENGINE_NAMES, PRECISION_NAMES
     from padim.runtime import ENGINES, PRECISIONS
 
@@ -250,7 +251,7 @@ def test_a_missing_engine_package_says_how_to_install_it(resnet, monkeypatch):
     with pytest.raises(EngineError, match=r'needs the package .onnxruntime.: pip install onnxruntime'):
         ExportedModel(resnet["export"], "onnxruntime")
     monkeypatch.setitem(sys.modules, "onnxscript", None)
-    from padim.export import export_model
+    from padim.pipeline.export import export_model
 
     with pytest.raises(PadimError, match=r'pip install "padim\[export\]"'):
         export_model(resnet["model"], resnet["export"].parent / "never", "onnx")

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from padim.features import embed, random_channel_subset
+from padim.core.features import embed, random_channel_subset
 
 
 def test_channel_subset_is_seeded_sorted_and_distinct():

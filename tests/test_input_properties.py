@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from padim.data.mvtec import list_images
-from padim.decode import read_image
+from padim.files.decode import read_image
 from padim.errors import DataError
 
 from imagefiles import png16_rgb, save, to8, upright

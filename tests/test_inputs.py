@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from padim.config import PadimConfig
+from padim.core.config import PadimConfig
 from padim.data.mvtec import find_category, list_images
-from padim.decode import read_image, read_mask
+from padim.files.decode import read_image, read_mask
 from padim.errors import DataError
-from padim.images import load_mask, load_pixels, open_image
+from padim.files.images import load_mask, load_pixels, open_image
 
 from conftest import FAST
 from imagefiles import png16_rgb, save, to8, upright
@@ -224,7 +224,7 @@ def test_early_reduction_stays_close_to_a_direct_resize(tmp_path, suffix):
 # ------------------------------------------------------------------------- a fitted tiny model
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, synthetic_root):
-    from padim.model import PaDiM
+    from padim.core.estimator import PaDiM
 
     model = PaDiM(**FAST).fit(find_category(synthetic_root, "fabric").train[:4])
     model.image_threshold_ = model.pixel_threshold_ = 1.0  # masks are written too
@@ -288,7 +288,7 @@ def test_a_12000_pixel_picture_is_scored_in_under_2_gb(tiny_model, tmp_path):
 # --------------------------------------------------------------------- no usable ground truth
 def test_no_usable_mask_gives_image_metrics_and_pixel_metrics_na(writable_root, tmp_path, monkeypatch, capsys):
     """Old code: pixel_metrics raised ValueError (a traceback) and padim benchmark stopped there."""
-    import padim.benchmark as benchmark
+    import padim.jobs.benchmark as benchmark
     from padim.cli import main
 
     shutil.rmtree(writable_root / "fabric" / "ground_truth")  # image-level labels only

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from padim.maps import anomaly_maps, gaussian_kernel1d, image_scores
+from padim.core.maps import anomaly_maps, gaussian_kernel1d, image_scores
 
 
 def test_kernel_has_radius_four_sigma_and_sums_to_one():

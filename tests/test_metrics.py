@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import f1_score, roc_auc_score
 
-from padim.metrics import image_metrics, pixel_metrics
+from padim.jobs.metrics import image_metrics, pixel_metrics
 
 
 def _pixel_case(seed):

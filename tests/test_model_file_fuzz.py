@@ -20,7 +20,7 @@ import pytest
 from conftest import FAST
 from modelfile_helpers import rewrite
 from padim.errors import PadimError
-from padim.model import PaDiM
+from padim.core.estimator import PaDiM
 
 N_FLIPS, N_TRUNCATIONS, N_STALE_EDITS, N_EDITS = 120, 30, 20, 50
 N_CASES = N_FLIPS + N_TRUNCATIONS + N_STALE_EDITS + N_EDITS  # 220

@@ -1,5 +1,5 @@
 """Model files and JSON outputs: checksum, validation against the tensors, umask, full disk, stale
-temporaries. References are the file's bytes (hashlib, json), never padim.io's own output."""
+temporaries. References are the file's bytes (hashlib, json), never padim.files.safetensors_io's own output."""
 
 import errno
 import json
@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FAST
 from modelfile_helpers import padim_header, rewrite, sha256_with_digest_zeroed, split
-from padim import atomic
-from padim.config import validate_config_dict
+from padim.files import atomic
+from padim.core.validation import validate_config_dict
 from padim.errors import ModelFileError, PadimError
-from padim.model import PaDiM
-from padim.runs import write_json_atomic
+from padim.core.estimator import PaDiM
+from padim.jobs.runs import write_json_atomic
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_nan_in_the_mean_is_refused(fitted, tmp_path):
 
 
 def test_absurd_shapes_are_refused_before_any_tensor_is_read(fitted, tmp_path, monkeypatch):
-    import padim.io
+    import padim.files.safetensors_io
 
     data = fitted[1].read_bytes()
     header, body = split(data)
@@ -143,7 +143,7 @@ def test_absurd_shapes_are_refused_before_any_tensor_is_read(fitted, tmp_path, m
 
     bad = tmp_path / "huge.safetensors"
     bad.write_bytes(assemble(header, body))
-    monkeypatch.setattr(padim.io, "safe_open", lambda *a, **k: pytest.fail("tensors were read"))
+    monkeypatch.setattr(padim.files.safetensors_io, "safe_open", lambda *a, **k: pytest.fail("tensors were read"))
     assert "does not match" in _one_line_refusal(bad)
 
 
@@ -205,7 +205,7 @@ def test_file_size_limit_in_a_real_process(fitted, tmp_path):
     model_path.write_bytes(fitted[1].read_bytes())
     script = f"""
 import resource, signal, sys
-from padim.model import PaDiM
+from padim.core.estimator import PaDiM
 from padim.errors import PadimError
 model = PaDiM.load({str(model_path)!r}, device="cpu")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -229,7 +229,7 @@ def test_temporary_of_a_killed_writer_is_removed_by_the_next_write(fitted, tmp_p
     target = tmp_path / "m.safetensors"
     script = f"""
 import time
-from padim.atomic import atomic_write
+from padim.files.atomic import atomic_write
 def write(handle):
     handle.write(b"x" * 1000); handle.flush(); print("ready", flush=True); time.sleep(60)
 atomic_write({str(target)!r}, write)

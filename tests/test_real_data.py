@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from padim import PaDiM
-from padim.calibration import Calibration
+from padim.core.calibration import Calibration
 from padim.data import find_category
-from padim.evaluate import evaluate
+from padim.jobs.evaluate import evaluate
 
 DATA = Path(os.environ.get("PADIM_MAGNETIC_TILE",
                            Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"))

@@ -28,10 +28,10 @@ from imagefiles import png16_rgb, save, to8, upright  # noqa: E402
 from padim import PaDiM  # noqa: E402
 from padim.cli import main  # noqa: E402
 from padim.data.synthetic import make_synthetic_category  # noqa: E402
-from padim.runs import fit_category  # noqa: E402
+from padim.jobs.runs import fit_category  # noqa: E402
 from padim.serve import ServeSettings, create_app, load_models  # noqa: E402
 from padim.serve.batcher import MicroBatcher, QueueFull  # noqa: E402
-from padim.visualize import mask_at_size  # noqa: E402
+from padim.jobs.visualize import mask_at_size  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------- fixtures

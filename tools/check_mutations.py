@@ -26,24 +26,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (file, [(exact text, replacement), ...])
 MUTATIONS = {
-    "sigma 4 -> 2 (default blur)": ("padim/model.py", [("sigma: float = 4.0,", "sigma: float = 2.0,")]),
-    "epsilon x 100": ("padim/config.py", [("COVARIANCE_EPSILON = 0.01", "COVARIANCE_EPSILON = 1.0")]),
-    "resnet18 default layers without layer3": ("padim/backbones.py", [
+    "sigma 4 -> 2 (default blur)": ("padim/core/estimator.py", [("sigma: float = 4.0,", "sigma: float = 2.0,")]),
+    "epsilon x 100": ("padim/core/config.py", [("COVARIANCE_EPSILON = 0.01", "COVARIANCE_EPSILON = 1.0")]),
+    "resnet18 default layers without layer3": ("padim/core/backbones.py", [
         ('("layer1", "layer2", "layer3"), 100, _torchvision_imagenet("ResNet18_Weights")',
          '("layer1", "layer2"), 100, _torchvision_imagenet("ResNet18_Weights")')]),
-    "BatchNorm dropped instead of folded": ("padim/backbones.py", [
+    "BatchNorm dropped instead of folded": ("padim/core/backbones.py", [
         ("model.conv1, model.bn1 = fuse_conv_bn_eval(model.conv1, model.bn1), nn.Identity()",
          "model.conv1, model.bn1 = model.conv1, nn.Identity()"),
         ('fused = fuse_conv_bn_eval(getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))',
          'fused = getattr(block, f"conv{i}")'),
         ("block.downsample = fuse_conv_bn_eval(block.downsample[0], block.downsample[1])",
          "block.downsample = block.downsample[0]")]),
-    "predict().labels inverted": ("padim/calibration.py", [
+    "predict().labels inverted": ("padim/core/calibration.py", [
         ("return None if threshold is None else at_least(scores, threshold)",
          "return None if threshold is None else ~at_least(scores, threshold)")]),
-    "original-resolution maps resized with nearest": ("padim/scoring.py", [
+    "original-resolution maps resized with nearest": ("padim/core/scoring.py", [
         ('size=tuple(size), mode="bilinear", align_corners=False)', 'size=tuple(size), mode="nearest")')]),
-    "no ImageNet normalisation": ("padim/images.py", [
+    "no ImageNet normalisation": ("padim/files/images.py", [
         ("return x.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))", "return x.div_(255.0)")]),
 }
 

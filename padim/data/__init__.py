@@ -1,5 +1,5 @@
 """Data sets: the MVTec AD folder layout, and synthetic categories generated in code."""
 
-from .mvtec import MVTEC_CATEGORIES, Category, TestSample, find_category, list_images
+from padim.data.mvtec import MVTEC_CATEGORIES, Category, TestSample, find_category, list_images
 
 __all__ = ["MVTEC_CATEGORIES", "Category", "TestSample", "find_category", "list_images"]

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ..errors import DataError
-from ..images import IMAGE_EXTENSIONS
+from padim.errors import DataError
+from padim.files.images import IMAGE_EXTENSIONS
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",

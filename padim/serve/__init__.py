@@ -8,7 +8,7 @@ and ``server`` runs uvicorn with a graceful stop. It needs the ``serve`` extra
 in padim imports this package.
 """
 
-from .app import ServeSettings, create_app
-from .registry import load_models
+from padim.serve.app import ServeSettings, create_app
+from padim.serve.registry import load_models
 
 __all__ = ["ServeSettings", "create_app", "load_models"]

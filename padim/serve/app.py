@@ -25,14 +25,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..errors import DataError, PadimError
-from . import render
-from .batcher import BatcherClosed, MicroBatcher, QueueFull
-from .metrics import Metrics, MetricsMiddleware
-from .registry import ServedModel, describe, score_pixels, warm_up
-from .schemas import Health, ImageResult, ModelInfo, Prediction, Problem
-from .uploads import UploadError, decode_upload, read_multipart
+from padim import __version__
+from padim.errors import DataError, PadimError
+from padim.pipeline.records import label as decided_label
+from padim.serve import render
+from padim.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
+from padim.serve.metrics import Metrics, MetricsMiddleware
+from padim.serve.registry import ServedModel, describe, score_pixels, warm_up
+from padim.serve.schemas import Health, ImageResult, ModelInfo, Prediction, Problem
+from padim.serve.uploads import UploadError, decode_upload, read_multipart
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,9 @@ class ServeSettings:
             if getattr(self, name) < 1:
                 raise PadimError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.max_upload_mb <= 0:
-            raise PadimError("--max-wait-ms must be >= 0 and --max-upload-mb > 0")
+            raise PadimError("`max_wait_ms` must be >= 0 and `max_upload_mb` > 0")
         if self.queue < self.max_files:
-            raise PadimError(f"--queue ({self.queue}) must hold at least --max-files ({self.max_files}) images")
+            raise PadimError(f"`queue` ({self.queue}) must hold at least `max_files` ({self.max_files}) images")
 
 
 class Service:
@@ -223,7 +224,7 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings = Serv
             point = model.operating_point(target_fpr=target_fpr, image_threshold=threshold,
                                           pixel_threshold=pixel_threshold)
         except PadimError as exc:  # e.g. a target FPR for a model without calibration
-            message = str(exc).replace("--image-threshold", "threshold").replace("--pixel-threshold", "pixel_threshold")
+            message = str(exc).replace("`image_threshold`", "threshold").replace("`pixel_threshold`", "pixel_threshold")
             raise HTTPException(422, message) from None
         if service.status != "ready":
             raise HTTPException(503, f"the server is {service.status}: try again shortly", headers=retry)
@@ -275,8 +276,7 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings = Serv
                 return ImageResult(index=i, file=files[i].filename, error=decoded[i])
             pixels, (height, width), picture = decoded[i]
             score, anomaly_map = scored[i]
-            label = None if point.image_threshold is None else (
-                "anomalous" if score >= point.image_threshold else "good")
+            label = decided_label(score, point.image_threshold)
             drawn = render.heatmap(anomaly_map, (height, width), picture, pixels, cropped,
                                    point.pixel_threshold) if heatmap else None
             return ImageResult(index=i, file=files[i].filename, width=width, height=height, score=score,
@@ -291,6 +291,6 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings = Serv
         warnings = [point.warning] if point.warning else []
         if model.uses_random_weights:
             warnings.append("random backbone weights: the scores mean nothing (tests only)")
-        return Prediction(model=entry.name, warnings=warnings, results=list(results))
+        return Prediction(model=entry.name, engine=model.engine, warnings=warnings, results=list(results))
 
     return app

@@ -4,7 +4,7 @@ A model is reached by its file's stem (``bottle.safetensors`` -> ``bottle``) and
 model claims it, by the category stored in it. Names only ever look up this table: a request never
 names a file.
 
-Scoring starts from decoded pixels (``padim.images.load_pixels``' output) rather than from
+Scoring starts from decoded pixels (``padim.files.images.load_pixels``' output) rather than from
 ``PaDiM.iter_predict``, which decodes its inputs itself: the service decodes each upload on its own
 first, so that one corrupt image fails alone, and then scores a batch gathered from several
 requests. ``PaDiM.score_pixels`` runs the steps ``iter_predict`` runs after decoding (``to_input``,
@@ -19,52 +19,61 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
-from ..errors import PadimError
-from ..model import PaDiM
+from padim.errors import PadimError
+from padim.pipeline.engines import open_scoring_model
 
 MODEL_SUFFIX = ".safetensors"
 
 
 @dataclass
 class ServedModel:
-    """A loaded model and the names it answers to."""
+    """A loaded model (any engine: ``padim.pipeline.engines.ScoringModel``) and the names it answers to."""
 
     name: str
-    model: PaDiM
+    model: object
     path: str
     aliases: Tuple[str, ...] = ()
 
 
 def model_files(paths: Sequence[os.PathLike] = (), folder: Optional[os.PathLike] = None) -> List[Path]:
-    """The model files named on the command line plus every ``*.safetensors`` in ``folder``."""
+    """The model files (or export folders) named on the command line plus every ``*.safetensors``
+    in ``folder``."""
     files = [Path(p) for p in paths]
     if folder is not None:
         folder = Path(folder)
         if not folder.is_dir():
-            raise PadimError(f"--models {folder} is not a folder")
+            raise PadimError(f"`models_dir` {folder} is not a folder")
         found = sorted(p for p in folder.iterdir() if p.suffix.lower() == MODEL_SUFFIX and p.is_file())
         if not found:
             raise PadimError(f"no {MODEL_SUFFIX} model files in {folder}")
         files += found
     if not files:
-        raise PadimError("no model to serve: give model files (padim serve MODEL...) or a folder (--models DIR)")
+        raise PadimError("no model to serve: give model files (padim serve MODEL...) or a folder (`models_dir` DIR)")
     for path in files:
-        if not path.is_file():
-            raise PadimError(f"model file {path} does not exist")
+        if not path.is_file() and not (path / "padim.json").is_file():
+            raise PadimError(f"model file {path} does not exist" if not path.is_dir() else
+                             f"{path} is a folder but not a padim export (it has no padim.json)")
     return files
 
 
-def load_models(paths: Sequence[os.PathLike], device: Optional[str] = None, batch_size: int = 16) -> Dict[str, ServedModel]:
-    """Loads every model file -> {name: ServedModel}. Two files with the same stem are refused (a
-    request could not say which it means); categories become aliases where they are unambiguous."""
+def load_models(paths: Sequence[os.PathLike], device: Optional[str] = None, batch_size: int = 16,
+                engine: str = "torch", precision: str = "f32") -> Dict[str, ServedModel]:
+    """Loads every model file (or export folder) with ``engine`` -> {name: ServedModel}. Two with the
+    same name are refused (a request could not say which it means); categories become aliases
+    where they are unambiguous. An export folder is served by ``engine`` (onnxruntime by default)."""
     served: Dict[str, ServedModel] = {}
     for path in paths:
-        name = Path(path).stem
+        path = Path(path)
+        name = path.name if path.is_dir() else path.stem
         if name in served:
-            raise PadimError(f"two model files are named {name!r} ({served[name].path} and {path}): rename one")
-        served[name] = ServedModel(name, PaDiM.load(path, device=device, batch_size=batch_size), str(path))
+            raise PadimError(f"two models are named {name!r} ({served[name].path} and {path}): rename one")
+        if path.is_dir():
+            model = open_scoring_model("onnxruntime" if engine == "torch" else engine, precision, None, path,
+                                       batch_size=batch_size)
+        else:
+            model = open_scoring_model(engine, precision, path, device=device, batch_size=batch_size)
+        served[name] = ServedModel(name, model, str(path))
     categories: Dict[str, List[str]] = {}
     for entry in served.values():
         if entry.model.category_:
@@ -75,14 +84,14 @@ def load_models(paths: Sequence[os.PathLike], device: Optional[str] = None, batc
     return served
 
 
-def score_pixels(model: PaDiM, pixels: Sequence[np.ndarray]) -> List[Tuple[float, torch.Tensor]]:
-    """Decoded images ((H, W, 3) uint8 each, the model's input size) -> [(image score, (H, W) map on
-    the CPU)], one backbone batch (``PaDiM.score_pixels``)."""
+def score_pixels(model, pixels: Sequence[np.ndarray]) -> List[Tuple[float, np.ndarray]]:
+    """Decoded images ((H, W, 3) uint8 each, the model's input size) -> [(image score, (H, W) map)],
+    one engine batch (``score_pixels``)."""
     scores, maps = model.score_pixels(np.stack(pixels))
     return list(zip(scores.tolist(), maps))
 
 
-def warm_up(model: PaDiM, max_batch: int) -> None:
+def warm_up(model, max_batch: int) -> None:
     """Runs a batch of one and a full batch of black images: the first passes allocate memory and
     choose kernels, so the first requests would otherwise pay for it."""
     height, width = model.config_.input_size
@@ -95,14 +104,20 @@ def describe(entry: ServedModel) -> dict:
     """What ``GET /models`` says about a model (see ``schemas.ModelInfo``)."""
     model, config = entry.model, entry.model.config_
     calibration = model.calibration_
+    header = getattr(model, "metadata", {})  # an export's header: what a loaded PaDiM has as attributes
+
+    def fitted(key):
+        return getattr(model, f"{key}_", header.get(key))
+
     return {
-        "name": entry.name, "aliases": list(entry.aliases), "category": model.category_, "backbone": config.backbone,
+        "name": entry.name, "aliases": list(entry.aliases), "engine": model.engine, "precision": model.precision,
+        "category": model.category_, "backbone": config.backbone,
         "weights": model.weights_source_, "random_weights": model.uses_random_weights,
         "image_size": list(config.image_size), "crop": None if config.crop is None else list(config.crop),
         "n_features": config.n_features, "image_threshold": model.image_threshold_,
         "threshold_source": model.threshold_source_, "pixel_threshold": model.pixel_threshold_,
         "pixel_threshold_source": model.pixel_threshold_source_, "target_fpr": model.target_fpr_,
-        "n_calibration_images": model.n_calibration_images_,
+        "n_calibration_images": fitted("n_calibration_images") or 0,
         "calibration_method": None if calibration is None else calibration.method,
-        "fit_date": model.fit_date_, "n_train_images": model.n_train_images_,
+        "fit_date": fitted("fit_date"), "n_train_images": fitted("n_train_images") or 0,
     }

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..scoring import to_original_resolution
-from ..visualize import heatmap_overlay, mask_at_size, overlay_size
+from padim.core.scoring import to_original_resolution
+from padim.jobs.visualize import heatmap_overlay, mask_at_size, overlay_size
 
 OVERLAY_MAX_SIDE = 1024
 
@@ -42,11 +42,12 @@ def map_png(anomaly_map: np.ndarray) -> Tuple[str, float, float]:
     return png_base64(Image.fromarray(scaled.astype(np.uint8))), lo, hi
 
 
-def heatmap(anomaly_map: torch.Tensor, original: Tuple[int, int], picture: Optional[Image.Image],
+def heatmap(anomaly_map, original: Tuple[int, int], picture: Optional[Image.Image],
             pixels: np.ndarray, cropped: bool, pixel_threshold: Optional[float]) -> dict:
     """anomaly_map: (H, W) at the model's input size; original: the picture's (height, width);
     picture: the picture at ``overlay_size(original, OVERLAY_MAX_SIDE)`` (None for a cropped
     model); pixels: the model's (H, W, 3) input. -> the ``schemas.Heatmap`` fields."""
+    anomaly_map = torch.as_tensor(anomaly_map)  # every engine's maps: NumPy or torch
     if not cropped:
         drawn = to_original_resolution(anomaly_map, overlay_size(original, OVERLAY_MAX_SIDE))
     else:

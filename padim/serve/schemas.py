@@ -22,6 +22,8 @@ class Health(BaseModel):
 class ModelInfo(BaseModel):
     name: str = Field(description="the model file's stem: POST /models/{name}/predict")
     aliases: List[str] = Field(description="other names it answers to (its category, when unambiguous)")
+    engine: str = Field(description="what scores: torch, onnxruntime or openvino (padim serve --engine)")
+    precision: str = Field(description="the engine's inference precision: f32, or bf16 (openvino)")
     category: Optional[str]
     backbone: str
     weights: Optional[str]
@@ -74,5 +76,6 @@ class ImageResult(BaseModel):
 
 class Prediction(BaseModel):
     model: str
+    engine: str = Field(description="what scored: torch, onnxruntime or openvino")
     warnings: List[str] = Field(description="e.g. a target FPR the calibration images cannot guarantee")
     results: List[ImageResult]

@@ -19,9 +19,9 @@ from typing import Mapping, Optional
 
 import uvicorn
 
-from ..errors import PadimError
-from .app import ServeSettings, create_app
-from .registry import ServedModel
+from padim.errors import PadimError
+from padim.serve.app import ServeSettings, create_app
+from padim.serve.registry import ServedModel
 
 
 def run(models: Mapping[str, ServedModel], settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,

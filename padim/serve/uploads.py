@@ -6,7 +6,7 @@ python-multipart's parser into memory, counted as it arrives, and refused (413) 
 passes ``max_bytes`` or holds more than ``max_files`` files: uploads never touch the disk, and a huge
 body costs at most ``max_bytes`` of memory.
 
-Decoding goes through ``padim.images.load_pixels``, the function ``padim predict`` uses on files, so
+Decoding goes through ``padim.files.images.load_pixels``, the function ``padim predict`` uses on files, so
 the service sees exactly what the command line sees (EXIF orientation, 16-bit, JPEG draft decoding
 of big pictures, the decompression-bomb limit). That function reads files by name; on Linux the
 bytes are handed to it through an anonymous in-memory file (``memfd_create``, read through
@@ -26,10 +26,10 @@ from typing import AsyncIterator, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ..config import PadimConfig
-from ..decode import read_image
-from ..errors import DataError
-from ..images import load_pixels
+from padim.core.config import PadimConfig
+from padim.files.decode import read_image
+from padim.errors import DataError
+from padim.files.images import load_pixels
 
 try:  # python-multipart >= 0.0.13 (the serve extra's minimum)
     from python_multipart.multipart import MultipartParser, parse_options_header
@@ -93,7 +93,7 @@ async def read_multipart(content_type: Optional[str], content_length: Optional[s
         _, params = parse_options_header(state["headers"])  # form-data; name="files"; filename="a.png"
         if b"filename" in params:
             if len(files) >= max_files:
-                raise UploadError(413, f"more than {max_files} files in one request (this server's --max-files)")
+                raise UploadError(413, f"more than {max_files} files in one request (this server's `max_files`)")
             name = params[b"filename"].decode("utf-8", "replace")
             state["current"] = Upload(os.path.basename(name.replace("\\", "/"))[:200] or f"file {len(files) + 1}")
             files.append(state["current"])
@@ -157,7 +157,7 @@ def decode_upload(upload: Upload, config: PadimConfig,
 def _display(source, original: Tuple[int, int], display_size: Optional[int]) -> Optional[Image.Image]:
     if display_size is None:
         return None
-    from ..visualize import overlay_size
+    from padim.jobs.visualize import overlay_size
 
     return read_image(source, overlay_size(original, display_size), 1, 1)[0]
 

@@ -1,0 +1,5 @@
+import sys
+
+from padim.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,105 @@
+"""Every option of a command checked before it starts work (``padim.core.options``,
+``padim.files.outputs``): one line, no wait."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from padim.cli.common import require_ray
+from padim.errors import PadimError
+
+def check_args(args) -> None:
+    """Every option checked before a command starts work (see ``padim.core.options``): one line, no wait."""
+    from padim.core import options as checks
+    from padim.files import outputs
+
+    if getattr(args, "batch_size", 1) is not None:
+        checks.check_batch_size(getattr(args, "batch_size", 1))
+    if getattr(args, "max_images", None) is not None and args.max_images < 1:
+        raise PadimError(f"--max-images must be at least 1, got {args.max_images}")
+    if args.command == "fit":
+        layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
+        checks.check_fit_options(args.backbone, layers, args.n_features, args.image_size, args.crop, args.seed,
+                                 args.batch_size, args.factor_dtype, args.device, reduction=args.reduction,
+                                 covariance=args.covariance)
+        outputs.check_output_file(args.output)
+        if args.keep_statistics is not None:
+            outputs.check_output_file(args.keep_statistics, "--keep-statistics")
+        if (args.shards is not None or args.cpus_per_shard != 1) and args.ray is None:
+            raise PadimError("--shards and --cpus-per-shard are --ray options (fit on a Ray cluster)")
+        for name in ("shards", "cpus_per_shard"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise PadimError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if args.ray is not None:
+            if args.calibration == "cv":
+                raise PadimError("--calibration cv is not available with --ray yet: use holdout (the default)")
+            if args.device == "cuda":
+                raise PadimError("--ray fits on the workers' CPUs; --device cuda is for a local fit")
+            require_ray(args.ray)
+    elif args.command == "update":
+        outputs.check_output_file(args.output)
+        if args.keep_statistics is not None:
+            outputs.check_output_file(args.keep_statistics, "--keep-statistics")
+    elif args.command == "benchmark":
+        checks.check_fit_options(args.backbone, None, args.n_features, args.image_size, None, args.seed,
+                                 args.batch_size, "float32", args.device, reduction=args.reduction,
+                                 covariance=args.covariance)
+        outputs.check_output_folder(args.output)
+        if args.cpus_per_category < 1:
+            raise PadimError(f"--cpus-per-category must be at least 1, got {args.cpus_per_category}")
+        if args.ray is not None:
+            if args.device == "cuda":
+                raise PadimError("--ray runs the categories on the workers' CPUs; --device cuda is for a local run")
+            require_ray(args.ray)
+    elif args.command == "predict":
+        check_predict_ray(args)
+    elif args.command == "test":
+        outputs.check_output_folder(args.output if args.output is not None else Path("padim-test") / args.category)
+        if args.store_oracle_thresholds and args.model.is_file():  # the thresholds are written back into it
+            outputs.check_output_file(args.model, "--model")
+    if args.command in ("predict", "test", "benchmark", "serve"):
+        if args.precision != "f32" and args.engine != "openvino":
+            raise PadimError(f"--precision {args.precision} is an OpenVINO option (--engine openvino); "
+                             f"--engine {args.engine} computes in f32")
+        if getattr(args, "export", None) is not None and args.engine == "torch":
+            raise PadimError("--export DIR is for --engine onnxruntime or openvino")
+    if args.command == "predict" and args.model is None and (args.export is None or args.engine == "torch"):
+        raise PadimError("--model is required (or, with --engine onnxruntime|openvino, --export DIR)")
+    if args.command in ("predict", "demo") and args.output is not None:
+        outputs.check_output_folder(args.output)
+    elif args.command == "export":
+        outputs.check_output_folder(args.output)
+    elif args.command == "download":
+        outputs.check_output_folder(args.to, "--to")
+
+
+def check_predict_ray(args) -> None:
+    """padim predict's --ray options: the others refused, the output a results folder, Ray installed."""
+    from padim.files import outputs
+    from padim.cluster import connect as cluster
+
+    ray_only = {"--actors": args.actors, "--actor-threads": args.actor_threads, "--heatmaps": args.heatmaps}
+    if args.ray is None:
+        for option, value in ray_only.items():
+            if value is not None:
+                raise PadimError(f"{option} is a --ray option (without --ray, --output DIR holds the pictures)")
+        return
+    if args.output is None:
+        raise PadimError("--ray needs --output FOLDER: the results go there as Parquet (e.g. --output results.parquet)")
+    if args.export is not None:
+        raise PadimError("--ray opens the model file's export on every actor; --export DIR is for scoring without --ray")
+    if args.device == "cuda":
+        raise PadimError("--ray scores on the actors' CPUs; --device cuda is for scoring without --ray")
+    for option in ("--actors", "--actor-threads"):
+        value = ray_only[option]
+        if value is not None and value < 1:
+            raise PadimError(f"{option} must be at least 1, got {value}")
+    if args.heatmaps is not None:
+        outputs.check_output_folder(args.heatmaps, "--heatmaps")
+    if cluster.is_loopback(args.ray):
+        cluster.loopback_environment()  # before Ray is imported: it reads these when it loads
+    cluster.require_ray_data()
+    from padim.cluster.results_folder import ResultsFolder
+
+    ResultsFolder.check(args.output)

@@ -1,0 +1,170 @@
+"""The commands but ``predict``: parse -> call the library -> print (``padim.cli.predict`` has predict)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from padim.cli.common import expand_paths, ray_cluster, stderr, tune_malloc
+from padim.errors import PadimError
+
+def cmd_fit(args) -> None:
+    from padim.jobs.runs import fit_category
+
+    cluster = None
+    if args.ray is not None:
+        from padim.cluster.ray_fit import RayFit
+
+        ray_cluster(args.ray)
+        cluster = RayFit(args.ray, shards=args.shards, cpus_per_shard=args.cpus_per_shard, log=stderr)
+    layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
+    model = fit_category(args.data_root, args.category, args.output, backbone=args.backbone, weights=args.weights,
+                         layers=layers, n_features=args.n_features, image_size=args.image_size, crop=args.crop,
+                         seed=args.seed, factor_dtype=args.factor_dtype, batch_size=args.batch_size,
+                         reduction=args.reduction, covariance=args.covariance,
+                         calibration_fraction=args.calibration_fraction, calibration=args.calibration,
+                         folds=args.folds, target_fpr=args.target_fpr, target_pixel_fpr=args.target_pixel_fpr,
+                         device=args.device, progress=None, keep_statistics=args.keep_statistics, cluster=cluster)
+    size_mb = args.output.stat().st_size / 1e6
+    options = "" if (model.config_.reduction, model.config_.covariance) == ("random", "fixed") else \
+        f", {model.config_.reduction} reduction, {model.config_.covariance} covariance"
+    print(f"fitted {model.config_.backbone} (weights: {model.weights_source_}, d={model.config_.n_features}{options}, "
+          f"layers {','.join(model.config_.layers)}) on {model.n_train_images_} images of {args.category} "
+          f"in {model.fit_seconds_:.1f} s -> {args.output} ({size_mb:.1f} MB)")
+
+
+def cmd_update(args) -> None:
+    from padim.core.estimator import PaDiM
+    from padim.core.statistics import FitStatistics
+
+    model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None, weights=args.weights)
+    model.attach_statistics(FitStatistics.load(args.statistics))
+    images = expand_paths(args.add)
+    before = model.n_train_images_
+    model.partial_fit(images)
+    model.save(args.output)
+    if args.keep_statistics is not None:
+        model.statistics_.save(args.keep_statistics)
+    print(f"added {len(images)} images to {before}: {args.output} is fitted on {model.n_train_images_} images"
+          + (f"; statistics -> {args.keep_statistics}" if args.keep_statistics is not None else ""))
+    if model.image_threshold_ is not None or model.pixel_threshold_ is not None:
+        stderr(f"note: {model.calibration_note_}")
+
+
+def _metrics_table(category: str, metrics: dict) -> str:
+    from padim.jobs.evaluate import METRIC_KEYS
+
+    header = "| Category | " + " | ".join(METRIC_KEYS) + " |"
+    rule = "|" + "---|" * (len(METRIC_KEYS) + 1)
+    row = f"| {category} | " + " | ".join("n/a" if metrics[key] is None else f"{metrics[key]:.4f}"
+                                         for key in METRIC_KEYS) + " |"
+    return "\n".join([header, rule, row])
+
+
+def cmd_test(args) -> None:
+    from padim.jobs.runs import test_category
+
+    output = args.output if args.output is not None else Path("padim-test") / args.category
+    summary = test_category(args.model, args.data_root, args.category, output, args.save_images, args.max_images,
+                            args.device, args.batch_size, weights=args.weights, tune_malloc=True,
+                            target_fpr=args.target_fpr, store_oracle_thresholds=args.store_oracle_thresholds,
+                            engine=args.engine, precision=args.precision, export=args.export)
+    print(_metrics_table(args.category, summary))
+    print(f"{summary['n_test_images']} test images in {summary['test_s']:.1f} s "
+          f"({summary['test_ms_per_image']:.1f} ms/image, engine {args.engine}); metrics -> {output / 'metrics.json'}")
+    print(f"best-F1 thresholds, chosen on this test set (optimistic): image {summary['oracle_image_threshold']:.4g}, "
+          f"pixel {'n/a' if summary['oracle_pixel_threshold'] is None else format(summary['oracle_pixel_threshold'], '.4g')}"
+          + (f"; stored in {args.model}" if args.store_oracle_thresholds else ""))
+    if summary["image_F1_calibrated"] is not None:
+        print(f"at the calibrated thresholds ({summary['calibrated_threshold_source']}): "
+              f"good images flagged {summary['good_FPR_calibrated']:.3f}, defects caught "
+              f"{summary['image_recall_calibrated']:.3f}, image F1 {summary['image_F1_calibrated']:.4f}"
+              + (f", pixel F1 {summary['pixel_F1_calibrated']:.4f}" if summary["pixel_F1_calibrated"] is not None else ""))
+    if args.save_images:
+        print(f"{len(summary['pictures'])} pictures -> {output}")
+
+
+def _print_results(output: Path) -> None:
+    print((output / "results.md").read_text(), end="")
+    print(f"report: {(output / 'report.html').resolve()}")
+
+
+def cmd_benchmark(args) -> None:
+    from padim.jobs.benchmark import parse_categories, run_benchmark
+
+    if args.ray is not None:
+        ray_cluster(args.ray)
+    run_benchmark(args.data_root, parse_categories(args.categories), args.output, force=args.force,
+                  max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+                  backbone=args.backbone, weights=args.weights, n_features=args.n_features,
+                  image_size=args.image_size, seed=args.seed, tune_malloc=True, engine=args.engine,
+                  precision=args.precision, reduction=args.reduction, covariance=args.covariance, ray=args.ray,
+                  cpus_per_category=args.cpus_per_category)
+    _print_results(args.output)
+
+
+def cmd_export(args) -> None:
+    from padim.pipeline.cache import export_file
+    from padim.errors import RANDOM_WEIGHTS_WARNING
+
+    folder = export_file(args.model, args.format, args.output, weights=args.weights)
+    record = json.loads((folder / "padim.json").read_text())
+    if record["model"].get("config", {}).get("weights") == "random":
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    size_mb = sum((folder / name).stat().st_size for name in record["files"]) / 1e6
+    print(f"exported {args.model} as {args.format} -> {folder} ({', '.join(record['files'])}, {size_mb:.1f} MB; "
+          f"padim.json holds the config and thresholds)")
+
+
+def cmd_download(args) -> None:
+    from dataclasses import replace
+
+    from padim.jobs.benchmark import parse_categories
+    from padim.jobs.download import MVTEC_AD, extract, fetch
+
+    archive = replace(MVTEC_AD, url=args.url or MVTEC_AD.url, sha256=(args.sha256 or MVTEC_AD.sha256).lower())
+    categories = None if args.categories.strip() == "all" else parse_categories(args.categories)
+    path = fetch(archive, args.to)
+    print(f"{path}: sha256 verified")
+    done = extract(path, args.to, categories)
+    print(f"unpacked {', '.join(done)} into {args.to}; use --data-root {args.to}")
+
+
+def cmd_demo(args) -> None:
+    from padim.jobs.benchmark import run_benchmark
+    from padim.data.synthetic import make_synthetic_category
+
+    started = time.perf_counter()
+    output: Path = args.output
+    print(f"generating a synthetic fabric category in {output / 'data'} ...")
+    folder = make_synthetic_category(output / "data")
+    run_benchmark(output / "data", [folder.name], output, force=True, device=args.device,
+                  backbone="efficientnet_lite0", weights="imagenet", tune_malloc=True)
+    _print_results(output)
+    print(f"demo done in {time.perf_counter() - started:.0f} s")
+
+
+def cmd_serve(args) -> None:
+    try:
+        import fastapi, prometheus_client, python_multipart, uvicorn  # noqa: F401  (the serve extra)
+    except ImportError as exc:
+        raise PadimError(f"the service needs the serve extra ({exc.name} is missing): pip install \"padim[serve]\" "
+                         "(from a checkout: pip install \".[serve]\")") from None
+    from padim.serve import ServeSettings, load_models
+    from padim.serve.registry import model_files
+    from padim.serve.server import run
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
+                             max_upload_mb=args.max_upload_mb, max_files=args.max_files, api_key=args.api_key or None)
+    settings.check()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"padim serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "address can use the service", file=sys.stderr)
+    models = load_models(model_files(args.models, args.models_dir), device=args.device, batch_size=args.max_batch,
+                         engine=args.engine, precision=args.precision)
+    if any(getattr(entry.model, "device_", None) is not None and entry.model.device_.type == "cpu"
+           for entry in models.values()):
+        tune_malloc()
+    run(models, settings, host=args.host, port=args.port, log_level=args.log_level)

@@ -1,0 +1,1 @@
+"""Ray (optional extra): connecting, the fit on a cluster, batch scoring into Parquet."""

@@ -1,0 +1,1 @@
+"""PaDiM itself: configuration, backbones, features, Gaussian statistics, maps, calibration, the estimator."""

@@ -1,0 +1,104 @@
+"""PaDiM's test step as one torch module: what the torch engine runs and what export traces.
+
+Why one module: a second implementation of the scoring path for export (or for the service) is a
+second thing to keep equal. ``PatchScorer.forward`` is the only place pixels become scores; the
+torch engine calls it eagerly, ``padim.pipeline.export`` traces the same module into ONNX.
+
+Shapes: B images, (H, W) the model's input size, (h, w) layer1's grid, P = h * w, d channels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from padim.core.features import CPU_FORWARD_CHUNK, embed, layer_plan
+from padim.core.gaussian import mahalanobis
+from padim.core.maps import upsample_blur_matrix
+from padim.core.memory import Workspace
+
+
+class PatchScorer(nn.Module):
+    """uint8 pixels (B, H, W, 3), already resized to the model's input -> anomaly maps (B, H, W)
+    float32 and image scores (B,) float32.
+
+    Steps: ImageNet normalisation -> the frozen backbone prefix -> ``features.embed`` (the kept
+    channels, or the projection, of every layer on layer1's grid) -> ``gaussian.mahalanobis`` per
+    patch -> bilinear upsampling + Gaussian blur (sigma), as two matrix products (``maps``) -> the
+    map's maximum.
+
+    Eagerly the backbone sees at most ``CPU_FORWARD_CHUNK`` images at a time on the CPU (per image
+    as fast as a batch of 32, a quarter of the activations' memory) and the batch-sized
+    temporaries live in a reused ``Workspace``; inside ``tracing()`` both are off, so that
+    torch.export sees plain operations with a dynamic batch.
+
+    extractor: (B, 3, H, W) -> list of (B, C_l, h_l, w_l); channel_idx: (k,) int64 sorted;
+    projection: (k, d) or None; mean: (P, d); factor: (P, d, d) lower-triangular W, W^T W = cov^-1.
+    The tensors are held as buffers, not copied (the estimator's own tensors).
+    """
+
+    def __init__(self, extractor: nn.Module, channel_idx: torch.Tensor, projection: Optional[torch.Tensor],
+                 mean: torch.Tensor, factor: torch.Tensor, feature_hw: Tuple[int, int], input_size: Tuple[int, int],
+                 sigma: float, rgb_mean: Sequence[float], rgb_std: Sequence[float]):
+        super().__init__()
+        device = mean.device
+        self.extractor = extractor
+        self.grid, self.input_size = tuple(feature_hw), tuple(input_size)
+        std = torch.tensor(rgb_std, dtype=torch.float32, device=device)
+        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 1, 1, 3))
+        self.register_buffer("shift", (-torch.tensor(rgb_mean, dtype=torch.float32, device=device) / std).view(1, 1, 1, 3))
+        self.register_buffer("channel_idx", channel_idx)
+        self.register_buffer("projection", projection)
+        self.register_buffer("mean", mean)
+        self.register_buffer("factor", factor)
+        rows = upsample_blur_matrix(self.grid[0], self.input_size[0], float(sigma), torch.float32, device)  # (H, h)
+        cols = upsample_blur_matrix(self.grid[1], self.input_size[1], float(sigma), torch.float32, device)  # (W, w)
+        self.register_buffer("rows", rows.clone())
+        self.register_buffer("cols_t", cols.T.contiguous())  # (w, W)
+        with torch.inference_mode():  # each layer's channels, from one dummy forward
+            dummy = torch.zeros(1, 3, *self.input_size, device=device)
+            counts = [f.shape[1] for f in extractor(dummy.contiguous(memory_format=torch.channels_last))]
+        self.plan = layer_plan(counts, channel_idx, projection)
+        self.d = len(channel_idx) if projection is None else projection.shape[1]
+        self._tracing = False
+        self._workspace = Workspace()
+
+    @contextlib.contextmanager
+    def tracing(self):
+        """No chunking, no reused buffers: plain operations for torch.export (same numbers)."""
+        self._tracing = True
+        try:
+            yield self
+        finally:
+            self._tracing = False
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 with the ImageNet mean/std, channels_last
+        (a permuted view of the HWC result: no transposing copy)."""
+        return (pixels.to(torch.float32) * self.scale + self.shift).permute(0, 3, 1, 2)
+
+    def embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised -> (B, h, w, d) embeddings."""
+        if self._tracing:
+            return embed(self.extractor(x), self.channel_idx, projection=self.projection, plan=self.plan)
+        x = x.contiguous(memory_format=torch.channels_last)
+        chunk = CPU_FORWARD_CHUNK if x.device.type == "cpu" else len(x)
+        out = None
+        for start in range(0, len(x), chunk):
+            feature_maps = self.extractor(x[start : start + chunk])
+            if out is None:
+                out = self._workspace.get("embeddings", (len(x), *self.grid, self.d), feature_maps[0].dtype, x.device)
+            embed(feature_maps, self.channel_idx, out=out[start : start + chunk], projection=self.projection,
+                  plan=self.plan)
+            del feature_maps
+        return out
+
+    def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embeddings(self.normalise(pixels))  # (B, h, w, d)
+        workspace = None if self._tracing else self._workspace
+        distances = mahalanobis(emb.flatten(1, 2), self.mean, self.factor, workspace)  # (B, P)
+        maps = self.rows @ distances.unflatten(1, self.grid) @ self.cols_t  # (B, H, W)
+        return maps, maps.flatten(1).amax(dim=1)

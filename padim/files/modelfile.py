@@ -1,0 +1,111 @@
+"""What a padim model file holds, and its checks: tensors (mean, packed factor, channel indices, the
+projection of a semi-orthogonal reduction) and a JSON header (configuration, provenance, thresholds), stored with ``padim.files.safetensors_io`` (safetensors, no pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from padim.core.calibration import Calibration
+from padim.errors import ModelFileError
+
+from padim import __version__
+from padim.files import safetensors_io as model_io
+from padim.core.config import PadimConfig
+
+TENSOR_RANKS = {"mean": 2, "precision_factor_packed": 2, "channel_idx": 1}
+# optional tensors of a calibrated model -> Calibration attributes
+CALIBRATION_TENSORS = {"calibration_image_scores": "image_scores", "calibration_pixel_levels": "pixel_levels",
+                       "calibration_pixel_quantiles": "pixel_quantiles"}
+
+# header fields besides the configuration, with their defaults for files that lack them
+INFO_DEFAULTS: Dict[str, Any] = {
+    "weights_source": None,
+    "weights_sha256": None,  # of the backbone weights file, when the model was fitted with one
+    "n_train_images": None,
+    "fit_seconds": None,
+    "fit_date": None,
+    "category": None,
+    "n_calibration_images": None,
+    "calibration_fraction": None,  # the fit's calibration options, so that a loaded model refits alike
+    "folds": None,
+    "target_pixel_fpr": None,
+    "calibration_note": None,  # why a model has no calibration
+    "calibration_method": None,  # "holdout" or "cv"
+    "image_threshold": None,
+    "pixel_threshold": None,
+    "threshold_source": None,  # e.g. "calibration: target FPR 5% on 76 good images", "manual"
+    "pixel_threshold_source": None,
+    "target_fpr": None,
+    "thresholds_note": None,
+    "stale_images": None,  # good images added since the thresholds were calibrated (padim update)
+    "calibrated_sources": None,  # [image, pixel] threshold sources as calibrated, before they went stale
+    "package_version": None,
+}
+
+
+@dataclass
+class ModelContent:
+    """Everything a model file stores.
+
+    mean: (P, d) float32; factor_packed: (P, d (d + 1) / 2) in ``config.factor_dtype``;
+    channel_idx: (k,) int64; feature_hw: (h, w) with P = h * w; info: ``INFO_DEFAULTS``' keys;
+    calibration: the calibration images' scores, stored as float64 tensors (n,), (Q,), (Q,);
+    projection: (k, d) float32 with reduction "semi-orthogonal" (k = all C channels), else None
+    (tensor ``projection``, absent from files of the random reduction and from older files).
+    """
+
+    config: PadimConfig
+    mean: torch.Tensor
+    factor_packed: torch.Tensor
+    channel_idx: torch.Tensor
+    feature_hw: Tuple[int, int]
+    info: Dict[str, Any] = field(default_factory=dict)
+    calibration: Optional[Calibration] = None
+    projection: Optional[torch.Tensor] = None
+
+
+def write(path, content: ModelContent) -> None:
+    """Writes ``content`` atomically to ``path``."""
+    tensors = {"mean": content.mean, "precision_factor_packed": content.factor_packed,
+               "channel_idx": content.channel_idx}
+    if content.projection is not None:
+        tensors["projection"] = content.projection.to(torch.float32)
+    info = dict(content.info)
+    if content.calibration is not None:
+        found = content.calibration
+        tensors.update({name: torch.from_numpy(getattr(found, attribute)) for name, attribute in CALIBRATION_TENSORS.items()})
+        info["calibration_method"] = found.method
+    metadata = {**INFO_DEFAULTS, **info, "package_version": __version__,
+                "config": content.config.to_dict(), "feature_hw": list(content.feature_hw)}
+    model_io.save(path, tensors, metadata)
+
+
+def read(path) -> ModelContent:
+    """Reads and checks a model file; raises ModelFileError naming the problem."""
+    tensors, meta = model_io.load(path, TENSOR_RANKS)
+    config, feature_hw = model_io.verify(path, tensors, meta)  # contents checked against each other, not trusted
+    mean, packed, channel_idx = tensors["mean"], tensors["precision_factor_packed"], tensors["channel_idx"]
+    info = {key: meta.get(key, default) for key, default in INFO_DEFAULTS.items()}
+    return ModelContent(config, mean, packed, channel_idx.long(), feature_hw, info, _calibration(path, tensors, info),
+                        tensors.get("projection"))
+
+
+def _calibration(path, tensors: Dict[str, torch.Tensor], info: Dict[str, Any]) -> Optional[Calibration]:
+    """The stored calibration, checked (sorted finite scores, matching quantile arrays); None for
+    files without one (fitted without calibration, or before padim had it)."""
+    present = [name for name in CALIBRATION_TENSORS if name in tensors]
+    if not present:
+        return None
+    if len(present) != len(CALIBRATION_TENSORS) or info.get("calibration_method") not in ("holdout", "cv"):
+        raise ModelFileError(f"model file {path}: its calibration data is incomplete")
+    arrays = {attribute: tensors[name].to(torch.float64).numpy() for name, attribute in CALIBRATION_TENSORS.items()}
+    scores, levels, quantiles = arrays["image_scores"], arrays["pixel_levels"], arrays["pixel_quantiles"]
+    if (scores.ndim != 1 or len(scores) < 1 or levels.shape != quantiles.shape or levels.ndim != 1
+            or not all(np.isfinite(a).all() and (np.diff(a) >= 0).all() for a in (scores, levels, quantiles))):
+        raise ModelFileError(f"model file {path}: its calibration data is damaged")
+    return Calibration(scores, levels, quantiles, info["calibration_method"])

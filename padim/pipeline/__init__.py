@@ -1,0 +1,1 @@
+"""From a source to a decision: sources, decoding with per-file errors, engines, decisions, records."""

@@ -1,0 +1,109 @@
+"""Engines: what turns decoded pixels into scores and maps, chosen per model.
+
+Every engine has one interface (``ScoringModel``): ``config_`` (the model's ``PadimConfig``),
+``score_pixels((B, H, W, 3) uint8) -> (scores (B,), maps (B, H, W))`` float32 NumPy arrays, the
+decisions' data (``operating_point``, ``p_values``, ``uses_random_weights``), and ``engine`` /
+``precision`` naming it. The torch engine is ``PaDiM`` itself (``padim.core.scorer.PatchScorer``
+on CPU or CUDA); ``onnxruntime`` and ``openvino`` run that module's exported graph
+(``padim.pipeline.exported.ExportedModel``, torch-free). ``open_scoring_model`` is how every
+surface gets one: the CLI, the service and Ray's actors.
+
+A new engine plugs in as another ``ExportedModel`` session (``padim.pipeline.sessions``) or another
+class with this interface.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+
+from padim.pipeline.exported import ENGINES, PRECISIONS, EngineError, ExportedModel
+
+
+class ScoringModel(Protocol):
+    """What the pipeline needs of an engine (``PaDiM`` and ``ExportedModel`` both are one)."""
+
+    engine: str
+    precision: str
+
+    def score_pixels(self, pixels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]: ...
+
+    def operating_point(self, target_fpr=None, image_threshold=None, pixel_threshold=None, target_pixel_fpr=None): ...
+
+    def p_values(self, scores) -> Optional[np.ndarray]: ...
+
+
+def check_engine_options(engine: str, precision: str = "f32") -> None:
+    """Refuses an engine/precision pair that cannot work, before any work."""
+    if engine not in ENGINES:
+        raise EngineError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if precision not in PRECISIONS:
+        raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "f32" and engine != "openvino":
+        raise EngineError(f"`precision` {precision} is an OpenVINO option (`engine` openvino); "
+                          f"`engine` {engine} computes in f32")
+
+
+def open_engine(engine: str, precision: str = "f32", model_path=None, export=None, weights: Optional[str] = None,
+                batch_size: int = 32, workers: int = 2, progress: Optional[bool] = False,
+                threads: Optional[int] = None, model=None) -> ExportedModel:
+    """The ``ExportedModel`` for ``--engine ENGINE``: from ``export`` (a folder), else from the cache
+    of ``model_path`` (built on first use). With a model file, its current header (thresholds,
+    calibration) is the one decisions use, and a given export must be of that model's graph."""
+    check_engine_options(engine, precision)
+    if engine == "torch":
+        raise EngineError("the torch engine is PaDiM itself, not an export")
+    metadata = None
+    if model_path is not None:
+        from padim.pipeline.cache import ENGINE_FORMATS, cached_export, read_key
+        from padim.pipeline.export import file_metadata, graph_key
+
+        if export is None:
+            export = cached_export(model_path, ENGINE_FORMATS[engine], weights=weights, model=model)
+        else:
+            made_from = read_key(export)
+            if made_from is not None and made_from != graph_key(model_path):
+                raise EngineError(f"export {export} was made from another model than {model_path} "
+                                  "(its graph key differs): export this model again")
+        metadata = file_metadata(model_path)
+    elif export is None:
+        raise EngineError(f"`engine` {engine} needs `model` (exported and cached on first use) or `export` DIR")
+    return ExportedModel(export, engine, precision, batch_size=batch_size, workers=workers, progress=progress,
+                         threads=threads, metadata=metadata)
+
+
+def as_torch(iter_predict: Callable[..., Iterator]) -> Callable[..., Iterator]:
+    """Wraps an ``ExportedModel.iter_predict`` so that it yields CPU tensors like ``PaDiM.iter_predict``."""
+    import torch
+
+    def wrapped(images: Sequence, desc: str = "predict"):
+        for scores, maps, sizes in iter_predict(images, desc=desc):
+            yield torch.from_numpy(scores), torch.from_numpy(maps), sizes
+
+    return wrapped
+
+
+def open_scoring_model(engine: str = "torch", precision: str = "f32", model_path=None, export=None,
+                       weights: Optional[str] = None, device: Optional[str] = None, batch_size: int = 32,
+                       workers: int = 2, progress: Optional[bool] = False, threads: Optional[int] = None):
+    """The ``ScoringModel`` for a model file and/or an export folder: ``PaDiM.load`` for torch; for
+    the other engines the export folder alone (no torch needed), or the model file's export (cached)."""
+    check_engine_options(engine, precision)
+    if engine == "torch":
+        if model_path is None:
+            raise EngineError("the torch engine needs a model file")
+        if export is not None:
+            raise EngineError("an export folder is for engine onnxruntime or openvino")
+        from padim.core.estimator import PaDiM
+
+        return PaDiM.load(model_path, device=device, batch_size=batch_size, workers=workers, progress=progress,
+                          weights=weights)
+    if device == "cuda":
+        raise EngineError(f"engine {engine} runs on the CPU here; device cuda is for the torch engine")
+    if model_path is None:
+        if export is None:
+            raise EngineError(f"engine {engine} needs a model file (exported and cached on first use) or an export folder")
+        return ExportedModel(export, engine, precision, batch_size=batch_size, workers=workers, progress=progress,
+                             threads=threads)
+    return open_engine(engine, precision, model_path, export, weights, batch_size, workers, progress, threads)

@@ -1,0 +1,214 @@
+"""Export a fitted PaDiM model as one ONNX / OpenVINO graph of its whole scoring path.
+
+Why one graph: a line PC or edge box then needs no PyTorch (``padim.runtime`` runs the graph with
+ONNX Runtime or OpenVINO), and the engines' own fusions make it faster. What the graph holds and
+what it must not: it is a pure function of the model's *tensors* (backbone weights, channel subset,
+means, precision factors, the blur) from pixels to maps. Decisions are not in it: thresholds,
+calibration data and the configuration travel beside it in ``padim.json`` (the model file's header,
+verbatim), so changing a threshold never changes the graph's bytes, and the runtime decides outside
+the graph exactly as ``padim.core.scoring.labels_at`` / ``masks_at`` do.
+
+The graph is the model's ``scorer_`` (``padim.core.scorer.PatchScorer``) traced by torch.export:
+the very module the torch engine runs, so there is no second scoring path to keep equal. Shapes
+with B images (dynamic), (H, W) the model's input size:
+
+    pixels (B, H, W, 3) uint8, RGB, already resized/cropped by ``padim.files.images.load_pixels``
+      -> maps (B, H, W) float32, scores (B,) float32
+
+Files an export folder holds: ``model.onnx`` (+ ``model.onnx.data`` when the weights pass
+``EXTERNAL_DATA_BYTES``: d = 550 factors are GBs, beyond protobuf's 2 GB) or ``model.xml`` +
+``model.bin`` (OpenVINO IR, float32), and ``padim.json`` (see ``write_metadata``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from padim import __version__
+from padim.errors import PadimError
+
+EXPORT_FORMAT = "padim-export"
+EXPORT_VERSION = 1
+METADATA_FILE = "padim.json"
+GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
+INPUT_NAME, OUTPUT_NAMES = "pixels", ("maps", "scores")
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf stops at 2 GB)
+GRAPH_TENSORS = ("mean", "precision_factor_packed", "channel_idx", "projection")  # what the graph is built from
+
+EXPORT_INSTALL_HINT = 'pip install "padim[export]"'
+OPENVINO_INSTALL_HINT = 'pip install "padim[openvino]"'
+
+
+class ExportError(PadimError):
+    """An export cannot be made or used (missing exporter package, unsupported option, bad folder)."""
+
+
+# ----------------------------------------------------------------------------------------- export
+def _require(module: str, hint: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ExportError(f"exporting needs the package {module!r}: {hint}") from None
+
+
+def export_onnx(graph, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> List[Path]:
+    """Writes ``graph`` to ``path`` (ONNX, dynamic batch); returns the files written.
+
+    The weights go to ``path`` + ".data" when they pass ``external_data_bytes``."""
+    _require("onnx", EXPORT_INSTALL_HINT)
+    _require("onnxscript", EXPORT_INSTALL_HINT)
+    height, width = graph.rows.shape[0], graph.cols_t.shape[1]
+    device = graph.mean.device
+    example = torch.zeros(2, height, width, 3, dtype=torch.uint8, device=device)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    weights_bytes = sum(b.numel() * b.element_size() for b in graph.buffers()) + \
+        sum(p.numel() * p.element_size() for p in graph.parameters())
+    external = weights_bytes > external_data_bytes
+    graph = graph.eval()
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad(), graph.tracing():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals are not the user's
+        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},),
+                                    external_data=external, verbose=False, report=False)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    program.save(str(path), external_data=external)
+    files = [path]
+    if external:
+        files.append(Path(str(path) + ".data"))
+    return files
+
+
+def onnx_to_openvino(onnx_path: Path, xml_path: Path) -> List[Path]:
+    """Converts an ONNX export to OpenVINO IR, float32 weights (OpenVINO compresses to float16 by
+    default: that would be a reduced precision nobody chose)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ExportError(f"an OpenVINO export needs the package 'openvino': {OPENVINO_INSTALL_HINT}") from None
+    model = ov.convert_model(str(onnx_path))
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    return [xml_path, xml_path.with_suffix(".bin")]
+
+
+def calibration_record(calibration) -> Optional[dict]:
+    """A ``padim.core.calibration.Calibration`` as JSON (float64 values round-trip exactly), or None."""
+    if calibration is None:
+        return None
+    return {"method": calibration.method, "image_scores": [float(v) for v in calibration.image_scores],
+            "pixel_levels": [float(v) for v in calibration.pixel_levels],
+            "pixel_quantiles": [float(v) for v in calibration.pixel_quantiles]}
+
+
+def model_metadata(model) -> dict:
+    """The header a model file of ``model`` would have (config, thresholds and their sources,
+    provenance) and its calibration scores (``calibration``), from its public attributes: for models
+    exported from memory rather than from a file."""
+    from padim.files import modelfile
+
+    info = {key: getattr(model, f"{key}_", None) for key in modelfile.INFO_DEFAULTS}
+    return {**modelfile.INFO_DEFAULTS, **info, "package_version": __version__,
+            "config": model.config_.to_dict(), "feature_hw": list(model.feature_hw_),
+            "calibration": calibration_record(getattr(model, "calibration_", None))}
+
+
+def file_metadata(path) -> dict:
+    """A model file's header, verbatim (every field, also ones this version does not know), and its
+    calibration scores (``calibration``: tensors in the file, checked by ``padim.files.modelfile``)."""
+    from padim.files import modelfile
+    from padim.files.safetensors_io import read_metadata
+
+    return {**read_metadata(path), "calibration": calibration_record(modelfile.read(path).calibration)}
+
+
+def graph_key(model_path) -> str:
+    """SHA-256 of what a model file's graph is made of: the bytes of its graph tensors (mean, factor,
+    channel indices), its configuration and feature grid, its backbone weights' identity, and this
+    export format's version.
+
+    Not of the whole file: thresholds, their sources and the calibration scores change without
+    changing the graph (``padim test --store-oracle-thresholds`` rewrites them), and that must not
+    make a cached export stale (``test_export`` checks that the graph bytes stay identical)."""
+    from padim.files.safetensors_io import read_header, read_metadata
+
+    header, header_bytes = read_header(model_path)
+    meta = read_metadata(model_path)
+    identity = {key: meta.get(key) for key in ("config", "feature_hw", "weights_source", "weights_sha256")}
+    tensors = {name: header.get(name) for name in GRAPH_TENSORS if name in header or name != "projection"}
+    digest = hashlib.sha256(json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": identity,
+                                        "tensors": tensors}, sort_keys=True).encode())
+    with open(model_path, "rb") as handle:
+        for name in tensors:
+            start, stop = tensors[name]["data_offsets"] if tensors[name] else (0, 0)
+            handle.seek(8 + header_bytes + start)
+            for offset in range(start, stop, 16 << 20):
+                digest.update(handle.read(min(16 << 20, stop - offset)))
+    return digest.hexdigest()
+
+
+def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[str],
+                   files: Sequence[Path]) -> Path:
+    """``padim.json``: what the graph takes and gives, and the model's header (``model``: config,
+    feature_hw, thresholds, calibration fields, provenance), read by ``padim.runtime``."""
+    height, width = graph.rows.shape[0], graph.cols_t.shape[1]
+    record = {
+        "format": EXPORT_FORMAT,
+        "export_version": EXPORT_VERSION,
+        "graph_format": fmt,
+        "graph": GRAPH_FILES[fmt],
+        "files": sorted(os.path.basename(f) for f in files),
+        "graph_key": key,
+        "input": {"name": INPUT_NAME, "shape": ["batch", height, width, 3], "dtype": "uint8",
+                  "layout": "RGB, resized and cropped by padim.files.images.load_pixels"},
+        "outputs": {"maps": {"shape": ["batch", height, width], "dtype": "float32"},
+                    "scores": {"shape": ["batch"], "dtype": "float32"}},
+        "exported_by": {"padim": __version__, "torch": torch.__version__},
+        "model": metadata,
+    }
+    path = folder / METADATA_FILE
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = None, key: Optional[str] = None,
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Path:
+    """Exports a fitted ``PaDiM`` to ``folder`` in ``fmt`` ("onnx" or "openvino"); returns the folder.
+
+    metadata: the header to put beside the graph (default: built from the model's attributes;
+    ``padim export`` passes the model file's own). The files appear whole or not at all: they are
+    written to a temporary folder next to ``folder`` and moved in.
+    """
+    if fmt not in GRAPH_FILES:
+        raise ExportError(f"export format must be one of {', '.join(GRAPH_FILES)}, got {fmt!r}")
+    if not hasattr(model, "mean_"):
+        from padim.errors import NotFittedError
+
+        raise NotFittedError("this PaDiM model is not fitted yet: call fit() or PaDiM.load() first")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    graph = model.scorer_  # the module the torch engine runs: one scoring path
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+    try:
+        files = export_onnx(graph, work / GRAPH_FILES["onnx"], external_data_bytes)
+        if fmt == "openvino":
+            files = onnx_to_openvino(files[0], work / GRAPH_FILES["openvino"])
+        files.append(write_metadata(work, fmt, graph, metadata if metadata is not None else model_metadata(model),
+                                    key, files))
+        for stale in list(GRAPH_FILES.values()) + ["model.onnx.data", "model.bin", METADATA_FILE]:
+            if (folder / stale).exists():
+                (folder / stale).unlink()
+        for file in files:
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return folder
