@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import DataError, PadimError
@@ -32,7 +34,9 @@ from .batcher import BatcherClosed, MicroBatcher, QueueFull
 from .metrics import Metrics, MetricsMiddleware
 from .registry import ServedModel, describe, score_pixels, warm_up
 from .schemas import Health, ImageResult, ModelInfo, Prediction, Problem
-from .uploads import UploadError, decode_upload, read_multipart
+from .uploads import UploadError, clip, decode_upload, discard_rest, read_multipart
+
+log = logging.getLogger("uvicorn.error")  # the server's log (its level is padim serve's --log-level)
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class ServeSettings:
     """max_batch: images per backbone batch (1: no batching); max_wait_ms: how long the first image
     of a batch waits for others; queue: images waiting per model before 503; max_upload_mb: body
     size per request; max_files: files per request; api_key: bearer token required on every route
-    but /health (None: none); decode_workers: threads decoding uploads and drawing heatmaps."""
+    but /health (None: none; an empty or blank key is refused); decode_workers: threads decoding
+    uploads and drawing heatmaps."""
 
     max_batch: int = 16
     max_wait_ms: float = 8.0
@@ -57,6 +62,8 @@ class ServeSettings:
                 raise PadimError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.max_upload_mb <= 0:
             raise PadimError("--max-wait-ms must be >= 0 and --max-upload-mb > 0")
+        if self.api_key is not None and not self.api_key.strip():
+            raise PadimError("--api-key (or PADIM_API_KEY) is empty: give a key, or unset it to serve without one")
         if self.queue < self.max_files:
             raise PadimError(f"--queue ({self.queue}) must hold at least --max-files ({self.max_files}) images")
 
@@ -116,7 +123,8 @@ class Service:
     def lookup(self, name: str) -> ServedModel:
         entry = self.names.get(name)  # a table lookup only: a name never becomes a path
         if entry is None:
-            raise HTTPException(404, f"no model named {name!r}; this server has: {', '.join(sorted(self.models))}")
+            raise HTTPException(404, f"no model named {clip(name)!r}; this server has: "
+                                     f"{', '.join(sorted(self.models))}")
         return entry
 
 
@@ -238,11 +246,21 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings = Serv
 
     async def _predict(request: Request, entry: ServedModel, point, heatmap: bool) -> Prediction:
         model = entry.model
+        chunks, length = request.stream(), request.headers.get("content-length")
+        max_bytes = int(settings.max_upload_mb * 1e6)
         try:
-            files = await read_multipart(request.headers.get("content-type"), request.headers.get("content-length"),
-                                         request.stream(), int(settings.max_upload_mb * 1e6), settings.max_files)
-        except UploadError as exc:
-            raise HTTPException(exc.status, exc.reason) from None
+            try:
+                files = await read_multipart(request.headers.get("content-type"), length, chunks, max_bytes,
+                                             settings.max_files)
+            except UploadError as exc:  # answered once the client has sent its body (see uploads.discard_rest)
+                ended = await discard_rest(chunks, length, max_bytes)
+                raise HTTPException(exc.status, exc.reason,
+                                    headers=None if ended else {"Connection": "close"}) from None
+        except ClientDisconnect:  # one line, not the traceback starlette's error middleware would log
+            client = request.client
+            log.warning("padim serve: client %s disconnected during its upload to model %s",
+                        f"{client.host}:{client.port}" if client else "?", entry.name)
+            raise HTTPException(499, "the client disconnected before its upload ended") from None
         loop = asyncio.get_running_loop()
         cropped = model.config_.crop is not None
         display = render.OVERLAY_MAX_SIDE if heatmap and not cropped else None
