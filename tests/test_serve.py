@@ -357,7 +357,7 @@ def test_a_refused_body_is_drained_within_bounds(monkeypatch):
     answer), up to a byte and a time bound; a body declared larger than the bound is not read."""
     import asyncio
 
-    import padim.serve.uploads as uploads
+    from padim.serve import uploads
 
     monkeypatch.setattr(uploads, "DISCARD_BYTES", 10_000)
     read = []
