@@ -35,6 +35,17 @@ def get(url: str, timeout: float = 5.0):
         return status, body
 
 
+def serve_env(extra=None) -> dict:
+    return dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra or {}))
+
+
+def run_serve(args, env=None, timeout: float = 120.0):
+    """``python -m padim.cli serve ARGS`` that is expected to stop by itself -> (exit status, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "padim.cli", "serve", *map(str, args)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, env=serve_env(env), timeout=timeout, check=False)
+    return done.returncode, done.stderr.decode(errors="replace")
+
+
 class Server:
     """``python -m padim.cli serve ARGS --port P`` with the tree under test; waits for /health."""
 
@@ -42,7 +53,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = log_dir / f"serve-{self.port}.log"
-        env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = serve_env()
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen([sys.executable, "-m", "padim.cli", "serve", *map(str, args),
                                              "--host", "127.0.0.1", "--port", str(self.port)],

@@ -306,6 +306,95 @@ def test_unknown_model_is_404(client, test_images):
     assert_serving(client, test_images)
 
 
+def test_echoed_names_are_clipped(client, test_images):
+    long = "a" * 5000
+    for answer in (client.get(f"/models/{long}"),
+                   client.post(f"/models/{long}/predict", files=files_of(test_images[:1]))):
+        detail = answer.json()["detail"]
+        assert answer.status_code == 404 and len(detail) < 200 and "a" * 80 + "..." in detail, len(detail)
+    odd = client.post("/models/plain/predict", content=b"x", headers={"content-type": "text/" + "b" * 5000})
+    assert odd.status_code == 415 and len(odd.json()["detail"]) < 200 and "..." in odd.json()["detail"]
+
+
+def test_a_client_disconnect_mid_upload_is_one_log_line(client, test_images):
+    """The ASGI app on its own, with a client that sends half a body and goes: no exception leaves the
+    app (starlette's error middleware would log it as a 50-line traceback), one warning is logged."""
+    import asyncio
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    messages = [{"type": "http.request", "body": b"--b\r\nContent-Disposition: form-data; name=\"files\"; "
+                                                 b"filename=\"a.png\"\r\n\r\n" + b"x" * 1000, "more_body": True},
+                {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/models/plain/predict", "raw_path": b"/models/plain/predict", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", b"500000")]}
+    try:
+        asyncio.run(client.app(scope, receive, send))
+    finally:
+        logger.removeHandler(handler)
+    assert [line for line in lines if "disconnected" in line] == lines and len(lines) == 1, lines
+    assert "127.0.0.1:40000" in lines[0] and "plain" in lines[0]
+    assert sent[0]["status"] == 499
+    assert_serving(client, test_images)
+
+
+def test_a_refused_body_is_drained_within_bounds(monkeypatch):
+    """What is left of a refused upload is read and dropped (so that a client still sending gets the
+    answer), up to a byte and a time bound; a body declared larger than the bound is not read."""
+    import asyncio
+
+    from padim.serve import uploads
+
+    monkeypatch.setattr(uploads, "DISCARD_BYTES", 10_000)
+    read = []
+
+    async def body(n_chunks, pause=0.0):
+        for _ in range(n_chunks):
+            read.append(1)
+            await asyncio.sleep(pause)
+            yield b"x" * 1000
+
+    def discard(chunks, length=None, max_bytes=1000):
+        read.clear()
+        return asyncio.run(uploads.discard_rest(chunks, length, max_bytes))
+
+    assert discard(body(8)) is True and len(read) == 8  # all of it: the connection can be kept
+    assert discard(body(100)) is False and len(read) == 11  # stops just past the bound
+    assert discard(body(15)) is False and discard(body(15), max_bytes=5000) is True  # 4 x max_bytes if more
+    assert discard(body(100), str(10 ** 9)) is False and read == []  # declared too large: not read at all
+    monkeypatch.setattr(uploads, "DISCARD_SECONDS", 0.2)
+    assert discard(body(100, pause=0.05)) is False and len(read) < 10  # a slow sender is not waited for
+
+
+def test_an_empty_api_key_is_refused(served):
+    """An empty key would turn authentication off without a word (PADIM_API_KEY="")."""
+    from padim.errors import PadimError
+
+    models = load_models([served / "plain.safetensors"], device="cpu")
+    for key in ("", "  ", "\t\n"):
+        with pytest.raises(PadimError, match="empty") as caught:
+            ServeSettings(api_key=key).check()
+        assert "\n" not in str(caught.value)
+        with pytest.raises(PadimError, match="empty"):
+            create_app(models, ServeSettings(api_key=key))
+    ServeSettings(api_key="k").check()
+    ServeSettings(api_key=None).check()
+
+
 def test_api_key_guards_every_route_but_health(served, test_images):
     with start(served, api_key="s3cret") as client:
         wait_ready(client)  # /health needs no key

@@ -157,7 +157,7 @@ def cmd_serve(args) -> None:
     from padim.serve.server import run
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
-                             max_upload_mb=args.max_upload_mb, max_files=args.max_files, api_key=args.api_key or None)
+                             max_upload_mb=args.max_upload_mb, max_files=args.max_files, api_key=args.api_key)
     settings.check()
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"padim serve: warning: listening on {args.host} without --api-key: anyone who can reach this "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from padim import __version__
 from padim.errors import DataError, PadimError
@@ -33,7 +35,9 @@ from padim.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
 from padim.serve.metrics import Metrics, MetricsMiddleware
 from padim.serve.registry import ServedModel, describe, score_pixels, warm_up
 from padim.serve.schemas import Health, ImageResult, ModelInfo, Prediction, Problem
-from padim.serve.uploads import UploadError, decode_upload, read_multipart
+from padim.serve.uploads import UploadError, clip, decode_upload, discard_rest, read_multipart
+
+log = logging.getLogger("uvicorn.error")  # the server's log (its level is padim serve's --log-level)
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class ServeSettings:
     """max_batch: images per backbone batch (1: no batching); max_wait_ms: how long the first image
     of a batch waits for others; queue: images waiting per model before 503; max_upload_mb: body
     size per request; max_files: files per request; api_key: bearer token required on every route
-    but /health (None: none); decode_workers: threads decoding uploads and drawing heatmaps."""
+    but /health (None: none; an empty or blank key is refused); decode_workers: threads decoding
+    uploads and drawing heatmaps."""
 
     max_batch: int = 16
     max_wait_ms: float = 8.0
@@ -55,9 +60,11 @@ class ServeSettings:
     def check(self) -> None:
         for name in ("max_batch", "queue", "max_files", "decode_workers"):
             if getattr(self, name) < 1:
-                raise PadimError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise PadimError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.max_upload_mb <= 0:
             raise PadimError("`max_wait_ms` must be >= 0 and `max_upload_mb` > 0")
+        if self.api_key is not None and not self.api_key.strip():
+            raise PadimError("`api_key` (or PADIM_API_KEY) is empty: give a key, or unset it to serve without one")
         if self.queue < self.max_files:
             raise PadimError(f"`queue` ({self.queue}) must hold at least `max_files` ({self.max_files}) images")
 
@@ -117,7 +124,8 @@ class Service:
     def lookup(self, name: str) -> ServedModel:
         entry = self.names.get(name)  # a table lookup only: a name never becomes a path
         if entry is None:
-            raise HTTPException(404, f"no model named {name!r}; this server has: {', '.join(sorted(self.models))}")
+            raise HTTPException(404, f"no model named {clip(name)!r}; this server has: "
+                                     f"{', '.join(sorted(self.models))}")
         return entry
 
 
@@ -239,11 +247,21 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings = Serv
 
     async def _predict(request: Request, entry: ServedModel, point, heatmap: bool) -> Prediction:
         model = entry.model
+        chunks, length = request.stream(), request.headers.get("content-length")
+        max_bytes = int(settings.max_upload_mb * 1e6)
         try:
-            files = await read_multipart(request.headers.get("content-type"), request.headers.get("content-length"),
-                                         request.stream(), int(settings.max_upload_mb * 1e6), settings.max_files)
-        except UploadError as exc:
-            raise HTTPException(exc.status, exc.reason) from None
+            try:
+                files = await read_multipart(request.headers.get("content-type"), length, chunks, max_bytes,
+                                             settings.max_files)
+            except UploadError as exc:  # answered once the client has sent its body (see uploads.discard_rest)
+                ended = await discard_rest(chunks, length, max_bytes)
+                raise HTTPException(exc.status, exc.reason,
+                                    headers=None if ended else {"Connection": "close"}) from None
+        except ClientDisconnect:  # one line, not the traceback starlette's error middleware would log
+            client = request.client
+            log.warning("padim serve: client %s disconnected during its upload to model %s",
+                        f"{client.host}:{client.port}" if client else "?", entry.name)
+            raise HTTPException(499, "the client disconnected before its upload ended") from None
         loop = asyncio.get_running_loop()
         cropped = model.config_.crop is not None
         display = render.OVERLAY_MAX_SIDE if heatmap and not cropped else None

@@ -9,11 +9,18 @@ uvicorn re-raises the signal it caught once it has stopped, so that the previous
 SIGTERM that would be the default action (death by signal, exit status 143) after a clean stop;
 ``run`` installs a handler that only notes the signal, so ``padim serve`` exits 0. This is the
 command's own process-wide choice, made here and restored afterwards, never by the library.
+
+The address is bound (and listened on) before the models warm up, and the socket handed to uvicorn:
+a port out of range, taken, or not of this machine is one line before anything is announced, and
+"ready" is only printed once connections are being accepted. Port 0 takes a free port; the ready
+line names it.
 """
 
 from __future__ import annotations
 
+import errno
 import signal
+import socket
 import sys
 from typing import Mapping, Optional
 
@@ -22,6 +29,27 @@ import uvicorn
 from padim.errors import PadimError
 from padim.serve.app import ServeSettings, create_app
 from padim.serve.registry import ServedModel
+
+
+def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A socket bound to host:port and listening (as uvicorn binds one). Raises PadimError, one line."""
+    if not 0 <= port <= 65535:
+        raise PadimError(f"`port` must be between 1 and 65535 (0: any free port), got {port}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if isinstance(exc, socket.gaierror):
+            raise PadimError(f"cannot listen on {host}: {exc.strerror or exc}") from None
+        reason = {errno.EADDRINUSE: f"port {port} on {host} is in use",
+                  errno.EADDRNOTAVAIL: f"cannot listen on {host}:{port}: not an address of this machine",
+                  errno.EACCES: f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges)",
+                  }.get(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        raise PadimError(reason) from None
+    return sock
 
 
 def run(models: Mapping[str, ServedModel], settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
@@ -40,16 +68,19 @@ def run(models: Mapping[str, ServedModel], settings: ServeSettings, host: str = 
               file=sys.stderr, flush=True)
 
     app = create_app(models, settings, on_ready)
+    sock = listen(host, port)  # before warm-up: nothing is announced on an address that cannot be had
+    port = sock.getsockname()[1]  # the one chosen for port 0
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=None, lifespan="on")
     server = uvicorn.Server(config)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # see the module docstring
     try:
-        server.run()
-    except SystemExit:  # uvicorn's answer to an address it cannot bind (it logged why)
-        raise PadimError(f"could not listen on {host}:{port} (in use, or not an address of this machine)") from None
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's answer to a start-up that failed (it logged why)
+        raise PadimError("the service failed to start (the lines above say why)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sock.close()
     if "error" in failure:
         raise PadimError(f"warm-up failed: {failure['error']}")
     metrics = app.state.service.metrics

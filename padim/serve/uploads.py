@@ -13,10 +13,16 @@ bytes are handed to it through an anonymous in-memory file (``memfd_create``, re
 ``/proc/self/fd``: nothing is written to disk, and the name is built from a file descriptor, never
 from client input). Elsewhere the bytes are opened by Pillow from memory and passed as a PIL image
 (the same rules, except that big JPEGs are decoded at full size before the reduction).
+
+A refused body is not left unread: a client still sending it (Python's urllib, requests) only reads
+the answer once it has sent everything, and a connection closed under it is a reset, not a 413.
+``discard_rest`` reads and drops the rest within bounds (as nginx's lingering close does), and a body
+beyond them is answered at once with ``Connection: close``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -36,6 +42,10 @@ try:  # python-multipart >= 0.0.13 (the serve extra's minimum)
 except ImportError:  # pragma: no cover - the serve extra is missing; padim serve says how to install it
     MultipartParser = parse_options_header = None
 
+# A refused body is read and dropped up to this many bytes (or 4 x the upload limit, if more) and seconds.
+DISCARD_BYTES = 256 * 10**6
+DISCARD_SECONDS = 30.0
+
 _HAS_MEMFD = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
 
 
@@ -45,6 +55,11 @@ class UploadError(Exception):
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
         self.status, self.reason = status, reason
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """Client-given text as echoed in a message: at most ``limit`` characters, then "..."."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -66,7 +81,7 @@ async def read_multipart(content_type: Optional[str], content_length: Optional[s
     kind, options = parse_options_header(content_type or "")
     if kind != b"multipart/form-data" or b"boundary" not in options:
         raise UploadError(415, f"expected a multipart/form-data body with image files, got "
-                               f"{(content_type or 'no content type').split(';')[0]!r}")
+                               f"{clip((content_type or 'no content type').split(';')[0])!r}")
     if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes:
         raise UploadError(413, f"the upload is {int(content_length) / 1e6:.1f} MB, more than the "
                                f"{max_bytes / 1e6:.1f} MB this server accepts per request")
@@ -127,6 +142,29 @@ async def read_multipart(content_type: Optional[str], content_length: Optional[s
         raise UploadError(422, "no image in the request: send one or more files as multipart form parts "
                                "(e.g. curl -F files=@image.png)")
     return files
+
+
+async def discard_rest(chunks: AsyncIterator[bytes], content_length: Optional[str], max_bytes: int) -> bool:
+    """Reads and drops what is left of a refused body (``chunks``, already partly read), at most
+    ``max(DISCARD_BYTES, 4 * max_bytes)`` bytes within ``DISCARD_SECONDS`` -> True when the body ended
+    within those bounds (the connection can be kept), False when it did not or says it will not.
+    A client's disconnect propagates (starlette's ClientDisconnect)."""
+    limit = max(DISCARD_BYTES, 4 * max_bytes)
+    if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes + limit:
+        return False
+
+    async def drop() -> bool:
+        dropped = 0
+        async for chunk in chunks:
+            dropped += len(chunk)
+            if dropped > limit:
+                return False
+        return True
+
+    try:
+        return await asyncio.wait_for(drop(), DISCARD_SECONDS)
+    except asyncio.TimeoutError:
+        return False
 
 
 def decode_upload(upload: Upload, config: PadimConfig,
