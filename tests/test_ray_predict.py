@@ -196,6 +196,40 @@ def test_cli_on_ray_gives_the_local_results_on_magnetic_tile(ray_connected, ray_
         assert rows.loc[path, "p_value"] == pytest.approx(record["p_value"])
 
 
+def test_cli_on_ray_with_an_exported_engine_gives_its_local_results(archive, ray_connected, ray_address, tmp_path,
+                                                                   capsys):
+    """--engine onnxruntime on the actors: the scores of local predict --engine onnxruntime (1e-4), a
+    corrupt file an error row there and an error line here; a file name that is not UTF-8 is an
+    error row with its name escaped, not a failed job."""
+    pytest.importorskip("onnxruntime", reason="pip install '.[export]'")
+    pytest.importorskip("onnxscript", reason="pip install '.[export]'")
+    model_file, paths = archive
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for path in paths[510:530]:  # 0517.png is the corrupt one
+        (folder / path.name).write_bytes(path.read_bytes())
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as handle:  # Latin-1 bytes: not UTF-8
+        handle.write(paths[0].read_bytes())
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_file), "--engine", "onnxruntime", str(folder)]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    local = {line["path"]: line for line in lines if "score" in line}
+    assert len(local) == 20 and sum("error" in line for line in lines) == 1  # 19 + the Latin-1 one read locally
+    output = tmp_path / "results.parquet"
+    main(["predict", "--model", str(model_file), "--engine", "onnxruntime", "--ray", ray_address,
+          "--output", str(output), str(folder)])
+    rows = _rows(output).set_index("path")
+    assert len(rows) == 21
+    escaped = [path for path in rows.index if "\\xe9" in path]
+    assert len(escaped) == 1 and "UTF-8" in rows.loc[escaped[0], "error"]
+    assert rows.loc[str(folder / "0517.png"), "error"] and pd.isna(rows.loc[str(folder / "0517.png"), "score"])
+    for path, record in local.items():
+        if "\udce9" in path:
+            continue  # its row is the escaped one
+        assert rows.loc[path, "score"] == pytest.approx(record["score"], rel=1e-4)
+        assert rows.loc[path, "label"] == record["label"]
+
+
 # ----------------------------------------------------------------------------------------- the command's checks
 def test_without_ray_the_option_says_how_to_install_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ModuleNotFoundError
@@ -211,7 +245,7 @@ def test_without_ray_the_option_says_how_to_install_it(monkeypatch, tmp_path, ca
     (["--heatmaps", "pics"], "--heatmaps is a --ray option"),
     (["--actors", "2", "--output", "out"], "--actors is a --ray option"),
     (["--ray", "local", "--output", "out", "--actors", "0"], "--actors must be at least 1"),
-    (["--ray", "local", "--output", "out", "--engine", "onnxruntime", "--export", "x"], "--engine torch for now"),
+    (["--ray", "local", "--output", "out", "--engine", "onnxruntime", "--export", "x"], "--export DIR is for scoring without --ray"),
     (["--ray", "local", "--output", "out", "--device", "cuda"], "--device cuda"),
 ])
 def test_ray_options_are_checked_before_any_work(options, message, tmp_path, monkeypatch, capsys):

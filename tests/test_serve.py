@@ -6,6 +6,7 @@ elsewhere): the service must return the same scores, p-values, labels, threshold
 
 import base64
 import io
+import json
 import tempfile
 import threading
 import time
@@ -550,3 +551,46 @@ def test_a_cropped_model_draws_over_the_crop_it_saw(synthetic_root, test_images,
         assert heat["covers"] == "crop" and (heat["overlay_width"], heat["overlay_height"]) == (48, 48)
         assert (result["width"], result["height"]) == (64, 64)  # the picture's own size
         np.testing.assert_array_equal(np.asarray(decode_png(heat["mask_png"]).convert("L")) > 0, reference_mask)
+
+
+# ----------------------------------------------------------------------------------------- engines
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_an_exported_engine_serves_the_scores_of_predict_with_that_engine(served, test_images, engine, tmp_path,
+                                                                          monkeypatch, capsys):
+    """padim serve --engine X: the scores of padim predict --engine X on the same files (1e-5), a
+    corrupt file an ``error`` entry, and /models and the answer name the engine."""
+    pytest.importorskip(engine, reason="pip install '.[export,openvino]'")
+    pytest.importorskip("onnxscript", reason="pip install '.[export]'")
+    monkeypatch.setenv("PADIM_CACHE_DIR", str(tmp_path / "cache"))
+    model_file = served / "tile.safetensors"
+    images = test_images[:5]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_file), "--engine", engine, *map(str, images)]) == 0
+    offline = [line["score"] for line in map(json.loads, capsys.readouterr().out.splitlines())]
+    models = load_models([model_file], device="cpu", engine=engine)
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in images]
+    files.append(("files", ("broken.png", b"\x89PNG\r\n\x1a\n nope", "image/png")))
+    with TestClient(create_app(models, ServeSettings())) as client:
+        wait_ready(client)
+        assert client.get("/models").json()[0]["engine"] == engine
+        answer = client.post("/models/tile/predict", files=files).json()
+    assert answer["engine"] == engine
+    results = answer["results"]
+    assert "error" in results[-1] and results[-1]["score"] is None
+    assert [r["score"] for r in results[:-1]] == pytest.approx(offline, rel=1e-5)
+
+
+def test_an_export_folder_is_served_by_its_engine(served, test_images, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="pip install '.[export]'")
+    pytest.importorskip("onnxscript", reason="pip install '.[export]'")
+    folder = tmp_path / "tile-onnx"
+    assert main(["export", "--model", str(served / "tile.safetensors"), "--output", str(folder)]) == 0
+    models = load_models([folder], device="cpu")
+    reference_scores = reference(served, "tile").predict(test_images[:3]).scores
+    with TestClient(create_app(models, ServeSettings())) as client:
+        wait_ready(client)
+        described = client.get("/models").json()[0]
+        answer = client.post("/models/tile-onnx/predict",
+                             files=[("files", (p.name, p.read_bytes(), "image/png")) for p in test_images[:3]]).json()
+    assert described["engine"] == "onnxruntime" and described["name"] == "tile-onnx"
+    np.testing.assert_allclose([r["score"] for r in answer["results"]], reference_scores, rtol=1e-4)

@@ -64,6 +64,7 @@ def check_args(args) -> None:
                              f"--engine {args.engine} computes in f32")
         if getattr(args, "export", None) is not None and args.engine == "torch":
             raise PadimError("--export DIR is for --engine onnxruntime or openvino")
+    check_overlaps(args)
     if args.command == "predict" and args.model is None and (args.export is None or args.engine == "torch"):
         raise PadimError("--model is required (or, with --engine onnxruntime|openvino, --export DIR)")
     if args.command in ("predict", "demo") and args.output is not None:
@@ -103,3 +104,30 @@ def check_predict_ray(args) -> None:
     from padim.cluster.results_folder import ResultsFolder
 
     ResultsFolder.check(args.output)
+
+
+def check_overlaps(args) -> None:
+    """No output of a command is one of its inputs or another of its outputs (links and other names of
+    the same file included); pictures and results never go into an input folder. The one documented
+    exception: ``padim test --store-oracle-thresholds`` writes its thresholds into --model."""
+    from padim.files.outputs import check_no_overlap
+
+    weights = [args.weights] if isinstance(getattr(args, "weights", None), (str, Path)) and \
+        str(args.weights) not in ("imagenet", "random") else []
+    if args.command == "fit":
+        check_no_overlap({"--data-root": [args.data_root / args.category], "--weights": weights},
+                         {"--output": args.output, "--keep-statistics": args.keep_statistics})
+    elif args.command == "update":
+        check_no_overlap({"--model": [args.model], "--statistics": [args.statistics], "--add": args.add,
+                          "--weights": weights},
+                         {"--output": args.output, "--keep-statistics": args.keep_statistics})
+    elif args.command == "predict":
+        inputs = {"--model": [args.model], "--export": [args.export], "PATH": args.paths, "--weights": weights}
+        check_no_overlap(inputs, {}, {"--output": args.output, "--heatmaps": args.heatmaps})
+    elif args.command == "test":
+        inputs = {"--data-root": [args.data_root / args.category], "--export": [args.export], "--weights": weights}
+        if not args.store_oracle_thresholds:
+            inputs["--model"] = [args.model]
+        check_no_overlap(inputs, {}, {"--output": args.output})
+    elif args.command == "export":
+        check_no_overlap({"--model": [args.model], "--weights": weights}, {}, {"--output": args.output})

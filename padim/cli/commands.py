@@ -38,15 +38,17 @@ def cmd_fit(args) -> None:
 def cmd_update(args) -> None:
     from padim.core.estimator import PaDiM
     from padim.core.statistics import FitStatistics
+    from padim.files.atomic import write_together
 
     model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None, weights=args.weights)
     model.attach_statistics(FitStatistics.load(args.statistics))
     images = expand_paths(args.add)
     before = model.n_train_images_
     model.partial_fit(images)
-    model.save(args.output)
+    writes = [(args.output, model.save)]
     if args.keep_statistics is not None:
-        model.statistics_.save(args.keep_statistics)
+        writes.append((args.keep_statistics, model.statistics_.save))
+    write_together(writes)  # both or neither
     print(f"added {len(images)} images to {before}: {args.output} is fitted on {model.n_train_images_} images"
           + (f"; statistics -> {args.keep_statistics}" if args.keep_statistics is not None else ""))
     if model.image_threshold_ is not None or model.pixel_threshold_ is not None:

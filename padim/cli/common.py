@@ -34,7 +34,12 @@ def ray_cluster(address: str):
 
     if is_loopback(address):
         loopback_environment()
-    return connect(address)
+    ray = connect(address)
+    if address == "local":
+        from padim.cluster.watchdog import watch_local_cluster
+
+        watch_local_cluster()  # the cluster this command started dies with it, kill -9 included
+    return ray
 
 
 def require_ray(address: str) -> None:

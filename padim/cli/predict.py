@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from padim.cli.common import expand_paths, stderr, tune_malloc
+from padim.cli.common import expand_paths, ray_cluster, stderr, tune_malloc
 from padim.errors import PadimError
 
 def _predict_model(args):
@@ -52,7 +52,7 @@ def _predict_on_ray(args) -> None:
     paths = expand_paths(args.paths)
     ray = cluster.require_ray_data()
     connected_before = ray.is_initialized()
-    cluster.connect(args.ray)
+    ray_cluster(args.ray)
     try:
         threads, cpus = args.actor_threads or 1, cluster.cpus_in_cluster(ray)
         cluster.check_task_cpus(ray, threads, "--actor-threads")

@@ -28,6 +28,7 @@ driver alone.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,16 @@ class ScoringSummary:
     output: Path
 
 
+def shown_path(path) -> str:
+    """The path as a row can hold it: as given, or with bytes that are not UTF-8 escaped (\\xNN)."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def model_identity(model_path, point: OperatingPoint, heatmaps: bool = False, engine: str = "torch",
                    precision: str = "f32") -> dict:
     """What the rows depend on: the model file (its stored checksum, else its size and time), the
@@ -195,8 +206,19 @@ def score_archive(ray, model_path, paths: Sequence[Path], output, point: Operati
 def _score_archive(ray, results, model_path, paths, output, point, started, actors, batch_size, threads, weights,
                    heatmaps, tune_malloc, engine, rows_per_part, seconds_per_part, progress) -> "ScoringSummary":
     done = results.open(model_identity(model_path, point, heatmaps is not None, *engine))
-    todo = [p for p in paths if path_key(p) not in done]
+    todo = [p for p in paths if path_key(shown_path(p)) not in done]
     summary = ScoringSummary(len(paths), len(paths) - len(todo), 0, 0, 0.0, Path(output))
+    unnamed = [p for p in todo if shown_path(p) != str(p)]  # not UTF-8: Arrow and Parquet cannot hold the name
+    if unnamed:
+        todo = [p for p in todo if shown_path(p) == str(p)]
+        results.write(pa.table({"path": [shown_path(p) for p in unnamed], "score": [None] * len(unnamed),
+                                "p_value": [None] * len(unnamed), "label": [None] * len(unnamed),
+                                "threshold": [point.image_threshold] * len(unnamed),
+                                "threshold_source": [point.source] * len(unnamed),
+                                "error": ["the file name is not valid UTF-8 (shown escaped): rename the file"]
+                                * len(unnamed)}, schema=SCHEMA))
+        summary.errors += len(unnamed)
+        done.update(path_key(shown_path(p)) for p in unnamed)
     if todo:
         common = None
         if heatmaps is not None:

@@ -4,9 +4,8 @@
     result = model.predict(test_paths)   # result.scores (N,), result.maps (N, H, W)
     model.save("bottle.safetensors"); PaDiM.load("bottle.safetensors")
 
-This module is the estimator only: its parameters, fit, predict and the mapping to and from model
-files. Features live in ``features``, statistics in ``gaussian``, scoring in ``scoring``, decoding in
-``images`` and the file format in ``modelfile``.
+The estimator only: parameters, fitted state, predict. How a fit runs is ``fitting`` (and
+``incremental``), scoring is ``scorer``, files are ``persistence``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Type
+from typing import Callable, Sequence, Tuple, Type
 
 from padim.errors import PadimError
 
@@ -128,5 +128,28 @@ def atomic_write(path, write: Callable[[object], None], error: Type[PadimError] 
         if tmp is not None:
             try:
                 os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def write_together(writes: Sequence[Tuple[os.PathLike, Callable[[Path], None]]]) -> None:
+    """Writes several files all or none: each ``save(staging_path)`` writes a temporary next to its
+    target (itself atomically), and only when every one succeeded are they renamed over their
+    targets. A failure (full disk, file-size limit) removes the temporaries and leaves every target
+    as it was: a model and its statistics never disagree."""
+    staged = []
+    try:
+        for target, save in writes:
+            target = Path(target)
+            staging = temporary_name(target)
+            staged.append((staging, target))
+            save(staging)
+        for staging, target in staged:
+            os.replace(staging, target)
+        staged = []
+    finally:
+        for staging, _ in staged:
+            try:
+                os.unlink(staging)
             except OSError:
                 pass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 from padim.errors import PadimError
 
@@ -82,3 +82,57 @@ def check_output_folder(path, option: str = "--output") -> None:
     if os.path.lexists(path) and not path.is_dir():
         raise PadimError(f"{option} {path} is a file; give a folder")
     _check_writable_folder(path.absolute(), option, path)
+
+
+# ----------------------------------------------------------------------------------------- overlaps
+def _identity(path: Path):
+    """What makes two names one file: the resolved path (symbolic links followed), and for a file
+    that exists its device and inode too (a hard link, a bind mount)."""
+    resolved = Path(os.path.realpath(path))
+    try:
+        stat = os.stat(resolved)
+        return resolved, (stat.st_dev, stat.st_ino)
+    except OSError:
+        return resolved, None
+
+
+def _same(a, b) -> bool:
+    return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
+
+
+def _inside(path, folder) -> bool:
+    return path[0] == folder[0] or folder[0] in path[0].parents
+
+
+def check_no_overlap(inputs: Dict[str, Sequence], files: Dict[str, Optional[os.PathLike]],
+                     folders: Dict[str, Optional[os.PathLike]] = None) -> None:
+    """Refuses, before any work, a command whose outputs would overwrite its inputs or each other.
+
+    inputs:  option -> paths it reads (files, or folders of images);
+    files:   option -> the file it writes (None: not written);
+    folders: option -> the folder it writes pictures or results into: no input may lie in it (the
+             pictures of an input are written beside it, and the next run would read them as inputs).
+    Names are compared resolved (links followed) and by inode: another name of the same file is the
+    same file."""
+    read = [(option, Path(p), _identity(Path(p))) for option, paths in inputs.items() for p in paths if p is not None]
+    written = [(option, Path(p), _identity(Path(p))) for option, p in files.items() if p is not None]
+    for i, (option, path, identity) in enumerate(written):
+        for source, given, other in read:
+            if _same(identity, other):
+                raise PadimError(f"{option} {path} is the same file as the input {source} {given}: it would be "
+                                 "overwritten; write to another file")
+        for other_option, other_path, other in written[i + 1:]:
+            if _same(identity, other):
+                raise PadimError(f"{option} {path} and {other_option} {other_path} are the same file: one would "
+                                 "replace the other; give two different files")
+    for option, folder in (folders or {}).items():
+        if folder is None:
+            continue
+        target = _identity(Path(folder))
+        for source, given, other in read:
+            if _inside(other, target) or _inside(target, other) and Path(given).is_dir():
+                raise PadimError(f"{option} {folder} holds (or is inside) the input {source} {given}: its pictures "
+                                 "would land among the inputs; give a folder outside them")
+        for other_option, other_path, other in written:
+            if _same(target, other):
+                raise PadimError(f"{option} {folder} and {other_option} {other_path} are the same path")

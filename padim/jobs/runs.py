@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from padim import __version__
-from padim.files.atomic import atomic_write
+from padim.files.atomic import atomic_write, write_together
 from padim.errors import RANDOM_WEIGHTS_WARNING, PadimError  # noqa: F401 (RANDOM_WEIGHTS_WARNING: re-exported)
 from padim.data.mvtec import find_category
 from padim.core.calibration import SOURCE_TEST_SET
@@ -33,9 +33,9 @@ def fit_category(data_root, category: str, output: Path, note: Callable[[str], N
         note(RANDOM_WEIGHTS_WARNING)
     model.fit(found.train, keep_statistics=keep_statistics is not None, cluster=cluster)
     model.category_ = category
-    model.save(output)
+    writes = [(output, model.save)] + ([(keep_statistics, model.statistics_.save)] if keep_statistics else [])
+    write_together(writes)  # both or neither: a model and its statistics never disagree
     if keep_statistics is not None:
-        model.statistics_.save(keep_statistics)
         note(f"statistics of {model.statistics_.covers} -> {keep_statistics}")
     note(calibration_summary(model))
     if model.calibration_ is not None and model.operating_point().warning:
