@@ -233,6 +233,28 @@ def test_a_weights_file_in_another_naming_is_refused_not_loaded_by_position(tmp_
         build_extractor("resnet18", str(path), None, 0)
 
 
+def test_weights_of_another_network_are_refused_naming_a_few_tensors(tmp_path, realistic_resnet18):
+    """A resnet34 state_dict holds every resnet18 tensor, with resnet18's shapes, and 96 more: refused
+    (its extra blocks were silently ignored before), as are missing and mis-shaped tensors, each
+    refusal one line naming at most three tensors."""
+    import torchvision
+
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "resnet34.pt")
+    with pytest.raises(WeightsUnavailableError) as caught:
+        build_extractor("resnet18", str(tmp_path / "resnet34.pt"), None, 0)
+    message = str(caught.value)
+    assert "do not fit resnet18: 96 unexpected tensor(s) (layer1.2.conv1.weight, layer1.2.bn1.weight, " \
+           "layer1.2.bn1.bias and 93 more)" in message and "\n" not in message, message
+
+    _, state = realistic_resnet18
+    mixed = {**state, "conv1.weight": state["conv1.weight"][:1], "extra.weight": torch.zeros(1)}
+    del mixed["fc.bias"]
+    torch.save(mixed, tmp_path / "mixed.pt")
+    with pytest.raises(WeightsUnavailableError, match=r"1 missing, 1 mis-shaped and 1 unexpected tensor\(s\) "
+                                                      r"\(fc.bias, conv1.weight, extra.weight\)$"):
+        build_extractor("resnet18", str(tmp_path / "mixed.pt"), None, 0)
+
+
 def test_a_model_finds_its_moved_weights_file_and_refuses_another(tmp_path, realistic_resnet18):
     import shutil
 

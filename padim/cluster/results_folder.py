@@ -51,7 +51,7 @@ class ResultsFolder:
             raise PadimError(f"{option} {folder} is a folder that does not hold padim predict --ray results "
                              f"(no {MANIFEST}): give a new folder, or that of an earlier run to resume it")
         holder = _live_holder(folder / ".lock")
-        if holder is not None:  # said now, not after Ray's start-up
+        if holder is not None and holder != _me():  # said now, not after Ray's start-up
             raise PadimError(f"another run is writing to {folder} (.lock: {holder}); wait for it, or remove the "
                              "lock if that run is gone")
 
@@ -164,3 +164,9 @@ def _live_holder(lock: Path) -> Optional[str]:
     if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
         return None
     return f"{host} pid {pid}"
+
+
+def _me() -> str:
+    import socket
+
+    return f"{socket.gethostname()} pid {os.getpid()}"

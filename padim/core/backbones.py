@@ -229,17 +229,21 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], source: str, name: str) -> None:
     """Loads ``state`` into ``model`` by key only: every tensor of the model must be there under its
-    own name with its own shape (a file in another naming is renamed by an explicit key map first,
-    never matched by position)."""
+    own name with its own shape, and nothing else (a file in another naming is renamed by an explicit
+    key map first, never matched by position; tensors the model lacks mean another network's weights).
+    The refusal names at most three tensors of each kind (missing, mis-shaped, unexpected)."""
     own = model.state_dict()
     missing = [key for key in own if key not in state]
     wrong = [key for key in own if key in state and state[key].shape != own[key].shape]
-    if missing or wrong:
-        problems = (missing + wrong)[:3]
-        raise WeightsUnavailableError(
-            f"weights from {source} do not fit {name}: "
-            f"{len(missing)} missing and {len(wrong)} mis-shaped tensors (e.g. {', '.join(problems)})"
-        )
+    unexpected = [key for key in state if key not in own]  # e.g. a resnet34's extra blocks given for resnet18
+    if missing or wrong or unexpected:
+        counts = [f"{len(keys)} {kind}" for kind, keys in (("missing", missing), ("mis-shaped", wrong),
+                                                             ("unexpected", unexpected)) if keys]
+        names = [str(key) for key in missing + wrong + unexpected]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise WeightsUnavailableError(f"weights from {source} do not fit {name}: "
+                                      f"{', '.join(counts[:-1]) + ' and ' if len(counts) > 1 else ''}{counts[-1]} "
+                                      f"tensor(s) ({shown})")
     model.load_state_dict({key: state[key] for key in own})
 
 

@@ -58,10 +58,7 @@ class PatchScorer(nn.Module):
         cols = upsample_blur_matrix(self.grid[1], self.input_size[1], float(sigma), torch.float32, device)  # (W, w)
         self.register_buffer("rows", rows.clone())
         self.register_buffer("cols_t", cols.T.contiguous())  # (w, W)
-        with torch.inference_mode():  # each layer's channels, from one dummy forward
-            dummy = torch.zeros(1, 3, *self.input_size, device=device)
-            counts = [f.shape[1] for f in extractor(dummy.contiguous(memory_format=torch.channels_last))]
-        self.plan = layer_plan(counts, channel_idx, projection)
+        self.plan = None  # where each layer's kept channels go: from the first batch's maps (layer_plan)
         self.d = len(channel_idx) if projection is None else projection.shape[1]
         self._tracing = False
         self._workspace = Workspace()
@@ -69,6 +66,10 @@ class PatchScorer(nn.Module):
     @contextlib.contextmanager
     def tracing(self):
         """No chunking, no reused buffers: plain operations for torch.export (same numbers)."""
+        if self.plan is None:  # computed from real shapes now: a traced graph must not compute it
+            with torch.inference_mode():
+                dummy = torch.zeros(1, 3, *self.input_size, device=self.mean.device)
+                self._plan_for(self.extractor(dummy.contiguous(memory_format=torch.channels_last)))
         self._tracing = True
         try:
             yield self
@@ -89,12 +90,17 @@ class PatchScorer(nn.Module):
         out = None
         for start in range(0, len(x), chunk):
             feature_maps = self.extractor(x[start : start + chunk])
+            self._plan_for(feature_maps)
             if out is None:
                 out = self._workspace.get("embeddings", (len(x), *self.grid, self.d), feature_maps[0].dtype, x.device)
             embed(feature_maps, self.channel_idx, out=out[start : start + chunk], projection=self.projection,
                   plan=self.plan)
             del feature_maps
         return out
+
+    def _plan_for(self, feature_maps) -> None:
+        if self.plan is None:
+            self.plan = layer_plan([f.shape[1] for f in feature_maps], self.channel_idx, self.projection)
 
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         emb = self.embeddings(self.normalise(pixels))  # (B, h, w, d)

@@ -7,6 +7,21 @@ from __future__ import annotations
 
 from padim.core.config import COVARIANCES, REDUCTIONS, PadimConfig
 
+def _backbone_names(name) -> tuple:
+    """The registered backbones' names (``padim.core.backbones.BACKBONES``), without importing torch
+    when ``name`` is one whose layout ``padim.core.options.STAGES`` tabulates: the torch-free runtime
+    checks export folders with ``validate_config_dict`` too."""
+    from padim.core.options import STAGES
+
+    if isinstance(name, str) and name in STAGES:
+        return tuple(STAGES)
+    try:
+        from padim.core.backbones import BACKBONES
+    except ImportError:  # no torch: the tabulated ones are all that can be checked
+        return tuple(STAGES)
+    return tuple(BACKBONES)
+
+
 _REQUIRED = ("backbone", "weights", "layers", "n_features", "image_size", "crop", "seed", "sigma", "mean", "std")
 
 
@@ -20,7 +35,6 @@ def validate_config_dict(data, where: str = "model file") -> PadimConfig:
     """
     import math
 
-    from padim.core.backbones import BACKBONES
     from padim.core.options import MAX_IMAGE_SIDE, SEED_MAX, SEED_MIN, check_blur, feature_layout
     from padim.errors import ModelFileError, PadimError
 
@@ -49,8 +63,9 @@ def validate_config_dict(data, where: str = "model file") -> PadimConfig:
     if missing:
         refuse(f"lacks {', '.join(missing)}")
     fields = {**PadimConfig().to_dict(), **data}
-    if not isinstance(fields["backbone"], str) or fields["backbone"] not in BACKBONES:
-        refuse(f"backbone {fields['backbone']!r} is not one of {', '.join(BACKBONES)}")
+    backbones = _backbone_names(fields["backbone"])
+    if not isinstance(fields["backbone"], str) or fields["backbone"] not in backbones:
+        refuse(f"backbone {fields['backbone']!r} is not one of {', '.join(backbones)}")
     if not isinstance(fields["weights"], str) or not fields["weights"]:
         refuse(f"weights must be text, got {fields['weights']!r}")
     layers = fields["layers"]

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 import torch
 
 from padim.core.calibration import Calibration
 from padim.errors import ModelFileError
+from padim.files.headers import CALIBRATION_METHODS, calibration_is_valid
 
 from padim import __version__
 from padim.files import safetensors_io as model_io
@@ -101,11 +101,10 @@ def _calibration(path, tensors: Dict[str, torch.Tensor], info: Dict[str, Any]) -
     present = [name for name in CALIBRATION_TENSORS if name in tensors]
     if not present:
         return None
-    if len(present) != len(CALIBRATION_TENSORS) or info.get("calibration_method") not in ("holdout", "cv"):
+    if len(present) != len(CALIBRATION_TENSORS) or info.get("calibration_method") not in CALIBRATION_METHODS:
         raise ModelFileError(f"model file {path}: its calibration data is incomplete")
     arrays = {attribute: tensors[name].to(torch.float64).numpy() for name, attribute in CALIBRATION_TENSORS.items()}
     scores, levels, quantiles = arrays["image_scores"], arrays["pixel_levels"], arrays["pixel_quantiles"]
-    if (scores.ndim != 1 or len(scores) < 1 or levels.shape != quantiles.shape or levels.ndim != 1
-            or not all(np.isfinite(a).all() and (np.diff(a) >= 0).all() for a in (scores, levels, quantiles))):
+    if not calibration_is_valid(scores, levels, quantiles):
         raise ModelFileError(f"model file {path}: its calibration data is damaged")
     return Calibration(scores, levels, quantiles, info["calibration_method"])

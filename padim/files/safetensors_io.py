@@ -31,15 +31,16 @@ from safetensors import safe_open
 
 from padim.files.atomic import atomic_write
 from padim.errors import ModelFileError
+from padim.files.headers import LAYOUT_KEY, check_fields, check_header
+from padim.files.headers import layout_record as _layout_record
 
 FORMAT_NAME = "padim"
 FORMAT_VERSION = 2  # 2: the checksum is required (1: files from before it, loaded unchecked)
 _METADATA_KEY = "padim"
 
 CHECKSUM_KEY = "checksum"
-# What the tensors' shapes mean, written a second time beside the config: a header whose backbone,
-# layers or input size was edited (even with a recomputed checksum) contradicts it and is refused.
-LAYOUT_KEY = "layout"
+# LAYOUT_KEY (padim.headers): what the tensors' shapes mean, written a second time beside the config: a
+# header whose backbone, layers or input size was edited (even with a recomputed checksum) contradicts it.
 _CHECKSUM_PREFIX = "sha256:"
 _CHECKSUM_PLACEHOLDER = _CHECKSUM_PREFIX + "0" * 64
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -96,20 +97,6 @@ def save(path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
         handle.write(digest.hexdigest().encode())
 
     atomic_write(path, write, ModelFileError, "model file")
-
-
-def _layout_record(config: dict) -> dict:
-    from padim.core.options import feature_layout
-
-    spec_layers = config.get("layers")
-    if not spec_layers:
-        from padim.core.backbones import get_spec
-
-        spec_layers = get_spec(config["backbone"]).default_layers
-    input_size = tuple(config.get("crop") or config["image_size"])
-    layout = feature_layout(config["backbone"], tuple(spec_layers), input_size)
-    return {"backbone": config["backbone"], "layers": list(spec_layers), "input_size": list(input_size),
-            "channels": layout.channels, "grid": list(layout.grid)}
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -268,10 +255,6 @@ def check_projection(projection, config, k: int):
     return projection
 
 
-def _number_or_none(value) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
-
-
 def _all_finite(tensor: torch.Tensor) -> bool:
     """Checked in blocks of rows: no bool copy of a multi-GB factor."""
     rows = max(1, (_BLOCK // 4) // max(1, tensor[0].numel())) if tensor.dim() and len(tensor) else 1
@@ -288,24 +271,12 @@ def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
     projection, with reduction "semi-orthogonal" only, (C, d) float32 with orthonormal columns;
     thresholds numbers or null.
     """
-    from padim.core.options import feature_layout
-    from padim.core.validation import validate_config_dict
     from padim.core.gaussian import FACTOR_DTYPES
 
     def refuse(reason: str):
         raise ModelFileError(f"model file {path}: {reason}")
 
-    config = validate_config_dict(metadata.get("config"), f"model file {path}")
-    layout = feature_layout(config.backbone, config.layers, config.input_size)
-    if LAYOUT_KEY in metadata and metadata[LAYOUT_KEY] != _layout_record(config.to_dict()):
-        refuse(f"its config (backbone {config.backbone}, layers {','.join(config.layers)}, input "
-               f"{config.input_size[0]}x{config.input_size[1]}) contradicts the layout it was saved with")
-    feature_hw = metadata.get("feature_hw")
-    if not isinstance(feature_hw, list) or [type(v) for v in feature_hw] != [int, int]:
-        refuse(f"feature_hw must be two whole numbers, got {feature_hw!r}")
-    if tuple(feature_hw) != layout.grid:
-        refuse(f"feature grid {tuple(feature_hw)} does not match {config.backbone} {config.layers[0]} at "
-               f"{config.input_size[0]}x{config.input_size[1]} ({layout.grid[0]}x{layout.grid[1]})")
+    config, layout, feature_hw = check_header(metadata, f"model file {path}", refuse)
     n_pos, d = layout.grid[0] * layout.grid[1], config.n_features
     expected = {
         "mean": ((n_pos, d), (torch.float32,)),
@@ -332,26 +303,5 @@ def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
         check_projection(tensors.get("projection"), config, len(idx))
     except ModelFileError as exc:
         refuse(str(exc))
-    for key in ("image_threshold", "pixel_threshold", "fit_seconds"):
-        if not _number_or_none(metadata.get(key)):
-            refuse(f"{key} must be a number or null, got {metadata.get(key)!r}")
-    sources = metadata.get("calibrated_sources")
-    if sources is not None and not (isinstance(sources, list) and len(sources) == 2
-                                    and all(v is None or isinstance(v, str) for v in sources)):
-        refuse(f"calibrated_sources must be two texts or nulls, got {sources!r}")
-    for key in ("n_train_images", "n_calibration_images", "folds", "stale_images"):
-        value = metadata.get(key)
-        if value is not None and (type(value) is not int or value < 0):
-            refuse(f"{key} must be a whole number, got {value!r}")
-    for key in ("target_fpr", "target_pixel_fpr", "calibration_fraction"):
-        value = metadata.get(key)
-        if value is not None and not (_number_or_none(value) and 0 <= value < 1):
-            refuse(f"{key} must be a number in [0, 1), got {value!r}")
-    sha = metadata.get("weights_sha256")
-    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-        refuse(f"weights_sha256 must be 64 hexadecimal digits, got {sha!r}")
-    for key in ("weights_source", "category", "fit_date", "thresholds_note", "package_version", "threshold_source",
-                "pixel_threshold_source", "calibration_note", "calibration_method"):
-        if not (metadata.get(key) is None or isinstance(metadata.get(key), str)):
-            refuse(f"{key} must be text or null, got {metadata.get(key)!r}")
+    check_fields(metadata, refuse)
     return config, tuple(feature_hw)

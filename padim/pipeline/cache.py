@@ -5,19 +5,22 @@ The cache (``cache_dir``): one folder per (graph, format), named by ``padim.pipe
 SHA-256 of the model file's tensors, configuration and backbone identity. Not the whole file's hash:
 ``padim test`` rewrites the thresholds into the model file, and the graph does not depend on them.
 The thresholds used to decide are always the model file's current ones. Folders appear whole (built
-aside, then renamed), so concurrent first uses at worst both build it.
+aside, then renamed), so concurrent first uses at worst both build it. A cached folder is verified on
+every use like any export folder (checksums and header, ``padim.pipeline.exported.read_export``); a
+damaged one is rebuilt, with one line saying so.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 from padim.errors import PadimError
+from padim.pipeline.exported import EngineError, read_export
 
 ENGINE_FORMATS = {"onnxruntime": "onnx", "openvino": "openvino"}
 CACHE_ENV = "PADIM_CACHE_DIR"
@@ -44,15 +47,27 @@ def export_file(model_path, fmt: str, output, weights: Optional[str] = None, mod
     return export_model(model, output, fmt, metadata=metadata, key=key)
 
 
-def cached_export(model_path, fmt: str, weights: Optional[str] = None, model=None) -> Path:
-    """The cached export of ``model_path`` in ``fmt``, made now if there is none; returns its folder."""
-    from padim.pipeline.export import METADATA_FILE, graph_key
+def cached_export(model_path, fmt: str, weights: Optional[str] = None, model=None,
+                  note: Optional[Callable[[str], None]] = None) -> Path:
+    """The cached export of ``model_path`` in ``fmt``, made now if there is none; returns its folder.
+
+    The cached folder is verified on every use as any export is (``read_export``: checksums of
+    padim.json and of every graph file, the header's checks) and must be of this model's graph (its
+    ``graph_key``); one that is not (damaged, edited, replaced) is rebuilt, and ``note`` (default:
+    stderr) is told so in one line."""
+    return cached_export_record(model_path, fmt, weights, model, note)[0]
+
+
+def cached_export_record(model_path, fmt: str, weights: Optional[str], model, note) -> Tuple[Path, dict]:
+    """``cached_export``, with the folder's verified ``padim.json`` record (hashed once per use)."""
+    from padim.pipeline.export import graph_key
 
     key = graph_key(model_path)
     root = cache_dir()
     target = root / f"{key[:40]}-{fmt}"
-    if _is_export_of(target, key):
-        return target
+    record, problem = _verified_export_of(target, key, fmt)
+    if record is not None:
+        return target, record
     try:
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
@@ -61,26 +76,51 @@ def cached_export(model_path, fmt: str, weights: Optional[str] = None, model=Non
                          "writable folder, or export once with 'padim export' and pass `export` DIR") from None
     try:
         export_file(model_path, fmt, work, weights=weights, model=model)
-        if target.exists() and not (target / METADATA_FILE).is_file():
-            shutil.rmtree(target, ignore_errors=True)  # a leftover without its description: incomplete
-        try:
-            os.rename(work, target)
-        except OSError:  # another process finished first: keep its folder
-            if not _is_export_of(target, key):
-                raise
+        for attempt in range(3):
+            try:
+                os.rename(work, target)  # replaces an empty folder, fails on a full one
+                break
+            except OSError:
+                record, _ = _verified_export_of(target, key, fmt)
+                if record is not None:  # another process finished first: keep its folder
+                    return target, record
+                if attempt == 2:
+                    raise
+                _discard(target, root)  # damaged or incomplete: out of the way, then try again
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return target
+    record, problem_after = _verified_export_of(target, key, fmt)
+    if record is None:
+        raise EngineError(f"the export cache {root} does not keep what is written to it ({problem_after}); set "
+                          f"{CACHE_ENV} to another folder")
+    if problem != "absent":
+        (note or _stderr)(f"warning: the cached export of {model_path} was damaged: rebuilt")
+    return target, record
 
 
-def _is_export_of(folder: Path, key: str) -> bool:
+def _verified_export_of(folder: Path, key: str, fmt: str) -> Tuple[Optional[dict], str]:
+    """(the verified padim.json record, "") when ``folder`` is a sound export of the graph ``key`` in
+    ``fmt``; else (None, why): "absent", or the reason it cannot be used."""
+    if not folder.exists():
+        return None, "absent"
     try:
-        return json.loads((folder / "padim.json").read_text()).get("graph_key") == key
-    except (OSError, ValueError, AttributeError):
-        return False
+        record = read_export(folder)
+    except EngineError as exc:
+        return None, str(exc)
+    if record.get("graph_key") != key or record.get("graph_format") != fmt:
+        return None, f"{folder} holds the export of another graph"
+    return record, ""
 
 
-def read_key(folder) -> Optional[str]:
-    from padim.pipeline.exported import read_export
+def _discard(folder: Path, root: Path) -> None:
+    """Moves ``folder`` aside (one rename: never half-removed under its name) and removes it."""
+    aside = Path(tempfile.mkdtemp(prefix=".discarded-", dir=root)) / "old"
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        pass  # gone already, or not ours to move: the rename after it will say
+    shutil.rmtree(aside.parent, ignore_errors=True)
 
-    return read_export(folder).get("graph_key")
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)

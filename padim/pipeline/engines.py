@@ -47,22 +47,26 @@ def check_engine_options(engine: str, precision: str = "f32") -> None:
 
 def open_engine(engine: str, precision: str = "f32", model_path=None, export=None, weights: Optional[str] = None,
                 batch_size: int = 32, workers: int = 2, progress: Optional[bool] = False,
-                threads: Optional[int] = None, model=None) -> ExportedModel:
-    """The ``ExportedModel`` for ``--engine ENGINE``: from ``export`` (a folder), else from the cache
+                threads: Optional[int] = None, model=None, note: Optional[Callable[[str], None]] = None) -> ExportedModel:
+    """The ``ExportedModel`` for engine ``engine``: from ``export`` (a folder), else from the cache
     of ``model_path`` (built on first use). With a model file, its current header (thresholds,
-    calibration) is the one decisions use, and a given export must be of that model's graph."""
+    calibration) is the one decisions use, and a given export must be of that model's graph. ``note``:
+    where a rebuilt damaged cache entry is said (default: stderr)."""
+    from padim.pipeline.exported import read_export
+
     check_engine_options(engine, precision)
     if engine == "torch":
         raise EngineError("the torch engine is PaDiM itself, not an export")
-    metadata = None
+    metadata = record = None
     if model_path is not None:
-        from padim.pipeline.cache import ENGINE_FORMATS, cached_export, read_key
+        from padim.pipeline.cache import ENGINE_FORMATS, cached_export_record
         from padim.pipeline.export import file_metadata, graph_key
 
         if export is None:
-            export = cached_export(model_path, ENGINE_FORMATS[engine], weights=weights, model=model)
+            export, record = cached_export_record(model_path, ENGINE_FORMATS[engine], weights, model, note)
         else:
-            made_from = read_key(export)
+            record = read_export(export)
+            made_from = record.get("graph_key")
             if made_from is not None and made_from != graph_key(model_path):
                 raise EngineError(f"export {export} was made from another model than {model_path} "
                                   "(its graph key differs): export this model again")
@@ -70,7 +74,7 @@ def open_engine(engine: str, precision: str = "f32", model_path=None, export=Non
     elif export is None:
         raise EngineError(f"`engine` {engine} needs `model` (exported and cached on first use) or `export` DIR")
     return ExportedModel(export, engine, precision, batch_size=batch_size, workers=workers, progress=progress,
-                         threads=threads, metadata=metadata)
+                         threads=threads, metadata=metadata, record=record)
 
 
 def as_torch(iter_predict: Callable[..., Iterator]) -> Callable[..., Iterator]:

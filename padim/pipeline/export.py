@@ -34,12 +34,10 @@ import torch
 
 from padim import __version__
 from padim.errors import PadimError
+# the format of export folders, shared with their torch-free reader (padim.pipeline.exported.read_export)
+from padim.pipeline.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES, INPUT_NAME, METADATA_FILE,
+                      OUTPUT_NAMES, EngineError, check_model_record, checksummed_json, declared_io, file_sha256)
 
-EXPORT_FORMAT = "padim-export"
-EXPORT_VERSION = 1
-METADATA_FILE = "padim.json"
-GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
-INPUT_NAME, OUTPUT_NAMES = "pixels", ("maps", "scores")
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf stops at 2 GB)
 GRAPH_TENSORS = ("mean", "precision_factor_packed", "channel_idx", "projection")  # what the graph is built from
 
@@ -158,8 +156,11 @@ def graph_key(model_path) -> str:
 
 def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[str],
                    files: Sequence[Path]) -> Path:
-    """``padim.json``: what the graph takes and gives, and the model's header (``model``: config,
-    feature_hw, thresholds, calibration fields, provenance), read by ``padim.runtime``."""
+    """``padim.json``: what the graph takes and gives, the SHA-256 of every graph file (``sha256``),
+    the model's header (``model``: config, feature_hw, thresholds, calibration fields, provenance),
+    read by ``padim.runtime``, and last its own ``checksum`` (``padim.runtime.checksummed_json``).
+
+    The header was checked as the reader will check it (``export_model``)."""
     height, width = graph.rows.shape[0], graph.cols_t.shape[1]
     record = {
         "format": EXPORT_FORMAT,
@@ -167,16 +168,19 @@ def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[
         "graph_format": fmt,
         "graph": GRAPH_FILES[fmt],
         "files": sorted(os.path.basename(f) for f in files),
+        FILES_SHA256_KEY: {os.path.basename(f): file_sha256(f) for f in sorted(files)},
         "graph_key": key,
-        "input": {"name": INPUT_NAME, "shape": ["batch", height, width, 3], "dtype": "uint8",
-                  "layout": "RGB, resized and cropped by padim.files.images.load_pixels"},
-        "outputs": {"maps": {"shape": ["batch", height, width], "dtype": "float32"},
-                    "scores": {"shape": ["batch"], "dtype": "float32"}},
+        **declared_io(height, width),
         "exported_by": {"padim": __version__, "torch": torch.__version__},
         "model": metadata,
     }
+    try:
+        text = checksummed_json(record)
+    except ValueError:  # NaN or an infinity in a field padim does not check: JSON has none
+        raise ExportError(f"cannot write {METADATA_FILE}: the model's header holds NaN or an infinite number, "
+                          "which JSON cannot hold") from None
     path = folder / METADATA_FILE
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.write_bytes(text)
     return path
 
 
@@ -195,6 +199,11 @@ def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = No
 
         raise NotFittedError("this PaDiM model is not fitted yet: call fit() or PaDiM.load() first")
     folder = Path(folder)
+    try:  # checked as its reader will read and check it: an export the runtime would refuse is never written
+        metadata = json.loads(json.dumps(metadata if metadata is not None else model_metadata(model)))
+        check_model_record(metadata, folder)
+    except EngineError as exc:
+        raise ExportError(str(exc)) from None
     folder.mkdir(parents=True, exist_ok=True)
     graph = model.scorer_  # the module the torch engine runs: one scoring path
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
@@ -202,8 +211,7 @@ def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = No
         files = export_onnx(graph, work / GRAPH_FILES["onnx"], external_data_bytes)
         if fmt == "openvino":
             files = onnx_to_openvino(files[0], work / GRAPH_FILES["openvino"])
-        files.append(write_metadata(work, fmt, graph, metadata if metadata is not None else model_metadata(model),
-                                    key, files))
+        files.append(write_metadata(work, fmt, graph, metadata, key, files))
         for stale in list(GRAPH_FILES.values()) + ["model.onnx.data", "model.bin", METADATA_FILE]:
             if (folder / stale).exists():
                 (folder / stale).unlink()

@@ -15,133 +15,21 @@ Shapes: B images per batch, (H, W) the model's input size.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from padim.core import calibration as cal
-from padim.core.config import PadimConfig
 from padim.errors import PadimError
-
-ENGINES = ("torch", "onnxruntime", "openvino")
-PRECISIONS = ("f32", "bf16")
-METADATA_FILE = "padim.json"  # = padim.pipeline.export.METADATA_FILE (that module needs torch)
-EXPORT_FORMAT, EXPORT_VERSION = "padim-export", 1
-RUNTIME_INSTALL_HINT = {"onnxruntime": 'pip install onnxruntime (with padim and torch: pip install "padim[runtime]")',
-                        "openvino": 'pip install openvino (with padim and torch: pip install "padim[openvino]")'}
-
-
-class EngineError(PadimError):
-    """An engine cannot run here: its package is missing, the export is unusable, an option does
-    not apply to it (bf16 on ONNX Runtime, bf16 on a CPU without it)."""
-
+from padim.pipeline.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES,  # noqa: F401
+                                          INPUT_NAME, METADATA_FILE, OUTPUT_NAMES, EngineError, check_model_record,
+                                          checksummed_json, declared_io, file_sha256, read_export)
+from padim.pipeline.sessions import ENGINES, PRECISIONS, check_signature, open_session  # noqa: F401
 
 RuntimeResult = cal.PadimResult  # what ExportedModel.predict returns: the same fields as PaDiM.predict's
 
 
-def read_export(folder) -> dict:
-    """The ``padim.json`` of an export folder, checked to be one this padim reads."""
-    path = Path(folder) / METADATA_FILE
-    if not Path(folder).is_dir():
-        raise EngineError(f"export folder {folder} does not exist (make one with 'padim export')")
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EngineError(f"{folder} is not a padim export: it has no {METADATA_FILE} (make one with 'padim export')") from None
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"cannot read {path}: {exc}") from None
-    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
-        raise EngineError(f"{path} is not a padim export description")
-    version = record.get("export_version")
-    if not isinstance(version, int) or version > EXPORT_VERSION:
-        raise EngineError(f"export {folder} has version {version}; this padim reads up to {EXPORT_VERSION}: upgrade padim")
-    if not isinstance(record.get("model"), dict) or not isinstance(record["model"].get("config"), dict):
-        raise EngineError(f"{path} lacks the model's configuration")
-    missing = [name for name in record.get("files", []) if not (Path(folder) / name).is_file()]
-    if missing:
-        raise EngineError(f"export {folder} is incomplete: {', '.join(missing)} missing")
-    return record
-
-
-# ----------------------------------------------------------------------------------------- sessions
-def _import_engine(engine: str):
-    try:
-        return __import__(engine)
-    except ImportError:
-        raise EngineError(f"`engine` {engine} needs the package {engine!r}: {RUNTIME_INSTALL_HINT[engine]}") from None
-
-
-class _OnnxRuntimeSession:
-    """ONNX Runtime on the CPU. ``threads``: intra-op threads of this session (None: ORT's default,
-    one per physical core); nothing process-wide is set."""
-
-    def __init__(self, path: Path, precision: str, threads: Optional[int]):
-        if precision != "f32":
-            raise EngineError(f"`precision` {precision} is not available with onnxruntime (only f32); "
-                              "use `engine` openvino for bf16")
-        ort = _import_engine("onnxruntime")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise EngineError(f"onnxruntime cannot load {path}: {exc}") from None
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, pixels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.session.run(["maps", "scores"], {self.input_name: pixels})
-        return maps, scores
-
-
-class _OpenVinoSession:
-    """OpenVINO on the CPU, inference precision as asked (never chosen for the user: OpenVINO
-    defaults to bf16 on CPUs that have it, which moves maps by ~1e-2). Dynamic quantisation of the
-    matrix products is off (it would be a reduced precision nobody asked for) and so is thread
-    pinning (affinity is the host process's business)."""
-
-    def __init__(self, path: Path, precision: str, threads: Optional[int]):
-        ov = _import_engine("openvino")
-        core = ov.Core()
-        if precision == "bf16":
-            capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-            if "BF16" not in capabilities:
-                raise EngineError(f"`precision` bf16: this CPU has no bf16 support (OpenVINO reports "
-                                  f"{', '.join(capabilities)}); use f32")
-        config = {"INFERENCE_PRECISION_HINT": precision, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
-                  "ENABLE_CPU_PINNING": False, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        except Exception as exc:
-            raise EngineError(f"openvino cannot load {path}: {exc}") from None
-        self.request = self.compiled.create_infer_request()
-
-    def __call__(self, pixels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        results = self.request.infer({0: pixels})
-        outputs = {output.get_any_name(): value for output, value in results.items()}
-        return np.array(outputs["maps"]), np.array(outputs["scores"])  # copies: the request reuses its buffers
-
-
-def open_session(folder, record: dict, engine: str, precision: str = "f32", threads: Optional[int] = None):
-    """A callable (B, H, W, 3) uint8 -> maps (B, H, W) float32, scores (B,) float32 for an export."""
-    if engine not in ENGINES[1:]:
-        raise EngineError(f"engine must be one of {', '.join(ENGINES[1:])} for an export, got {engine!r}")
-    if precision not in PRECISIONS:
-        raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    graph = Path(folder) / record["graph"]
-    if engine == "onnxruntime":
-        if record.get("graph_format") != "onnx":
-            raise EngineError(f"export {folder} is OpenVINO IR; onnxruntime needs an ONNX export "
-                              "(padim export `format` onnx)")
-        return _OnnxRuntimeSession(graph, precision, threads)
-    return _OpenVinoSession(graph, precision, threads)
-
-
-# ----------------------------------------------------------------------------------------- the model
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float32 R with R @ v = linear resampling of v as PyTorch's
     ``F.interpolate(mode="bilinear", align_corners=False)`` does it per axis (half-pixel centres,
@@ -179,28 +67,25 @@ class ExportedModel:
 
     def __init__(self, folder, engine: str = "onnxruntime", precision: str = "f32", batch_size: int = 32,
                  workers: int = 2, progress: Optional[bool] = False, threads: Optional[int] = None,
-                 metadata: Optional[dict] = None):
+                 metadata: Optional[dict] = None, record: Optional[dict] = None):
         if int(batch_size) < 1:
             raise PadimError(f"batch size must be positive, got {batch_size}")
         self.folder = Path(folder)
-        self.export_record = read_export(folder)
+        # record: read_export(folder) when the caller has just read (and so verified) it
+        self.export_record = record if record is not None else read_export(folder)
         self.metadata = dict(metadata if metadata is not None else self.export_record["model"])
-        try:
-            self.config_ = PadimConfig.from_dict(self.metadata["config"])
-        except (TypeError, KeyError, ValueError) as exc:
-            raise EngineError(f"export {folder}: unusable model configuration ({exc})") from None
-        shape = self.export_record.get("input", {}).get("shape", [])
+        self.config_, self.feature_hw_, self.calibration_ = check_model_record(self.metadata, folder)
+        shape = self.export_record["input"]["shape"]
         if list(shape[1:3]) != list(self.config_.input_size):
             raise EngineError(f"export {folder}: its graph takes {shape[1:3]} images but the model's input size "
                               f"is {list(self.config_.input_size)}")
-        self.feature_hw_ = tuple(self.metadata.get("feature_hw") or ())
         for key in ("image_threshold", "pixel_threshold", "threshold_source", "pixel_threshold_source", "target_fpr",
                     "weights_source", "category"):
             setattr(self, f"{key}_", self.metadata.get(key))
-        self.calibration_ = _calibration(self.metadata.get("calibration"), folder)
         self.engine, self.precision = engine, precision
         self.batch_size, self.workers, self.progress = int(batch_size), workers, progress
         self.session = open_session(folder, self.export_record, engine, precision, threads)
+        check_signature(self.session, folder, self.config_.input_size)
 
     @property
     def uses_random_weights(self) -> bool:
@@ -226,6 +111,9 @@ class ExportedModel:
             raise PadimError(f"pixels must be (B, {self.config_.input_size[0]}, {self.config_.input_size[1]}, 3) "
                              f"uint8, got {pixels.shape}")
         maps, scores = self.session(pixels)
+        if maps.shape != pixels.shape[:3] or scores.shape != pixels.shape[:1]:
+            raise EngineError(f"export {self.folder}: its graph gave maps {maps.shape} and scores {scores.shape} for "
+                              f"{len(pixels)} images: not a padim scoring graph; export again ('padim export')")
         return scores, maps
 
     def iter_predict(self, images: Sequence, desc: str = "predict") -> Iterator[Tuple[np.ndarray, np.ndarray, List]]:
@@ -248,18 +136,3 @@ class ExportedModel:
         check_errors_policy(errors)
         point = self.operating_point(target_fpr, image_threshold, pixel_threshold, target_pixel_fpr)
         return predict(self, images, point, original_resolution, to_original_resolution, errors)
-
-
-def _calibration(record, folder) -> Optional[cal.Calibration]:
-    """The ``Calibration`` of an export's ``calibration`` record (None: the model has none)."""
-    if record is None:
-        return None
-    try:
-        arrays = [np.asarray(record[key], dtype=np.float64) for key in ("image_scores", "pixel_levels", "pixel_quantiles")]
-        if arrays[0].ndim != 1 or not len(arrays[0]) or arrays[1].shape != arrays[2].shape:
-            raise ValueError("inconsistent arrays")
-        return cal.Calibration(*arrays, method=str(record.get("method", "holdout")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EngineError(f"export {folder}: its calibration data is damaged ({exc})") from None
-
-

@@ -1,0 +1,147 @@
+"""The engines' sessions: an export's graph loaded by ONNX Runtime or OpenVINO, with this session's
+threads (never process-wide settings), its signature checked against the model's input size, and
+every failure of the engine one line. Torch-free. A new engine is another session class here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+
+from padim.pipeline.export_folder import INPUT_NAME, OUTPUT_NAMES, EngineError
+
+ENGINES = ("torch", "onnxruntime", "openvino")
+PRECISIONS = ("f32", "bf16")
+RUNTIME_INSTALL_HINT = {"onnxruntime": 'pip install onnxruntime (with padim and torch: pip install "padim[runtime]")',
+                        "openvino": 'pip install openvino (with padim and torch: pip install "padim[openvino]")'}
+
+
+def one_line(exc: BaseException) -> str:
+    """An engine's message in one line: its last non-empty line (OpenVINO's start with where in its
+    sources the check failed), else the exception's type."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _import_engine(engine: str):
+    try:
+        return __import__(engine)
+    except ImportError:
+        raise EngineError(f"`engine` {engine} needs the package {engine!r}: {RUNTIME_INSTALL_HINT[engine]}") from None
+
+
+class _OnnxRuntimeSession:
+    """ONNX Runtime on the CPU. ``threads``: intra-op threads of this session (None: ORT's default,
+    one per physical core); nothing process-wide is set."""
+
+    def __init__(self, path: Path, precision: str, threads: Optional[int]):
+        if precision != "f32":
+            raise EngineError(f"`precision` {precision} is not available with onnxruntime (only f32); "
+                              "use `engine` openvino for bf16")
+        ort = _import_engine("onnxruntime")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.path = path
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise EngineError(f"onnxruntime cannot load {path}: {one_line(exc)}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def signature(self):
+        """[(name, dims, dtype)] of the inputs and of the outputs; None for a dynamic dimension."""
+        def ports(values):
+            return [(port.name, [d if type(d) is int else None for d in (port.shape or [])],
+                     _DTYPES.get(port.type, port.type)) for port in values]
+
+        return ports(self.session.get_inputs()), ports(self.session.get_outputs())
+
+    def __call__(self, pixels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        try:
+            maps, scores = self.session.run(list(OUTPUT_NAMES), {self.input_name: pixels})
+        except Exception as exc:  # a graph that takes the declared input but cannot run on it
+            raise EngineError(f"onnxruntime cannot score with {self.path}: {one_line(exc)}") from None
+        return maps, scores
+
+
+class _OpenVinoSession:
+    """OpenVINO on the CPU, inference precision as asked (never chosen for the user: OpenVINO
+    defaults to bf16 on CPUs that have it, which moves maps by ~1e-2). Dynamic quantisation of the
+    matrix products is off (it would be a reduced precision nobody asked for) and so is thread
+    pinning (affinity is the host process's business)."""
+
+    def __init__(self, path: Path, precision: str, threads: Optional[int]):
+        ov = _import_engine("openvino")
+        core = ov.Core()
+        if precision == "bf16":
+            capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            if "BF16" not in capabilities:
+                raise EngineError(f"`precision` bf16: this CPU has no bf16 support (OpenVINO reports "
+                                  f"{', '.join(capabilities)}); use f32")
+        config = {"INFERENCE_PRECISION_HINT": precision, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+                  "ENABLE_CPU_PINNING": False, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.path = path
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            self.request = self.compiled.create_infer_request()
+        except Exception as exc:  # e.g. a truncated model.bin: "Incorrect weights in bin file!"
+            raise EngineError(f"openvino cannot load {path}: {one_line(exc)}") from None
+
+    def signature(self):
+        """[(name, dims, dtype)] of the inputs and of the outputs; None for a dynamic dimension."""
+        def ports(values):
+            found = []
+            for port in values:
+                shape = port.get_partial_shape()
+                dims = [d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static else []
+                name = next((n for n in (INPUT_NAME,) + OUTPUT_NAMES if n in port.get_names()), port.get_any_name())
+                type_name = port.get_element_type().get_type_name()
+                found.append((name, dims, _DTYPES.get(type_name, type_name)))
+            return found
+
+        return ports(self.compiled.inputs), ports(self.compiled.outputs)
+
+    def __call__(self, pixels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        try:
+            results = self.request.infer({0: pixels})
+        except Exception as exc:  # a graph that takes the declared input but cannot run on it
+            raise EngineError(f"openvino cannot score with {self.path}: {one_line(exc)}") from None
+        outputs = {output.get_any_name(): value for output, value in results.items()}
+        return np.array(outputs["maps"]), np.array(outputs["scores"])  # copies: the request reuses its buffers
+
+
+# the engines' element type names -> NumPy's
+_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "u8": "uint8", "f32": "float32"}
+
+
+def check_signature(session, folder, input_size: Tuple[int, int]) -> None:
+    """The open graph's actual input and outputs against what an export of an (H, W) model has:
+    pixels (batch, H, W, 3) uint8 -> maps (batch, H, W), scores (batch,) float32, batch dynamic."""
+    height, width = input_size
+    want = ([(INPUT_NAME, [None, height, width, 3], "uint8")],
+            [("maps", [None, height, width], "float32"), ("scores", [None], "float32")])
+    inputs, outputs = session.signature()
+    if (inputs, sorted(outputs, key=repr)) != want:
+        shown = "; ".join(f"{name} {dims} {dtype}" for name, dims, dtype in inputs + outputs)
+        raise EngineError(f"export {folder}: its graph ({shown}; None: any size) is not the scoring graph of a "
+                          f"{height}x{width} model: replaced or damaged; export again ('padim export')")
+
+
+def open_session(folder, record: dict, engine: str, precision: str = "f32", threads: Optional[int] = None):
+    """A callable (B, H, W, 3) uint8 -> maps (B, H, W) float32, scores (B,) float32 for an export."""
+    if engine not in ENGINES[1:]:
+        raise EngineError(f"engine must be one of {', '.join(ENGINES[1:])} for an export, got {engine!r}")
+    if precision not in PRECISIONS:
+        raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    graph = Path(folder) / record["graph"]
+    if engine == "onnxruntime":
+        if record.get("graph_format") != "onnx":
+            raise EngineError(f"export {folder} is OpenVINO IR; onnxruntime needs an ONNX export "
+                              "(padim export `format` onnx)")
+        return _OnnxRuntimeSession(graph, precision, threads)
+    return _OpenVinoSession(graph, precision, threads)
