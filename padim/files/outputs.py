@@ -121,6 +121,9 @@ def check_no_overlap(inputs: Dict[str, Sequence], files: Dict[str, Optional[os.P
             if _same(identity, other):
                 raise PadimError(f"{option} {path} is the same file as the input {source} {given}: it would be "
                                  "overwritten; write to another file")
+            if Path(given).is_dir() and identity[1] is not None and _inside(identity, other):
+                raise PadimError(f"{option} {path} is a file inside the input {source} {given}: it would be "
+                                 "overwritten; write to another file")
         for other_option, other_path, other in written[i + 1:]:
             if _same(identity, other):
                 raise PadimError(f"{option} {path} and {other_option} {other_path} are the same file: one would "
