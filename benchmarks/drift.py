@@ -35,13 +35,7 @@ def alarms(reference, streams: np.ndarray, delta: float, seed: int) -> dict:
     its martingale first reached 1 / delta, -1 if never}."""
     rng = np.random.default_rng(seed)
     copies, length = streams.shape
-    reference = np.asarray(reference, dtype=np.float64)
-    if reference.ndim == 1:
-        online = OnlinePValues(reference, copies, rng=rng)
-    else:  # a reference per copy: start from an empty bag and add them (their p-values are not bet on)
-        online = OnlinePValues(np.zeros(0), copies, rng=rng)
-        for j in range(reference.shape[1]):
-            online.step(reference[:, j])
+    online = OnlinePValues(reference, copies, rng=rng)
     martingales = {name: ConformalMartingale(copies) for name in STREAMS}
     first = {name: np.full(copies, -1) for name in STREAMS}
     limit = math.log(1 / delta)

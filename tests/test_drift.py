@@ -38,9 +38,8 @@ def _peaks(draw, streams: int, steps: int, n_calibration: int, seed: int, grid=N
     peaks = {name: [] for name in STREAMS}
     for start in range(0, streams, chunk):
         c = min(chunk, streams - start)
-        online = OnlinePValues(np.zeros(0), c, grid=grid, rng=rng)
-        for j in range(n_calibration):  # a different calibration draw per stream
-            online.step(draw(rng, c))
+        calibration = np.stack([draw(rng, c) for _ in range(n_calibration)], 1)  # a new draw per stream
+        online = OnlinePValues(calibration, c, grid=grid, rng=rng)
         martingales = {name: ConformalMartingale(c) for name in STREAMS}
         peak = {name: np.zeros(c) for name in STREAMS}
         for _ in range(steps):
@@ -131,7 +130,10 @@ def test_rank_counter_against_brute_force():
     counter, n_bins = RankCounter(37, copies=3), 37
     reference = rng.integers(0, n_bins, 11)
     counter.fill(reference)
-    bags = [list(reference) for _ in range(3)]
+    assert list(counter.below(np.full(3, n_bins))) == [11] * 3
+    reference = rng.integers(0, n_bins, (3, 11))  # one bag per copy
+    counter.fill(reference)
+    bags = [list(row) for row in reference]
     for _ in range(300):
         keys, mask = rng.integers(0, n_bins, 3), rng.random(3) < 0.7
         query = rng.integers(0, n_bins + 1, 3)

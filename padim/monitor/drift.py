@@ -132,11 +132,17 @@ class RankCounter:
         self.total = np.zeros(copies, dtype=np.int64)
 
     def fill(self, keys: np.ndarray) -> None:
-        """Every bag := the scores of these bins (M,), built in O(n_bins) from the prefix sums."""
-        prefix = np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=self.n_bins))])
+        """The bags := the scores of these bins, (M,) for every bag or (C, M) one row per bag; built
+        in O(n_bins) per bag from the prefix sums."""
+        keys = np.asarray(keys, dtype=np.int64)
+        rows = np.broadcast_to(keys, (len(self.total), keys.shape[-1]))
+        offsets = (np.arange(len(self.total)) * self.n_bins)[:, None]
+        counts = np.bincount((rows + offsets).ravel(), minlength=len(self.total) * self.n_bins)
+        prefix = np.concatenate([np.zeros((len(self.total), 1), np.int64),
+                                 np.cumsum(counts.reshape(len(self.total), self.n_bins), axis=1)], axis=1)
         i = np.arange(1, self.n_bins + 1)
-        self._tree[:, 1:self.n_bins + 1] = prefix[i] - prefix[i - (i & -i)]
-        self.total[:] = len(keys)
+        self._tree[:, 1:self.n_bins + 1] = prefix[:, i] - prefix[:, i - (i & -i)]
+        self.total[:] = keys.shape[-1]
 
     def below(self, keys: np.ndarray) -> np.ndarray:
         """(C,) bins in [0, n_bins] -> (C,) counts of each bag's scores in lower bins. The prefix sum
@@ -159,13 +165,14 @@ class RankCounter:
 
 class OnlinePValues:
     """Online smoothed conformal p-values for C copies of a stream, each against its own growing bag
-    (the reference scores, then every score it was given). i.i.d. Uniform(0, 1) under H0."""
+    (the reference scores, (n,) for all copies or (C, n) one row each, then every score it was
+    given). i.i.d. Uniform(0, 1) under H0."""
 
     def __init__(self, reference_scores, copies: int = 1, grid: Optional[ScoreGrid] = None,
                  rng: Optional[np.random.Generator] = None):
         self.grid = grid or ScoreGrid()
         self.bag = RankCounter(self.grid.n_bins, copies)
-        self.bag.fill(self.grid.keys(np.asarray(reference_scores, dtype=np.float64).reshape(-1)))
+        self.bag.fill(self.grid.keys(np.asarray(reference_scores, dtype=np.float64)))
         self._rng = rng if rng is not None else np.random.default_rng()
 
     def step(self, scores) -> np.ndarray:
