@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from padim.monitor.drift import STREAMS, ConformalMartingale, DriftMonitor, OnlinePValues, stream_inputs
+from padim.monitor.drift import STREAMS, ConformalMartingale, OnlinePValues, stream_inputs
 
 
 def alarms(reference, streams: np.ndarray, delta: float, seed: int) -> dict:
@@ -79,7 +79,8 @@ def _alarms_on_p(p: np.ndarray, delta: float) -> dict:
     for t in range(p.shape[1]):
         for name, (q, active) in stream_inputs(p[:, t], 0.05).items():
             martingales[name].step(q, active)
-            first[name] = np.where((first[name] < 0) & (martingales[name].log_value >= math.log(1 / delta)), t, first[name])
+            crossed = martingales[name].log_value >= math.log(1 / delta)
+            first[name] = np.where((first[name] < 0) & crossed, t, first[name])
     return first
 
 
@@ -136,9 +137,9 @@ def real(pools: dict, delta: float, repeats: int, length: int, seed: int, other:
 
     def show(name, first, calm_, n):
         results[name] = {kind: _summary(first[kind], calm_, n) for kind in STREAMS}
-        print(f"  {name:48s} " + "  ".join(
-            f"{k}: median {v['median']}, alarmed {100 * v['alarmed']:.1f}%" + (f" (while calm {100 * v['alarmed_while_calm']:.1f}%)" if calm_ else "")
-            for k, v in results[name].items()), flush=True)
+        text = [f"{k}: median {v['median']}, alarmed {100 * v['alarmed']:.1f}%"
+                + (f" (while calm {100 * v['alarmed_while_calm']:.1f}%)" if calm_ else "") for k, v in results[name].items()]
+        print(f"  {name:48s} " + "  ".join(text), flush=True)
 
     permuted = np.stack([rng.permutation(good) for _ in range(max(repeats, 1000))])
     show(f"no change: test/good permuted ({len(good)}, no repeats)", alarms(cal, permuted, delta, seed), 0, len(good))
@@ -174,17 +175,20 @@ def main(argv=None) -> None:
     parser.add_argument("--blur", type=float, default=2.0, help="Gaussian blur radius in pixels (PIL)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--simulate-only", action="store_true")
+    parser.add_argument("--real-only", action="store_true", help="skip (a)")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
     out = {"delta": args.delta}
     t0 = time.time()
-    print(f"(a) {args.streams} exchangeable streams of {args.steps} images, delta {args.delta}: fraction ever alarming")
-    for label, kw in (("online p-values, continuous scores, 47 calibration", {}),
-                      ("online p-values, integer scores (heavy ties), 47 cal.", {"ties": True}),
-                      ("padim's fixed-calibration p-values, 47 cal. (invalid)", {"fixed": True})):
-        out[label] = simulate(args.streams, args.steps, args.delta, 47, args.seed, **kw)
-        print(f"  {label:55s} " + "  ".join(f"{k}: {v:.4f}" for k, v in out[label].items()), flush=True)
-    print(f"  ({time.time() - t0:.0f} s)")
+    if not args.real_only:
+        print(f"(a) {args.streams} exchangeable streams of {args.steps} images, delta {args.delta}: "
+              "fraction ever alarming")
+        for label, kw in (("online p-values, continuous scores, 47 calibration", {}),
+                          ("online p-values, integer scores (heavy ties), 47 cal.", {"ties": True}),
+                          ("padim's fixed-calibration p-values, 47 cal. (invalid)", {"fixed": True})):
+            out[label] = simulate(args.streams, args.steps, args.delta, 47, args.seed, **kw)
+            print(f"  {label:55s} " + "  ".join(f"{k}: {v:.4f}" for k, v in out[label].items()), flush=True)
+        print(f"  ({time.time() - t0:.0f} s)")
     if not args.simulate_only:
         if os.path.exists(args.scores):
             pools = {k: v for k, v in np.load(args.scores).items()}

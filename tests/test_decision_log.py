@@ -107,7 +107,8 @@ _WRITER = textwrap.dedent("""
     batch = int(sys.argv[2])
     while True:
         n = 1 + batch % 97  # 1 .. 97 records: up to ~25 kB, across page boundaries
-        log.write([{"batch": batch, "i": i, "of": n, "pad": "p" * (batch % 300), "score": float("nan")} for i in range(n)])
+        pad = "p" * (batch % 300)
+        log.write([{"batch": batch, "i": i, "of": n, "pad": pad, "score": float("nan")} for i in range(n)])
         print("ok", batch, flush=True)
         batch += 1
 """)

@@ -171,7 +171,8 @@ def test_martingale_stable_over_many_steps_and_extreme_p():
     for t in (0, 1, 1000, 10 ** 6, 10 ** 12, 10 ** 15):
         pi = Decimal(2).ln() * (1 / Decimal(t + 2).ln() - 1 / Decimal(t + 3).ln())
         assert _log_restart_weight(np.array(float(t))) == pytest.approx(float(pi.ln()), rel=1e-9)
-        assert _log_cash(np.array(float(t))) == pytest.approx(float((Decimal(2).ln() / Decimal(t + 2).ln()).ln()), rel=1e-12)
+        cash = Decimal(2).ln() / Decimal(t + 2).ln()
+        assert _log_cash(np.array(float(t))) == pytest.approx(float(cash.ln()), rel=1e-12)
 
 
 def test_shifted_p_values_alarm_within_a_bound():
@@ -235,14 +236,16 @@ def test_monitor_is_the_simulated_code():
     rng = np.random.default_rng(10)
     reference, stream = rng.normal(20, 2, 50), rng.normal(21, 2, 300)
     monitor = DriftMonitor(reference, seed=11)
-    online, martingales = OnlinePValues(reference, 1, rng=np.random.default_rng(11)), {n: ConformalMartingale(1) for n in STREAMS}
+    online = OnlinePValues(reference, 1, rng=np.random.default_rng(11))
+    martingales = {n: ConformalMartingale(1) for n in STREAMS}
     for i in range(0, 300, 7):
         state = monitor.update(stream[i:i + 7])
     for s in stream:
         for name, (q, active) in stream_inputs(online.step(s), 0.05).items():
             martingales[name].step(q, active)
     for name in STREAMS:
-        assert state["streams"][name]["martingale"]["log10"] == pytest.approx(martingales[name].log_value[0] / math.log(10))
+        expected = martingales[name].log_value[0] / math.log(10)
+        assert state["streams"][name]["martingale"]["log10"] == pytest.approx(expected)
         assert state["streams"][name]["images_seen"] == martingales[name].steps[0]
 
 

@@ -124,7 +124,8 @@ class DecisionLog:
         self._fd = self._lock_fd = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.folder / ".lock", os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+            self._lock_fd = os.open(self.folder / ".lock", flags, 0o666)
             if fcntl is not None:
                 try:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -228,6 +229,7 @@ class FlaggedStore:
         except OSError as exc:
             raise DecisionLogError(f"cannot use flagged-image folder {self.folder}: {describe_os_error(exc)}") from None
         self._next = (max(self._items) + 1) if self._items else 1
+        self._total = sum(size for _, _, size in self._items.values())
 
     def _scan(self) -> "OrderedDict[int, tuple]":
         """Complete items by number -> (image path, sidecar path, bytes); removes what a kill left half-made."""
@@ -247,8 +249,7 @@ class FlaggedStore:
 
     @property
     def total_bytes(self) -> int:
-        with self._lock:
-            return sum(size for _, _, size in self._items.values())
+        return self._total
 
     def items(self) -> List[Path]:
         """The kept images, oldest first."""
@@ -271,12 +272,12 @@ class FlaggedStore:
             atomic_write(image, lambda f: f.write(data), DecisionLogError, "flagged image")
             atomic_write(sidecar, lambda f: f.write(sidecar_bytes), DecisionLogError, "flagged image sidecar")
             self._items[number] = (image, sidecar, size)
-            total = sum(s for _, _, s in self._items.values())
-            while total > self.max_bytes:
+            self._total += size
+            while self._total > self.max_bytes:
                 old_image, old_sidecar, old_size = self._items.popitem(last=False)[1]
                 old_sidecar.unlink(missing_ok=True)  # sidecar first: an image left alone is removed at the next scan
                 old_image.unlink(missing_ok=True)
-                total -= old_size
+                self._total -= old_size
             return image
 
 
@@ -311,9 +312,11 @@ class OverrideCounter:
         with self._lock:
             labels = self._verdicts.get(str(request_id))
             if labels is None:
-                raise DecisionLogError(f"unknown request_id {request_id!r} (or older than the last {self.max_requests})")
+                raise DecisionLogError(f"unknown request_id {request_id!r} (or older than the last "
+                                       f"{self.max_requests})")
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(labels):
-                raise DecisionLogError(f"index must be an integer in [0, {len(labels)}) for this request, got {index!r}")
+                raise DecisionLogError(f"index must be an integer in [0, {len(labels)}) for this request, "
+                                       f"got {index!r}")
             verdict = labels[index]
             if verdict not in VERDICTS:
                 raise DecisionLogError("that image has no verdict (the model had no threshold)")

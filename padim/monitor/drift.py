@@ -16,7 +16,7 @@ score s with the bag of the n reference scores, the t - 1 scores before it and s
 
     p_t = (#{bag > s} + U_t * #{bag == s}) / (n + t),   U_t ~ Uniform(0, 1),   #{bag == s} >= 1
 
-Under H0, p_1, p_2, ... are i.i.d. Uniform(0, 1) exactly, ties included (Vovk et al. 2003, thm 1).
+Under H0, p_1, p_2, ... are i.i.d. Uniform(0, 1) exactly, ties included (Vovk et al. 2003).
 
 Bounded memory for months of traffic. Scores are binned on a FIXED log-spaced grid (``ScoreGrid``:
 bins 0.1 % wide from 1e-3 to 1e6, scores outside in the end bins) and the bag is a count per bin in
@@ -37,16 +37,15 @@ like t^-1/2 and needs thousands of images to recover; a fixed-rate "jumper" lose
 image). So the mixture is also over the image tau where betting starts: pi(tau) = G(tau) - G(tau + 1),
 G(t) = 1 / log2(t + 2), is staked at image tau and G(t) is kept as cash. A change after T calm images
 costs log(1 / pi(T)) nats: 1 at the start, 11 after 1,000 images, 19 after 10^6 (log(1 / delta) is
-4.6 at delta = 0.01). benchmarks/drift.py compared this family with others (with and without the
-extreme Beta(0.1, 1), learned histogram bets): none was faster on the real shifts.
+4.6 at delta = 0.01). The family was chosen on the real streams of benchmarks/drift.py against the
+alternatives tried while building it (adding Beta(0.1, 1) or Beta(0.5, 0.5), bets learned from a
+window of recent p-values, histogram or power): none alarmed sooner.
 
-What no valid test can do: the bag absorbs the new images, so the evidence against the n reference
-images is bounded however long the stream runs (about what a two-sample test of the n reference
-scores against infinitely many new ones can give). Against padim's default 47 calibration images of
-elpv_mono, a brightness +20 % or defects at 15 % from the first image are not detected at 0.01; after
-1,000 calm production images in the bag, brightness alarms in ~50 images. So the reference that
-matters is the production history the bag accumulates (keep the monitor running; do not reset it
-without cause), or a bigger calibration set.
+What no valid test can do: the bag absorbs the new images, so the evidence against n reference
+images is bounded however long the stream runs (about what a two-sample test of the n scores against
+infinitely many new ones gives). Against elpv_mono's 47 calibration images, brightness +20 % or 15 %
+defects from the first image go undetected at 0.01; after 1,000 calm images in the bag, brightness
+alarms in ~50. What matters is the history the bag accumulates (do not reset without cause).
 
 Two streams:
 - "all": every image; alarms on more defects than in the reference AND on picture changes.
@@ -57,11 +56,10 @@ Two streams:
   when the defect rate rises and alarms when the bulk of the scores moves: "all" without "good"
   says more defects; both say the picture changed. Each stream: false alarm <= delta; either: <= 2 delta.
 
-The reference is padim's held-out good images (defect rate 0): a line that always makes some
-defects is "more defects than calibration" from the first day; pass ``reference_scores`` (scores
-of a representative production sample, defects included) to test for change relative to that.
-Cross-fitted calibration (``calibration="cv"``) scores folds with models that did not see them while
-the final model saw every image: only approximately exchangeable with new scores; use holdout.
+The reference is padim's held-out good images (defect rate 0), so a line that always makes some
+defects differs from it from day one; ``reference_scores`` (a production sample, defects included)
+tests for change relative to that instead. Cross-fitted calibration (``calibration="cv"``) scores
+come from fold models, not the final one: only approximately exchangeable; use holdout.
 
 Shapes: C independent copies (1 in the service, many in simulations); K bets.
 """
@@ -119,8 +117,7 @@ class RankCounter:
     A Fenwick (binary indexed) tree of counts per bin, one row per bag. Written here because it must
     run vectorised over independent bags (simulations step 1,000 bags at once) with NumPy alone; a
     sorted list per bag would be a Python call per score and bag, and memory growing with traffic.
-    Each query or insertion gathers all its tree nodes at once (one per bit of the index) instead of
-    walking them one by one: the same nodes, a few NumPy calls instead of ~50 per image.
+    A query or insertion gathers its tree nodes (one per bit) at once: a few NumPy calls, not ~50.
     """
 
     def __init__(self, n_bins: int, copies: int = 1):
@@ -211,7 +208,8 @@ class ConformalMartingale:
         bets = list(bets)
         for kind, x, y in bets:
             if not ((kind == "beta" and x > 0 and y > 0) or (kind == "rate" and 0 < x < 1 and 0 < x * y < 1)):
-                raise DriftError(f"bet {(kind, x, y)!r} is not ('beta', a > 0, b > 0) or ('rate', 0 < c < 1, k with 0 < k c < 1)")
+                raise DriftError(f"bet {(kind, x, y)!r} is not ('beta', a > 0, b > 0) or "
+                                 "('rate', 0 < c < 1, k with 0 < k c < 1)")
         if not bets:
             raise DriftError("bets must not be empty")
         beta = np.array([[x, y] for kind, x, y in bets if kind == "beta"], dtype=np.float64).reshape(-1, 2)
@@ -273,9 +271,8 @@ class DriftMonitor:
                 raise DriftError(f"{name} must be in (0, 1), got {value!r}")
         self.delta, self.target_fpr = float(delta), float(target_fpr)
         self._grid, self._bets, self._clock = grid or ScoreGrid(), tuple(bets), clock
-        self._rng = np.random.default_rng(seed)
-        self._lock = threading.Lock()
-        self._alarms_total = {name: 0 for name in STREAMS}
+        self._rng, self._lock = np.random.default_rng(seed), threading.Lock()
+        self._alarms_total = dict.fromkeys(STREAMS, 0)
         self._reset(calibration_scores if reference_scores is None else reference_scores)
 
     @staticmethod
@@ -292,8 +289,7 @@ class DriftMonitor:
         self._reference = reference
         self._p = OnlinePValues(reference, 1, self._grid, self._rng)
         self._martingales = {name: ConformalMartingale(1, self._bets) for name in STREAMS}
-        self._max = {name: 0.0 for name in STREAMS}
-        self._since = {name: None for name in STREAMS}
+        self._max, self._since = dict.fromkeys(STREAMS, 0.0), dict.fromkeys(STREAMS)
         self._seen = self._skipped = 0
 
     def reset(self, calibration_scores=None) -> dict:
@@ -308,14 +304,12 @@ class DriftMonitor:
         Returns the state, plus "new_alarms": the streams whose alarm fired in this batch."""
         scores = self._scores(scores, "scores")
         with self._lock:
-            new = []
-            limit = math.log(1.0 / self.delta)
+            new, limit = [], math.log(1.0 / self.delta)
             for score in scores:
                 if math.isnan(score):
                     self._skipped += 1
                     continue
-                p = self._p.step(score)
-                for name, (q, active) in stream_inputs(p, self.target_fpr).items():
+                for name, (q, active) in stream_inputs(self._p.step(score), self.target_fpr).items():
                     self._martingales[name].step(q, active)
                 for name, martingale in self._martingales.items():
                     value = float(martingale.log_value[0])
@@ -330,7 +324,12 @@ class DriftMonitor:
         return state
 
     def state(self) -> dict:
-        """A JSON-ready dict (no NaN or infinity): see ``_stream_state`` for each stream's keys."""
+        """JSON-ready (no NaN, no infinity): {"delta", "threshold" (1 / delta), "target_fpr",
+        "reference_images", "images_seen", "skipped" (NaN scores), "alarm" (either stream), "streams":
+        {"all" | "good": {"stream", "delta", "threshold", "martingale": {"log10", "value" (None above
+        1e300)}, "max_log10" (since reset), "images_seen" (by this stream), "alarm", "alarm_since":
+        {"time" (ISO 8601), "image" (0-based, among all images since reset)} or None, "alarms_total"
+        (since construction: a counter)}}}."""
         with self._lock:
             return self._state()
 
