@@ -5,14 +5,17 @@ pictures in random order.
     padim fit --data-root /work/shared/datasets --category elpv_mono --backbone efficientnet_lite0 \\
         --output /tmp/elpv_mono.safetensors
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/drift.py --model /tmp/elpv_mono.safetensors \\
-        --data-root /work/shared/datasets
+        --data-root /work/shared/datasets --json benchmarks/drift_elpv_mono_cal47.json
 
 (a) needs NumPy only (``--simulate-only``). (b) scores each picture once (cached in ``--scores``) and
-builds streams by drawing from the pools: a stream is a random permutation of its pool, followed by
-further permutations when it must run longer than the pool (repeats tie exactly; the online p-value
-breaks ties at random, so this stays valid). Pools: the category's test/good pictures (never fitted
-or calibrated on) unchanged, brighter, blurred or rotated; the other category's good pictures;
-test/defect pictures for the defect rates.
+draws streams from the pools at random with replacement (i.i.d. from each pool; repeats tie exactly,
+and the online p-value breaks ties at random). Pools: the category's test/good pictures (never fitted
+or calibrated on) unchanged, brighter, blurred or rotated; the other category's good pictures; the
+test/defect pictures for defect rates. "No change" with no repeats: test/good in random order.
+Caveat: draws from a pool of 118 pictures are exchangeable with each other but not exactly with the
+calibration images (the pool is one sample), so "while calm" alarm fractions of the long streams are
+not a test of the guarantee; the permuted row and (a) are. After a calm part, the changed pictures
+are the calm part's 118, changed: on a line they would be new ones.
 """
 
 from __future__ import annotations
