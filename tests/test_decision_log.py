@@ -116,8 +116,9 @@ _WRITER = textwrap.dedent("""
 
 def test_kill_9_leaves_only_whole_lines(tmp_path):
     """A writer process under load is killed with SIGKILL 20 times (restarted each time, which is when
-    a torn tail of an unacknowledged batch would be cut). Files older than the newest are whole at
-    every moment; the newest is whole once reopened; every acknowledged batch is there, complete."""
+    a torn tail is cut). Files older than the newest are whole at every moment; the newest is whole
+    once reopened; every acknowledged batch is there, complete; of a batch whose write the kill cut
+    (Linux stops a multi-page write at a page when a fatal signal is pending), only whole first lines."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rng, acknowledged, next_batch, torn = np.random.default_rng(0), set(), 0, 0
     for kill in range(20):
@@ -148,8 +149,10 @@ def test_kill_9_leaves_only_whole_lines(tmp_path):
     for batch in acknowledged:
         n = 1 + batch % 97
         assert sorted(found.get(batch, [])) == list(range(n)), f"acknowledged batch {batch} lost or partial"
-    assert all(sorted(v) == list(range(len(v))) and len(v) == 1 + b % 97 for b, v in found.items())
-    print(f"torn tails seen before reopening: {torn} bytes")  # usually 0; cut at the next open
+    for batch, seen in found.items():  # unacknowledged: whole, or a torn write's whole first lines
+        assert seen == list(range(len(seen))) and len(seen) <= 1 + batch % 97, (batch, seen)
+    cut = sum(len(v) < 1 + b % 97 for b, v in found.items())
+    print(f"torn tails seen before reopening: {torn} bytes; batches kept in part: {cut}")
 
 
 def test_torn_tail_is_cut_when_opened(tmp_path):

@@ -4,11 +4,12 @@ for review, and operator feedback (issue 23, "a decision log").
 DecisionLog, why each detail:
 - one ``os.write`` of the whole batch's complete lines on an ``O_APPEND`` descriptor, then ``fsync``:
   a batch is on disk when ``write`` returns, and a process killed between batches leaves whole lines;
-- Linux may still cut ONE write short when a fatal signal (kill -9) arrives while it copies a batch
-  spanning several pages; the bytes after the last newline are then a batch that ``write`` never
-  acknowledged. Opening the log truncates that torn tail of the newest file (as a database recovers
-  its journal), so after a restart every line of every file is whole JSON. A short write for another
-  reason (disk full) is undone at once and raised as ``DecisionLogError``;
+- Linux still cuts a write short, at a page boundary, when a fatal signal (kill -9) arrives while it
+  copies a batch spanning pages (tests/test_decision_log.py saw it happen): the newest file then ends
+  in part of a line, of a batch ``write`` never acknowledged. Opening the log truncates that torn
+  tail (as a database recovers its journal), so after a restart every line of every file is whole
+  JSON; the torn batch's whole first lines stay (decisions made, though never acknowledged). A short
+  write for another reason (disk full) is undone at once and raised as ``DecisionLogError``;
 - rotation by size: ``decisions-00001.jsonl``, ``decisions-00002.jsonl``, ...; a file is never
   rewritten once the next exists. A batch larger than ``max_bytes`` goes whole into a file of its own;
 - ``json.dumps(allow_nan=False)`` after non-finite floats became null: no line a strict parser refuses;
