@@ -5,7 +5,7 @@
 NumPy and the standard library only: no torch, no scipy, so both work in the torch-free runtime.
 """
 
-from .decision_log import DecisionLog, DecisionLogError, FlaggedStore, OverrideCounter
-from .drift import DriftError, DriftMonitor
+from padim.monitor.decision_log import DecisionLog, DecisionLogError, FlaggedStore, OverrideCounter
+from padim.monitor.drift import DriftError, DriftMonitor
 
 __all__ = ["DecisionLog", "DecisionLogError", "DriftError", "DriftMonitor", "FlaggedStore", "OverrideCounter"]

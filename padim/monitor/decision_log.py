@@ -17,7 +17,7 @@ DecisionLog, why each detail:
   process dies); a lock around each write for the threads of that process.
 
 FlaggedStore keeps images flagged anomalous (their bytes and a JSON sidecar), at most ``max_bytes``
-together, oldest dropped first; each file is written atomically (``padim.atomic``: temporary + rename),
+together, oldest dropped first; each file is written atomically (``padim.files.atomic``: temporary + rename),
 the sidecar last, so an image without its sidecar is an item a kill interrupted and is removed.
 
 OverrideCounter: the model's verdicts of recent requests and the operator's truth -> counts and the
@@ -37,8 +37,8 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_write, describe_os_error, is_stale
-from ..errors import PadimError
+from padim.files.atomic import atomic_write, describe_os_error, is_stale
+from padim.errors import PadimError
 
 try:
     import fcntl

@@ -74,8 +74,8 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..calibration import DEFAULT_TARGET_FPR
-from ..errors import PadimError
+from padim.core.calibration import DEFAULT_TARGET_FPR
+from padim.errors import PadimError
 
 DEFAULT_DELTA = 0.01
 STREAMS = ("all", "good")
