@@ -21,7 +21,8 @@ def check_args(args) -> None:
         layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
         checks.check_fit_options(args.backbone, layers, args.n_features, args.image_size, args.crop, args.seed,
                                  args.batch_size, args.factor_dtype, args.device, reduction=args.reduction,
-                                 covariance=args.covariance)
+                                 covariance=args.covariance, tile=args.tile, tile_overlap=args.tile_overlap,
+                                 tile_statistics=args.tile_statistics)
         outputs.check_output_file(args.output)
         if args.keep_statistics is not None:
             outputs.check_output_file(args.keep_statistics, "--keep-statistics")
@@ -44,7 +45,8 @@ def check_args(args) -> None:
     elif args.command == "benchmark":
         checks.check_fit_options(args.backbone, None, args.n_features, args.image_size, None, args.seed,
                                  args.batch_size, "float32", args.device, reduction=args.reduction,
-                                 covariance=args.covariance)
+                                 covariance=args.covariance, tile=args.tile, tile_overlap=args.tile_overlap,
+                                 tile_statistics=args.tile_statistics)
         outputs.check_output_folder(args.output)
         if args.cpus_per_category < 1:
             raise PadimError(f"--cpus-per-category must be at least 1, got {args.cpus_per_category}")
@@ -115,7 +117,10 @@ def check_overlaps(args) -> None:
     weights = [args.weights] if isinstance(getattr(args, "weights", None), (str, Path)) and \
         str(args.weights) not in ("imagenet", "random") else []
     if args.command == "fit":
-        check_no_overlap({"--data-root": [args.data_root / args.category], "--weights": weights},
+        if args.ignore_mask is not None and not args.ignore_mask.is_file():
+            raise PadimError(f"--ignore-mask {args.ignore_mask} is not a file")
+        check_no_overlap({"--data-root": [args.data_root / args.category], "--weights": weights,
+                          "--ignore-mask": [args.ignore_mask]},
                          {"--output": args.output, "--keep-statistics": args.keep_statistics})
     elif args.command == "update":
         check_no_overlap({"--model": [args.model], "--statistics": [args.statistics], "--add": args.add,

@@ -60,6 +60,19 @@ def _engine_option(parser: argparse.ArgumentParser, export_help: str) -> None:
                              "by ~1e-2 relative); default f32")
 
 
+def _tile_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tile", type=int, default=None, metavar="S",
+                        help="cut each picture, at --image-size (HxW, up to its native size), into S x S tiles, each "
+                             "embedded at S x S; maps stitched back; for large pictures and small defects "
+                             "(default: no tiles, the whole picture resized to --image-size)")
+    parser.add_argument("--tile-overlap", type=int, default=None, metavar="O",
+                        help="pixels neighbouring tiles share (default: S / 8)")
+    parser.add_argument("--tile-statistics", choices=("position", "shared"), default="position",
+                        help="position: Gaussians per position of every tile (parts in a fixed place); shared: one "
+                             "set for all tiles (uniform textures and surfaces; T times fewer statistics) "
+                             "(default: position)")
+
+
 def _accuracy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reduction", choices=REDUCTION_NAMES, default="random",
                         help="how the d channels are made: random (d of the layers' channels, the paper's) or "
@@ -104,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="storage of the precision factor: float16 halves the model file; scores moved by <= 1e-4 "
                           "relative on magnetic_tile (scoring still computes in float32; default: float32)")
     _accuracy_options(fit)
+    _tile_options(fit)
+    fit.add_argument("--ignore-mask", type=Path, default=None, metavar="ROI",
+                     help="a picture of any size whose non-black (e.g. white) pixels never count: not for the image "
+                          "score, the pixel threshold, the masks or the metrics (a label, a fixture, the background); "
+                          "stored in the model, hatched on heatmaps")
     fit.add_argument("--calibration-fraction", type=float, default=0.1,
                      help="part of train/good held out (seeded) to calibrate the thresholds on good images: at least "
                           "20 images, none when the training set is under 40; 0 turns calibration off (default: 0.1)")
@@ -225,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image-size", type=_size, default=256, help="N or HxW (default: 256)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the channel subset (default: 0)")
     _accuracy_options(bench)
+    _tile_options(bench)
     bench.add_argument("--max-images", type=int, default=None, help="panels for the N highest-scoring defects per category")
     bench.add_argument("--force", action="store_true", help="redo categories that already have results")
     bench.add_argument("--output", required=True, type=Path, help="folder for the results and the report")

@@ -98,6 +98,8 @@ def cmd_predict(args) -> int:
         from padim.jobs.visualize import common_parent, save_prediction_pictures
 
         common = common_parent(paths)
+        ignore = getattr(model, "ignore_mask_", None)  # hatched on the heatmaps (the torch engine knows it)
+        ignore = None if ignore is None else ignore.cpu().numpy()
     ahead = 1 if args.engine == "torch" and model.device_.type != "cpu" else 0
     counts = {"scored": 0, "errors": 0}
     sources = [Source(str(path), path) for path in paths]
@@ -118,7 +120,7 @@ def cmd_predict(args) -> int:
                 import torch  # pictures and masks (padim.jobs.visualize) need torch, whatever the engine
 
                 save_prediction_pictures(item.source.item, torch.as_tensor(item.map), item.original_hw, model.config_,
-                                         point.pixel_threshold, args.output, common)
+                                         point.pixel_threshold, args.output, common, ignore)
             print(json_line(record), flush=True)
     stderr(f"scored {counts['scored']}, {counts['errors']} errors")
     return 1 if counts["errors"] else 0

@@ -19,6 +19,7 @@ from padim.core.features import CPU_FORWARD_CHUNK, embed, layer_plan
 from padim.core.gaussian import mahalanobis
 from padim.core.maps import upsample_blur_matrix
 from padim.core.memory import Workspace
+from padim.core.tiling import cut, stitch
 
 
 class PatchScorer(nn.Module):
@@ -37,16 +38,28 @@ class PatchScorer(nn.Module):
 
     extractor: (B, 3, H, W) -> list of (B, C_l, h_l, w_l); channel_idx: (k,) int64 sorted;
     projection: (k, d) or None; mean: (P, d); factor: (P, d, d) lower-triangular W, W^T W = cov^-1.
-    The tensors are held as buffers, not copied (the estimator's own tensors).
+    The tensors are held as buffers, not copied (the estimator's own tensors). tiles: the model's
+    ``padim.core.tiling.TileLayout`` (None: one pass per picture); ignore: (H, W) bool, pixels that
+    never count (their map is 0).
     """
 
     def __init__(self, extractor: nn.Module, channel_idx: torch.Tensor, projection: Optional[torch.Tensor],
                  mean: torch.Tensor, factor: torch.Tensor, feature_hw: Tuple[int, int], input_size: Tuple[int, int],
-                 sigma: float, rgb_mean: Sequence[float], rgb_std: Sequence[float]):
+                 sigma: float, rgb_mean: Sequence[float], rgb_std: Sequence[float], tiles=None,
+                 ignore: Optional[torch.Tensor] = None):
         super().__init__()
         device = mean.device
         self.extractor = extractor
         self.grid, self.input_size = tuple(feature_hw), tuple(input_size)
+        self.tiles = tiles  # a padim.core.tiling.TileLayout, or None
+        # (H, W) 1 where pixels count, 0 where they never do (the model's ignore mask); None: all count
+        self.register_buffer("keep", None if ignore is None else (~ignore.bool()).float().to(device))
+        # each map's grid and size before stitching: a tile's, or the whole input's
+        self.map_grid = self.grid if tiles is None else tiles.tile_grid(self.grid)
+        map_size = self.input_size if tiles is None else (tiles.tile, tiles.tile)
+        if tiles is not None:
+            self.register_buffer("window", tiles.window.to(device))
+            self.register_buffer("inverse_total", tiles.inverse_total.to(device))
         std = torch.tensor(rgb_std, dtype=torch.float32, device=device)
         self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 1, 1, 3))
         self.register_buffer("shift", (-torch.tensor(rgb_mean, dtype=torch.float32, device=device) / std).view(1, 1, 1, 3))
@@ -54,8 +67,8 @@ class PatchScorer(nn.Module):
         self.register_buffer("projection", projection)
         self.register_buffer("mean", mean)
         self.register_buffer("factor", factor)
-        rows = upsample_blur_matrix(self.grid[0], self.input_size[0], float(sigma), torch.float32, device)  # (H, h)
-        cols = upsample_blur_matrix(self.grid[1], self.input_size[1], float(sigma), torch.float32, device)  # (W, w)
+        rows = upsample_blur_matrix(self.map_grid[0], map_size[0], float(sigma), torch.float32, device)  # (H, h)
+        cols = upsample_blur_matrix(self.map_grid[1], map_size[1], float(sigma), torch.float32, device)  # (W, w)
         self.register_buffer("rows", rows.clone())
         self.register_buffer("cols_t", cols.T.contiguous())  # (w, W)
         self.plan = None  # where each layer's kept channels go: from the first batch's maps (layer_plan)
@@ -68,7 +81,8 @@ class PatchScorer(nn.Module):
         """No chunking, no reused buffers: plain operations for torch.export (same numbers)."""
         if self.plan is None:  # computed from real shapes now: a traced graph must not compute it
             with torch.inference_mode():
-                dummy = torch.zeros(1, 3, *self.input_size, device=self.mean.device)
+                side = self.input_size if self.tiles is None else (self.tiles.tile, self.tiles.tile)
+                dummy = torch.zeros(1, 3, *side, device=self.mean.device)
                 self._plan_for(self.extractor(dummy.contiguous(memory_format=torch.channels_last)))
         self._tracing = True
         try:
@@ -78,8 +92,10 @@ class PatchScorer(nn.Module):
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 with the ImageNet mean/std, channels_last
-        (a permuted view of the HWC result: no transposing copy)."""
-        return (pixels.to(torch.float32) * self.scale + self.shift).permute(0, 3, 1, 2)
+        (a permuted view of the HWC result: no transposing copy). Ignored pixels become 0 (the
+        ImageNet mean colour): what is inside the region never reaches the backbone."""
+        x = (pixels.to(torch.float32) * self.scale + self.shift).permute(0, 3, 1, 2)
+        return x if self.keep is None else x * self.keep
 
     def embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> (B, h, w, d) embeddings."""
@@ -92,7 +108,8 @@ class PatchScorer(nn.Module):
             feature_maps = self.extractor(x[start : start + chunk])
             self._plan_for(feature_maps)
             if out is None:
-                out = self._workspace.get("embeddings", (len(x), *self.grid, self.d), feature_maps[0].dtype, x.device)
+                out = self._workspace.get("embeddings", (len(x), *self.map_grid, self.d), feature_maps[0].dtype,
+                                          x.device)
             embed(feature_maps, self.channel_idx, out=out[start : start + chunk], projection=self.projection,
                   plan=self.plan)
             del feature_maps
@@ -103,8 +120,17 @@ class PatchScorer(nn.Module):
             self.plan = layer_plan([f.shape[1] for f in feature_maps], self.channel_idx, self.projection)
 
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        emb = self.embeddings(self.normalise(pixels))  # (B, h, w, d)
+        x = self.normalise(pixels)  # (B, 3, H, W)
+        if self.tiles is not None:
+            x = cut(x, self.tiles.boxes, self.tiles.tile)  # (B T, 3, S, S)
+        emb = self.embeddings(x)  # (B, h, w, d); tiled: (B T, h, w, d)
+        if self.tiles is not None:
+            emb = self.tiles.embeddings_per_image(emb)  # per position: (B, T h, w, d)
         workspace = None if self._tracing else self._workspace
         distances = mahalanobis(emb.flatten(1, 2), self.mean, self.factor, workspace)  # (B, P)
-        maps = self.rows @ distances.unflatten(1, self.grid) @ self.cols_t  # (B, H, W)
+        maps = self.rows @ distances.reshape(-1, *self.map_grid) @ self.cols_t  # (B, H, W); tiled: (B T, S, S)
+        if self.tiles is not None:
+            maps = stitch(maps, self.tiles.boxes, self.input_size, self.window, self.inverse_total)  # (B, H, W)
+        if self.keep is not None:
+            maps = maps * self.keep  # ignored pixels are 0: never above a threshold, never the maximum
         return maps, maps.flatten(1).amax(dim=1)

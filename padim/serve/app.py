@@ -289,6 +289,9 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings = Serv
         p_values = model.p_values(scores)
         p_of = dict(zip(good, [None] * len(good) if p_values is None else p_values.tolist()))
 
+        ignore = getattr(model, "ignore_mask_", None)
+        ignore = None if ignore is None else ignore.cpu().numpy()
+
         def result(i: int) -> ImageResult:
             if i not in scored:
                 return ImageResult(index=i, file=files[i].filename, error=decoded[i])
@@ -296,7 +299,7 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings = Serv
             score, anomaly_map = scored[i]
             label = decided_label(score, point.image_threshold)
             drawn = render.heatmap(anomaly_map, (height, width), picture, pixels, cropped,
-                                   point.pixel_threshold) if heatmap else None
+                                   point.pixel_threshold, ignore) if heatmap else None
             return ImageResult(index=i, file=files[i].filename, width=width, height=height, score=score,
                                p_value=p_of[i], label=label, threshold=point.image_threshold,
                                threshold_source=point.source, pixel_threshold=point.pixel_threshold,
