@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="score images with a fitted model",
                                   description="Print one JSON line per image: path, score, p_value (against the "
-                                              "model's calibration images), threshold, threshold_source and label. "
+                                              "model's calibration images), threshold, threshold_source, label and "
+                                              "drift_log10 (the drift alarm over the run, in input order). "
                                               "With --ray: score on a Ray cluster into a Parquet folder (--output), "
                                               "a row per image, resumed by a rerun.")
     predict.add_argument("--model", type=Path, default=None,

@@ -121,6 +121,9 @@ class Reloader:
                              f"version {version.sha256[:12]} keeps serving" if version is not None else "not served")
             summary["refused"].append({"name": name, "file": file, "sha256": sha256, "error": why})
             return
+        if self._stop.is_set():  # the server began to stop while this version warmed up
+            new.batcher.close()
+            return
         self.seen[name] = (str(path), entry.signature)
         self.errors.pop(name, None)
         self.service.swap(name, new)
