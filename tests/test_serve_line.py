@@ -343,3 +343,62 @@ def test_a_corrupt_replacement_keeps_the_old_version_serving_and_says_why(synthe
         text = client.get("/metrics", headers=key).text
     assert metric(text, "padim_model_reloads_total", model="m", result="refused") == 2
     assert metric(text, "padim_model_reloads_total", model="m", result="loaded") == 1
+
+
+def test_a_request_in_flight_during_a_swap_finishes_on_the_old_version(synthetic_root, tmp_path, monkeypatch):
+    """A request held between taking its version and scoring while the file is swapped: it is
+    answered by the old version (its SHA-256, its scores), the old version is 'draining' until then
+    and 'retired' after; requests that start after the swap get the new one."""
+    import padim.serve.routes_predict as routes
+
+    train = sorted((synthetic_root / "fabric" / "train" / "good").glob("*.png"))
+    image = sorted((synthetic_root / "fabric" / "test").rglob("*.png"))[0]
+    folder = tmp_path / "models"
+    folder.mkdir()
+    old_file, new_file = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    PaDiM(**FAST, seed=0).fit(train).save(old_file)
+    PaDiM(**FAST, seed=1).fit(train).save(new_file)
+    shutil.copy(old_file, folder / "m.safetensors")
+    old_score = PaDiM.load(old_file, device="cpu").predict([image]).scores[0]
+    new_score = PaDiM.load(new_file, device="cpu").predict([image]).scores[0]
+    assert abs(old_score - new_score) > 1e-3 * abs(old_score)
+    entered, release = threading.Event(), threading.Event()
+    real = routes.decode_upload
+
+    def held(upload, *args):
+        if upload.filename == "held.png":
+            entered.set()
+            release.wait(60)
+        return real(upload, *args)
+
+    monkeypatch.setattr(routes, "decode_upload", held)
+    source = ModelSource(folder=folder, device="cpu")
+    with TestClient(create_app(load_models([folder / "m.safetensors"], device="cpu"),
+                               ServeSettings(reload_interval=0), source=source)) as client:
+        wait_ready(client)
+        answer = {}
+        worker = threading.Thread(target=lambda: answer.update(r=client.post(
+            "/models/m/predict", files=[("files", ("held.png", image.read_bytes(), "image/png"))])))
+        worker.start()
+        assert entered.wait(60)
+        shutil.copy(new_file, folder / ".m.tmp")
+        os.replace(folder / ".m.tmp", folder / "m.safetensors")
+        assert client.post("/admin/reload").json()["loaded"][0]["sha256"] == sha256(new_file)
+        during = client.get("/models/m").json()["versions"]
+        after_swap = post(client, "m", [image.read_bytes()])
+        release.set()
+        worker.join(60)
+        for _ in range(500):
+            versions = client.get("/models/m").json()["versions"]
+            if versions[1]["state"] == "retired":
+                break
+            threading.Event().wait(0.02)
+    assert [(v["sha256"], v["state"], v["requests_in_flight"]) for v in during] == [
+        (sha256(new_file), "serving", 0), (sha256(old_file), "draining", 1)]
+    held_answer = answer["r"]
+    assert held_answer.status_code == 200, held_answer.json()
+    assert held_answer.json()["model_sha256"] == sha256(old_file)
+    assert held_answer.json()["results"][0]["score"] == pytest.approx(old_score, rel=1e-5)
+    assert after_swap["model_sha256"] == sha256(new_file)
+    assert after_swap["results"][0]["score"] == pytest.approx(new_score, rel=1e-5)
+    assert [v["state"] for v in versions] == ["serving", "retired"]
