@@ -311,7 +311,8 @@ def _line_options(serve) -> None:
     serve.add_argument("--log-decisions", type=Path, default=None, metavar="DIR",
                        help="append every decision to JSON-lines files in DIR (one fsynced write per request; "
                             "rotated at --log-max-mb)")
-    serve.add_argument("--log-max-mb", type=float, default=64.0, metavar="MB", help="size of one decision log file (default: 64)")
+    serve.add_argument("--log-max-mb", type=float, default=64.0, metavar="MB",
+                       help="size of one decision log file (default: 64)")
     serve.add_argument("--keep-flagged", type=Path, default=None, metavar="DIR",
                        help="keep the images labelled anomalous (with their decision as JSON) in DIR for review")
     serve.add_argument("--keep-max-gb", type=float, default=None, metavar="N",
