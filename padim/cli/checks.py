@@ -55,7 +55,12 @@ def check_args(args) -> None:
                 raise PadimError("--ray runs the categories on the workers' CPUs; --device cuda is for a local run")
             require_ray(args.ray)
     elif args.command == "predict":
+        from padim.serve.settings import check_drift_delta
+
+        check_drift_delta(args.drift_delta)
         check_predict_ray(args)
+    elif args.command == "serve":
+        check_serve(args)
     elif args.command == "test":
         outputs.check_output_folder(args.output if args.output is not None else Path("padim-test") / args.category)
         if args.store_oracle_thresholds and args.model.is_file():  # the thresholds are written back into it
@@ -75,6 +80,37 @@ def check_args(args) -> None:
         outputs.check_output_folder(args.output)
     elif args.command == "download":
         outputs.check_output_folder(args.to, "--to")
+
+
+def serve_settings(args):
+    """``padim serve``'s options -> its ``ServeSettings`` (not yet checked)."""
+    from padim.serve.settings import ServeSettings
+
+    return ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
+                         max_upload_mb=args.max_upload_mb, max_files=args.max_files, api_key=args.api_key,
+                         drift_delta=args.drift_delta, webhook=args.webhook, reload_interval=args.reload_interval,
+                         log_decisions=None if args.log_decisions is None else str(args.log_decisions),
+                         log_max_mb=args.log_max_mb,
+                         keep_flagged=None if args.keep_flagged is None else str(args.keep_flagged),
+                         keep_max_gb=1.0 if args.keep_max_gb is None else args.keep_max_gb)
+
+
+def check_serve(args) -> None:
+    """padim serve's settings, and the folders it writes into: writable, and not the models' folder."""
+    from padim.files import outputs
+
+    serve_settings(args).check()
+    if args.keep_max_gb is not None and args.keep_flagged is None:
+        raise PadimError("--keep-max-gb is the limit of --keep-flagged DIR: give that folder too")
+    for option, folder in (("--log-decisions", args.log_decisions), ("--keep-flagged", args.keep_flagged)):
+        if folder is not None:
+            outputs.check_output_folder(folder, option)
+    if args.log_decisions is not None and args.keep_flagged is not None and \
+            args.log_decisions.resolve() == args.keep_flagged.resolve():
+        raise PadimError("--log-decisions and --keep-flagged must be two different folders")
+    models = [args.models_dir] if args.models_dir is not None else []
+    outputs.check_no_overlap({"MODEL": list(args.models), "--models": models}, {},
+                             {"--log-decisions": args.log_decisions, "--keep-flagged": args.keep_flagged})
 
 
 def check_predict_ray(args) -> None:

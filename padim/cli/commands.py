@@ -161,19 +161,22 @@ def cmd_serve(args) -> None:
     except ImportError as exc:
         raise PadimError(f"the service needs the serve extra ({exc.name} is missing): pip install \"padim[serve]\" "
                          "(from a checkout: pip install \".[serve]\")") from None
-    from padim.serve import ServeSettings, load_models
+    from padim.cli.checks import serve_settings
+    from padim.serve import load_models
     from padim.serve.registry import model_files
     from padim.serve.server import run
+    from padim.serve.versions import ModelSource
 
-    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
-                             max_upload_mb=args.max_upload_mb, max_files=args.max_files, api_key=args.api_key)
+    settings = serve_settings(args)
     settings.check()
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"padim serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "address can use the service", file=sys.stderr)
     models = load_models(model_files(args.models, args.models_dir), device=args.device, batch_size=args.max_batch,
                          engine=args.engine, precision=args.precision)
+    source = ModelSource(args.models, args.models_dir, device=args.device, batch_size=args.max_batch,
+                         engine=args.engine, precision=args.precision)
     if any(getattr(entry.model, "device_", None) is not None and entry.model.device_.type == "cpu"
            for entry in models.values()):
         tune_malloc()
-    run(models, settings, host=args.host, port=args.port, log_level=args.log_level)
+    run(models, settings, host=args.host, port=args.port, log_level=args.log_level, source=source)

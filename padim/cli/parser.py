@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="score images with a fitted model",
                                   description="Print one JSON line per image: path, score, p_value (against the "
-                                              "model's calibration images), threshold, threshold_source and label. "
+                                              "model's calibration images), threshold, threshold_source, label and "
+                                              "drift_log10 (the drift alarm over the run, in input order). "
                                               "With --ray: score on a Ray cluster into a Parquet folder (--output), "
                                               "a row per image, resumed by a rerun.")
     predict.add_argument("--model", type=Path, default=None,
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--pixel-threshold", type=float, default=None, help="draw masks at this pixel threshold")
     _engine_option(predict, "with --engine onnxruntime|openvino: an export folder ('padim export'); needs no --model "
                             "and no PyTorch")
+    _drift_option(predict)
     _device_option(predict)
     predict.add_argument("--ray", default=None, metavar="ADDRESS",
                          help="score on a Ray cluster: 'local' (this machine) or HOST:PORT of a running cluster; the "
@@ -277,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="serve models over HTTP: JSON API and a web page",
                                 description="Serve fitted models: GET /health, GET /models, "
-                                            "POST /models/NAME/predict, GET /metrics, a page at / and API docs at "
-                                            "/docs. Needs the serve extra: pip install \"padim[serve]\".")
+                                            "POST /models/NAME/predict, GET /metrics, GET /models/NAME/drift, "
+                                            "POST /models/NAME/feedback, POST /admin/reload, a page at / and API "
+                                            "docs at /docs. Needs the serve extra: pip install \"padim[serve]\".")
     serve.add_argument("models", nargs="*", type=Path, metavar="MODEL",
                        help="model files; each is reached by its file stem (and its category when unambiguous)")
     serve.add_argument("--models", dest="models_dir", type=Path, default=None, metavar="DIR",
@@ -305,3 +308,31 @@ def _serve_parser(commands) -> None:
                        help="inference precision of --engine openvino: bf16 where the CPU has it (default: f32)")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                        help="uvicorn's log level; info shows each request (default: warning)")
+    _line_options(serve)
+
+
+def _drift_option(parser) -> None:
+    parser.add_argument("--drift-delta", type=float, default=0.01, metavar="D",
+                        help="drift alarm (models with calibration): the probability that it ever fires while the "
+                             "images stay exchangeable with the calibration images, per stream (default: 0.01)")
+
+
+def _line_options(serve) -> None:
+    """padim serve on a line for months (issue 23): drift alarms, model versions, the decision log."""
+    _drift_option(serve)
+    serve.add_argument("--webhook", default=None, metavar="URL",
+                       help="POST each drift alarm as JSON to URL (in the background, 5 s timeout; a failure is one "
+                            "log line)")
+    serve.add_argument("--reload-interval", type=float, default=2.0, metavar="S",
+                       help="look at the model files every S seconds: new, changed and removed ones are loaded, "
+                            "warmed up and swapped in live, or refused (the old version keeps serving); 0: only on "
+                            "POST /admin/reload (default: 2)")
+    serve.add_argument("--log-decisions", type=Path, default=None, metavar="DIR",
+                       help="append every decision to JSON-lines files in DIR (one fsynced write per request; "
+                            "rotated at --log-max-mb)")
+    serve.add_argument("--log-max-mb", type=float, default=64.0, metavar="MB",
+                       help="size of one decision log file (default: 64)")
+    serve.add_argument("--keep-flagged", type=Path, default=None, metavar="DIR",
+                       help="keep the images labelled anomalous (with their decision as JSON) in DIR for review")
+    serve.add_argument("--keep-max-gb", type=float, default=None, metavar="N",
+                       help="with --keep-flagged: at most N GB there, the oldest dropped first (default: 1)")
