@@ -45,6 +45,11 @@ MUTATIONS = {
         ('size=tuple(size), mode="bilinear", align_corners=False)', 'size=tuple(size), mode="nearest")')]),
     "no ImageNet normalisation": ("padim/files/images.py", [
         ("return x.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))", "return x.div_(255.0)")]),
+    "no ImageNet normalisation when scoring": ("padim/core/scorer.py", [
+        ("x = (pixels.to(torch.float32) * self.scale + self.shift).permute(0, 3, 1, 2)",
+         "x = (pixels.to(torch.float32) / 255.0).permute(0, 3, 1, 2)")]),
+    "tile maps stitched without their weights": ("padim/core/tiling.py", [
+        ("maps = (maps * window).unflatten(0, (-1, n_boxes))", "maps = maps.unflatten(0, (-1, n_boxes))")]),
 }
 
 

@@ -15,9 +15,10 @@ CPU_FORWARD_CHUNK = 8  # images per backbone forward on the CPU (see ``Embedder`
 
 
 def cpu_chunk(height: int, width: int) -> int:
-    """Images per CPU forward pass: ``CPU_FORWARD_CHUNK`` at 256 x 256 and above; smaller inputs (tiles)
-    as many more as keep the pixels per pass alike (at most 32): a pass has a fixed cost per layer,
-    which eight 128-pixel tiles would pay four times over."""
+    """Tiles per CPU forward pass: ``CPU_FORWARD_CHUNK`` at 256 x 256 and above; smaller tiles as many
+    more as keep the pixels per pass alike (at most 32): a pass has a fixed cost per layer, which
+    eight 128-pixel tiles would pay four times over. (Whole pictures keep ``CPU_FORWARD_CHUNK``:
+    their results then round alike wherever they are scored, a Ray shard or this process.)"""
     return max(CPU_FORWARD_CHUNK, min(32, CPU_FORWARD_CHUNK * 65536 // max(1, height * width)))
 
 
@@ -186,7 +187,8 @@ class Embedder:
         """d, the embedding's channels."""
         return len(self.channel_idx) if self.projection is None else self.projection.shape[1]
 
-    def __call__(self, batch: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, workspace: Optional[Workspace] = None,
+                 chunk: Optional[int] = None) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, h, w, d) PaDiM embeddings (channels last).
 
         On the CPU the backbone sees at most ``CPU_FORWARD_CHUNK`` images at a time: per image it is
@@ -194,7 +196,7 @@ class Embedder:
         of the memory. The result still holds the whole batch, in ``workspace``'s buffer when given.
         """
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        chunk = cpu_chunk(*batch.shape[-2:]) if self.device.type == "cpu" else len(batch)
+        chunk = (chunk or CPU_FORWARD_CHUNK) if self.device.type == "cpu" else len(batch)
         workspace = workspace if workspace is not None else Workspace()
         out = None
         for start in range(0, len(batch), chunk):

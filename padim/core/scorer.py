@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from padim.core.features import cpu_chunk, embed, layer_plan
+from padim.core.features import CPU_FORWARD_CHUNK, cpu_chunk, embed, layer_plan
 from padim.core.gaussian import mahalanobis
 from padim.core.maps import upsample_blur_matrix
 from padim.core.memory import Workspace
@@ -102,7 +102,8 @@ class PatchScorer(nn.Module):
         if self._tracing:
             return embed(self.extractor(x), self.channel_idx, projection=self.projection, plan=self.plan)
         x = x.contiguous(memory_format=torch.channels_last)
-        chunk = cpu_chunk(*x.shape[-2:]) if x.device.type == "cpu" else len(x)
+        chunk = (CPU_FORWARD_CHUNK if self.tiles is None else cpu_chunk(*x.shape[-2:])) if x.device.type == "cpu" \
+            else len(x)
         out = None
         for start in range(0, len(x), chunk):
             feature_maps = self.extractor(x[start : start + chunk])

@@ -59,7 +59,10 @@ class TileLayout:
 
     def embed(self, embedder, batch: torch.Tensor, workspace=None) -> torch.Tensor:
         """(B, 3, H, W) normalised pictures -> their tiles' embeddings as the statistics see them."""
-        return self.embeddings_per_image(embedder(cut(batch, self.boxes, self.tile), workspace))
+        from padim.core.features import cpu_chunk
+
+        return self.embeddings_per_image(embedder(cut(batch, self.boxes, self.tile), workspace,
+                                                  cpu_chunk(self.tile, self.tile)))
 
     def maps(self, distances: torch.Tensor, feature_hw: Tuple[int, int], sigma: float) -> torch.Tensor:
         """Patch distances ((B T, P) shared, (B, T P) per position) -> stitched maps (B, H, W): each
