@@ -17,6 +17,7 @@ from torch import nn
 
 from padim.core.features import CPU_FORWARD_CHUNK, embed, layer_plan
 from padim.core.gaussian import mahalanobis
+from padim.core.lean import LeanGraph, fold_input_scale, lean_possible
 from padim.core.maps import upsample_blur_matrix
 from padim.core.memory import Workspace
 
@@ -61,20 +62,32 @@ class PatchScorer(nn.Module):
         self.plan = None  # where each layer's kept channels go: from the first batch's maps (layer_plan)
         self.d = len(channel_idx) if projection is None else projection.shape[1]
         self._tracing = False
+        self._lean: Optional[nn.Module] = None  # the lean graph, inside tracing() only
         self._workspace = Workspace()
 
     @contextlib.contextmanager
-    def tracing(self):
-        """No chunking, no reused buffers: plain operations for torch.export (same numbers)."""
-        if self.plan is None:  # computed from real shapes now: a traced graph must not compute it
-            with torch.inference_mode():
-                dummy = torch.zeros(1, 3, *self.input_size, device=self.mean.device)
-                self._plan_for(self.extractor(dummy.contiguous(memory_format=torch.channels_last)))
+    def tracing(self, lean: bool = True):
+        """No chunking, no reused buffers: plain operations for torch.export (same numbers). With
+        ``lean`` (and whole-factor grids), the lean graph of ``padim.core.lean``: the normalisation's
+        factor folded into the first convolution, the channel subset as 1 x 1 convolutions, one
+        patch-major layout change per layer; else the eager path's own plain operations."""
+        with torch.inference_mode():  # shapes from a real pass now: a traced graph must not compute them
+            dummy = torch.zeros(1, 3, *self.input_size, device=self.mean.device)
+            feature_maps = self.extractor(dummy.contiguous(memory_format=torch.channels_last))
+        self._plan_for(feature_maps)
+        grids = [tuple(f.shape[-2:]) for f in feature_maps]
+        if lean and lean_possible(self.grid, grids):
+            folded = fold_input_scale(self.extractor, self.scale.view(3))
+            offset = None if folded is None else (-self.shift / self.scale)  # 255 * mean, (1, 1, 1, 3)
+            self._lean = LeanGraph(folded if folded is not None else self.extractor, self.plan, grids,
+                                   [f.shape[1] for f in feature_maps], self.grid, self.mean, self.factor,
+                                   self.rows, self.cols_t, offset, self.scale, self.shift).eval()
         self._tracing = True
         try:
             yield self
         finally:
             self._tracing = False
+            self._lean = None
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 with the ImageNet mean/std, channels_last
@@ -103,6 +116,8 @@ class PatchScorer(nn.Module):
             self.plan = layer_plan([f.shape[1] for f in feature_maps], self.channel_idx, self.projection)
 
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._tracing and self._lean is not None:
+            return self._lean(pixels)
         emb = self.embeddings(self.normalise(pixels))  # (B, h, w, d)
         workspace = None if self._tracing else self._workspace
         distances = mahalanobis(emb.flatten(1, 2), self.mean, self.factor, workspace)  # (B, P)

@@ -40,6 +40,8 @@ from padim.pipeline.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_S
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf stops at 2 GB)
 GRAPH_TENSORS = ("mean", "precision_factor_packed", "channel_idx", "projection")  # what the graph is built from
+# the graph traced from those tensors (padim.core.lean): a new revision makes cached exports of the old one stale
+GRAPH_REVISION = "lean-1"
 
 EXPORT_INSTALL_HINT = 'pip install "padim[export]"'
 OPENVINO_INSTALL_HINT = 'pip install "padim[openvino]"'
@@ -136,15 +138,16 @@ def graph_key(model_path) -> str:
 
     Not of the whole file: thresholds, their sources and the calibration scores change without
     changing the graph (``padim test --store-oracle-thresholds`` rewrites them), and that must not
-    make a cached export stale (``test_export`` checks that the graph bytes stay identical)."""
+    make a cached export stale (``test_export`` checks that the graph bytes stay identical). The
+    graph's revision (``GRAPH_REVISION``) is in it: a padim that traces another graph rebuilds."""
     from padim.files.safetensors_io import read_header, read_metadata
 
     header, header_bytes = read_header(model_path)
     meta = read_metadata(model_path)
     identity = {key: meta.get(key) for key in ("config", "feature_hw", "weights_source", "weights_sha256")}
     tensors = {name: header.get(name) for name in GRAPH_TENSORS if name in header or name != "projection"}
-    digest = hashlib.sha256(json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": identity,
-                                        "tensors": tensors}, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "graph": GRAPH_REVISION,
+                                        "model": identity, "tensors": tensors}, sort_keys=True).encode())
     with open(model_path, "rb") as handle:
         for name in tensors:
             start, stop = tensors[name]["data_offsets"] if tensors[name] else (0, 0)

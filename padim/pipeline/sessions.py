@@ -33,8 +33,9 @@ def _import_engine(engine: str):
 
 
 class _OnnxRuntimeSession:
-    """ONNX Runtime on the CPU. ``threads``: intra-op threads of this session (None: ORT's default,
-    one per physical core); nothing process-wide is set."""
+    """ONNX Runtime on the CPU, its graph optimisation at the highest level (``ORT_ENABLE_ALL``:
+    the NCHWc layout, fusions). ``threads``: intra-op threads of this session's own pool (None:
+    ORT's default, one per physical core); nothing process-wide is set."""
 
     def __init__(self, path: Path, precision: str, threads: Optional[int]):
         if precision != "f32":
@@ -42,8 +43,11 @@ class _OnnxRuntimeSession:
                               "use `engine` openvino for bf16")
         ort = _import_engine("onnxruntime")
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # layout (NCHWc) and fusions
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of operations: no inter-op pool
+        options.inter_op_num_threads = 1
         if threads:
-            options.intra_op_num_threads = int(threads)
+            options.intra_op_num_threads = int(threads)  # this session's own pool; nothing process-wide
         self.path = path
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
