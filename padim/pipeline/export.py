@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -158,7 +158,7 @@ def graph_key(model_path) -> str:
 
 
 def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[str],
-                   files: Sequence[Path]) -> Path:
+                   files: Sequence[Path], extra: Optional[dict] = None) -> Path:
     """``padim.json``: what the graph takes and gives, the SHA-256 of every graph file (``sha256``),
     the model's header (``model``: config, feature_hw, thresholds, calibration fields, provenance),
     read by ``padim.runtime``, and last its own ``checksum`` (``padim.runtime.checksummed_json``).
@@ -175,6 +175,7 @@ def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[
         "graph_key": key,
         **declared_io(height, width),
         "exported_by": {"padim": __version__, "torch": torch.__version__},
+        **(extra or {}),  # an int8 export's "precision" and "quantization" (padim.pipeline.quantize)
         "model": metadata,
     }
     try:
@@ -188,12 +189,15 @@ def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[
 
 
 def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = None, key: Optional[str] = None,
-                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Path:
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES, graph_step: Optional[Callable] = None) -> Path:
     """Exports a fitted ``PaDiM`` to ``folder`` in ``fmt`` ("onnx" or "openvino"); returns the folder.
 
     metadata: the header to put beside the graph (default: built from the model's attributes;
     ``padim export`` passes the model file's own). The files appear whole or not at all: they are
     written to a temporary folder next to ``folder`` and moved in.
+    graph_step: for "openvino", instead of the plain conversion, (ONNX file, work folder, header) ->
+    (graph files, header, extra padim.json fields): how an int8 export (``padim.pipeline.quantize``)
+    quantises the graph and recomputes the thresholds with it before anything is written.
     """
     if fmt not in GRAPH_FILES:
         raise ExportError(f"export format must be one of {', '.join(GRAPH_FILES)}, got {fmt!r}")
@@ -212,9 +216,16 @@ def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = No
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
     try:
         files = export_onnx(graph, work / GRAPH_FILES["onnx"], external_data_bytes)
-        if fmt == "openvino":
+        extra = None
+        if fmt == "openvino" and graph_step is not None:
+            files, metadata, extra = graph_step(files[0], work, metadata)
+            try:
+                check_model_record(metadata, folder)
+            except EngineError as exc:
+                raise ExportError(str(exc)) from None
+        elif fmt == "openvino":
             files = onnx_to_openvino(files[0], work / GRAPH_FILES["openvino"])
-        files.append(write_metadata(work, fmt, graph, metadata, key, files))
+        files.append(write_metadata(work, fmt, graph, metadata, key, files, extra))
         for stale in list(GRAPH_FILES.values()) + ["model.onnx.data", "model.bin", METADATA_FILE]:
             if (folder / stale).exists():
                 (folder / stale).unlink()
