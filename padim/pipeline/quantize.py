@@ -37,7 +37,7 @@ from padim.pipeline.export_folder import GRAPH_FILES, file_sha256
 from padim.pipeline.sessions import open_session
 
 QUANTIZATION_IMAGES = 300  # training images NNCF calibrates its ranges on, at most (its own default subset)
-SCORING_BATCH = 8  # held-out images per int8 batch (the graph's results do not depend on it; tested)
+SCORING_BATCH = 8  # held-out images per int8 batch (OpenVINO's kernels, chosen by shape, move the last bits with it)
 NNCF_INSTALL_HINT = 'pip install nncf openvino (or: pip install "padim[int8]")'
 PRECISION_KEY, QUANTIZATION_KEY = "precision", "quantization"  # padim.json's fields of an int8 export
 
@@ -170,10 +170,12 @@ def score_pixels_with(session, pixels: Sequence[np.ndarray]) -> Tuple[np.ndarray
     return np.concatenate(scores), np.concatenate(maps)
 
 
-def int8_header(metadata: dict, scores: Optional[np.ndarray], maps: Optional[np.ndarray]) -> dict:
+def int8_header(metadata: dict, scores: Optional[np.ndarray], maps: Optional[np.ndarray],
+                pixel_target: float = cal.DEFAULT_TARGET_PIXEL_FPR) -> dict:
     """The model header of an int8 export: ``metadata`` (the model file's) with every threshold,
     source and calibration score replaced by those of the int8 scores of the held-out images
-    (``scores`` (n,), ``maps`` (n, H, W)); none when the model has no calibration images."""
+    (``scores`` (n,), ``maps`` (n, H, W)), at the model's target FPR and ``pixel_target`` (the
+    header's, else the loaded model's); none when the model has no calibration images."""
     header = {**metadata, "stale_images": None, "calibrated_sources": None, "thresholds_note": None}
     thresholds = dict.fromkeys(("image_threshold", "pixel_threshold", "threshold_source", "pixel_threshold_source"))
     if scores is None or not len(scores):
@@ -181,10 +183,11 @@ def int8_header(metadata: dict, scores: Optional[np.ndarray], maps: Optional[np.
                 "thresholds_from": "none: the model has no held-out images (give thresholds by hand)"}
     calibration = cal.Calibration.from_scores(scores, maps, "holdout")
     target = metadata.get("target_fpr") or cal.DEFAULT_TARGET_FPR
-    pixel_target = metadata.get("target_pixel_fpr") or cal.DEFAULT_TARGET_PIXEL_FPR
+    pixel_target = metadata.get("target_pixel_fpr") or pixel_target
     point = cal.operating_point(calibration, cal.OperatingPoint(), target, target_pixel_fpr=pixel_target)
     return {**header, "image_threshold": point.image_threshold, "pixel_threshold": point.pixel_threshold,
             "threshold_source": point.source, "pixel_threshold_source": point.pixel_source, "target_fpr": target,
+            "target_pixel_fpr": pixel_target,
             "calibration_method": "holdout", "n_calibration_images": calibration.n,
             "calibration": calibration_record(calibration),
             "thresholds_from": f"int8 graph, {calibration.n} held-out images"}
@@ -219,6 +222,7 @@ def export_int8(model_path, train_images: Sequence, output, weights: Optional[st
             scores, maps = score_pixels_with(session, decoded(held_out, model.config_))
             del session
         done.update(images=len(chosen), held_out=len(held_out), training_images_sha256=digest)
-        return files, int8_header(header, scores, maps), {PRECISION_KEY: "int8", QUANTIZATION_KEY: done}
+        header = int8_header(header, scores, maps, model.target_pixel_fpr)
+        return files, header, {PRECISION_KEY: "int8", QUANTIZATION_KEY: done}
 
     return export_model(model, output, "openvino", metadata=metadata, key=int8_graph_key(key), graph_step=step)
