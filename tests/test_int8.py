@@ -96,6 +96,36 @@ def test_the_backbone_is_int8_and_the_gaussian_part_f32(int8):
     assert kinds["Convolution"][-1] is False  # the last layer's channel selection reads f32
 
 
+def test_the_refitted_gaussians_are_those_of_the_shipped_graphs_own_features(int8, tmp_path):
+    """The Gaussians are refitted on int8 features from a graph quantised apart (with the embeddings
+    as an extra output); the shipped graph, quantised again on the same images, must compute the
+    same features: its maps equal the maps of the first graph's embeddings under the new Gaussians."""
+    import openvino as ov
+    import torch
+
+    from padim.core.scorer import PatchScorer
+    from padim.pipeline.export import export_onnx
+    from padim.pipeline.quantize import decoded, quantized_model, refit_gaussians
+    from padim.pipeline.sessions import openvino_config
+
+    model, train = int8["model"], int8["category"].train[:24]
+    pixels = decoded(train, model.config_)
+    mean, factor = refit_gaussians(model, train, pixels, tmp_path)
+    assert not torch.allclose(mean, model.mean_, rtol=1e-3)  # int8 features are not f32 ones
+    c = model.config_
+    scorer = PatchScorer(model.extractor_, model.channel_idx_, model.projection_, mean, factor, model.feature_hw_,
+                         c.input_size, c.sigma, c.mean, c.std).eval()
+    core, test = ov.Core(), np.stack(decoded([s.path for s in int8["category"].test], c))
+    outputs = []
+    for onnx_path in (tmp_path / "deltas.onnx", export_onnx(scorer, tmp_path / "shipped.onnx")[0]):
+        request = core.compile_model(quantized_model(onnx_path, pixels)[0], "CPU", openvino_config("int8"))
+        outputs.append({p.get_any_name(): np.array(v) for p, v in request.create_infer_request().infer({0: test}).items()})
+    embeddings = torch.from_numpy(outputs[0]["deltas"] + model.mean_.numpy()[:, None, :])
+    distances = torch.linalg.vector_norm(torch.matmul(embeddings - mean[:, None], factor.transpose(1, 2)), dim=2).T
+    maps = (scorer.rows @ distances.unflatten(1, model.feature_hw_) @ scorer.cols_t).numpy()
+    np.testing.assert_allclose(outputs[1]["maps"], maps, rtol=1e-4, atol=1e-4 * maps.max())
+
+
 def test_f32_thresholds_are_never_paired_with_int8_scores(int8, tmp_path):
     f32 = export_file(int8["path"], "openvino", tmp_path / "f32", model=int8["model"])
     with pytest.raises(EngineError, match="is an int8 graph"):

@@ -141,11 +141,16 @@ class LeanGraph(nn.Module):
             return delta.reshape(self.grid[0] * self.grid[1], delta.shape[2], delta.shape[3])
         return torch.cat(parts, dim=2)
 
-    def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def scored(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> maps (B, H, W), scores (B,) and the embeddings minus the mean, (P, B, d)."""
         x = pixels.to(torch.float32)
         x = x - self.offset if self.offset is not None else x * self.scale + self.shift
         delta = self.deltas(self.extractor(x.permute(0, 3, 1, 2)))  # (P, B, d)
         whitened = torch.matmul(delta, self.factor.transpose(1, 2))  # (P, B, d): W (x - mean) per patch
         distances = torch.linalg.vector_norm(whitened, dim=2).T  # (B, P)
         maps = self.rows @ distances.unflatten(1, self.grid) @ self.cols_t  # (B, H, W)
-        return maps, maps.amax(dim=(1, 2))
+        return maps, maps.amax(dim=(1, 2)), delta
+
+    def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        maps, scores, _ = self.scored(pixels)
+        return maps, scores

@@ -115,6 +115,15 @@ class PatchScorer(nn.Module):
         if self.plan is None:
             self.plan = layer_plan([f.shape[1] for f in feature_maps], self.channel_idx, self.projection)
 
+    def with_deltas(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inside ``tracing()``: ``forward``'s maps and scores and the embeddings minus the mean,
+        (P, B, d) (an int8 export refits its Gaussians on the int8 graph's embeddings)."""
+        if self._lean is not None:
+            return self._lean.scored(pixels)
+        maps, scores = self.forward(pixels)
+        delta = self.embeddings(self.normalise(pixels)).flatten(1, 2) - self.mean  # (B, P, d)
+        return maps, scores, delta.transpose(0, 1)
+
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._tracing and self._lean is not None:
             return self._lean(pixels)

@@ -127,7 +127,10 @@ def _cached(model_path, key: str, fmt: str, precision: str, build: Callable[[Pat
     if record is None:
         raise EngineError(f"the export cache {root} does not keep what is written to it ({problem_after}); set "
                           f"{CACHE_ENV} to another folder")
-    if problem not in ("absent", "replaced"):
+    if problem == "replaced":
+        (note or _stderr)(f"note: the cached {precision} export of {model_path} was calibrated on other training "
+                          "images: made again on these")
+    elif problem != "absent":
         (note or _stderr)(f"warning: the cached export of {model_path} was damaged: rebuilt")
     return target, record
 

@@ -59,10 +59,22 @@ def _require(module: str, hint: str):
         raise ExportError(f"exporting needs the package {module!r}: {hint}") from None
 
 
-def export_onnx(graph, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> List[Path]:
+class _WithDeltas(torch.nn.Module):
+    """A ``PatchScorer`` traced with a third output, ``deltas`` (P, B, d): its embeddings minus the mean."""
+
+    def __init__(self, scorer):
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, pixels):
+        return self.scorer.with_deltas(pixels)
+
+
+def export_onnx(graph, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES, deltas: bool = False) -> List[Path]:
     """Writes ``graph`` to ``path`` (ONNX, dynamic batch); returns the files written.
 
-    The weights go to ``path`` + ".data" when they pass ``external_data_bytes``."""
+    The weights go to ``path`` + ".data" when they pass ``external_data_bytes``. ``deltas``: with
+    the embeddings minus the mean as a third output (what an int8 export refits its Gaussians on)."""
     _require("onnx", EXPORT_INSTALL_HINT)
     _require("onnxscript", EXPORT_INSTALL_HINT)
     height, width = graph.rows.shape[0], graph.cols_t.shape[1]
@@ -77,8 +89,10 @@ def export_onnx(graph, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTE
 
     with warnings.catch_warnings(), torch.no_grad(), graph.tracing():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals are not the user's
-        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},),
+        module = _WithDeltas(graph).eval() if deltas else graph
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=list(OUTPUT_NAMES) + (["deltas"] if deltas else []),
+                                    dynamic_shapes=({0: batch},),
                                     external_data=external, verbose=False, report=False)
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
@@ -189,7 +203,8 @@ def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[
 
 
 def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = None, key: Optional[str] = None,
-                 external_data_bytes: int = EXTERNAL_DATA_BYTES, graph_step: Optional[Callable] = None) -> Path:
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES, graph_step: Optional[Callable] = None,
+                 scorer=None) -> Path:
     """Exports a fitted ``PaDiM`` to ``folder`` in ``fmt`` ("onnx" or "openvino"); returns the folder.
 
     metadata: the header to put beside the graph (default: built from the model's attributes;
@@ -198,6 +213,8 @@ def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = No
     graph_step: for "openvino", instead of the plain conversion, (ONNX file, work folder, header) ->
     (graph files, header, extra padim.json fields): how an int8 export (``padim.pipeline.quantize``)
     quantises the graph and recomputes the thresholds with it before anything is written.
+    scorer: the ``PatchScorer`` to trace (default: the model's own; an int8 export's Gaussians
+    are refitted on int8 features).
     """
     if fmt not in GRAPH_FILES:
         raise ExportError(f"export format must be one of {', '.join(GRAPH_FILES)}, got {fmt!r}")
@@ -212,7 +229,7 @@ def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = No
     except EngineError as exc:
         raise ExportError(str(exc)) from None
     folder.mkdir(parents=True, exist_ok=True)
-    graph = model.scorer_  # the module the torch engine runs: one scoring path
+    graph = scorer if scorer is not None else model.scorer_  # the module the torch engine runs: one scoring path
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
     try:
         files = export_onnx(graph, work / GRAPH_FILES["onnx"], external_data_bytes)

@@ -86,11 +86,7 @@ class _OpenVinoSession:
             if "BF16" not in capabilities:
                 raise EngineError(f"`precision` bf16: this CPU has no bf16 support (OpenVINO reports "
                                   f"{', '.join(capabilities)}); use f32")
-        config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "int8" else precision,
-                  "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
-                  "ENABLE_CPU_PINNING": False, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        config = openvino_config(precision, threads)
         self.path = path
         try:
             self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
@@ -119,6 +115,16 @@ class _OpenVinoSession:
             raise EngineError(f"openvino cannot score with {self.path}: {one_line(exc)}") from None
         outputs = {output.get_any_name(): value for output, value in results.items()}
         return np.array(outputs["maps"]), np.array(outputs["scores"])  # copies: the request reuses its buffers
+
+
+def openvino_config(precision: str, threads: Optional[int] = None) -> dict:
+    """The compile settings of an OpenVINO session (see ``_OpenVinoSession``): int8 graphs run their
+    other operations in f32."""
+    config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "int8" else precision,
+              "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0, "ENABLE_CPU_PINNING": False, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
 
 
 # the engines' element type names -> NumPy's
