@@ -233,11 +233,15 @@ def test_an_int8_export_scores_without_torch(int8):
 # ---------------------------------------------------------------------------- real data (accuracy)
 DATA = Path(os.environ.get("PADIM_MAGNETIC_TILE",
                            Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"))
-# int8 - f32 on this subset, measured (efficientnet_lite0, 256 px, fit on every 4th training image,
-# every 3rd test image of each kind): see INT8_MEASURED below; the bound leaves room for another CPU's
-# int8 kernels, it is not the 0.005 target (benchmarks/engines.py measures that on whole sets)
-INT8_MEASURED = {"image_AUROC": None, "pixel_AUROC": None}
-INT8_BOUND = 0.02
+# int8 - f32 on this subset, measured here (2-core AMD EPYC, AVX2 without VNNI or AVX-512, OpenVINO
+# 2026.4, NNCF 3.4; efficientnet_lite0, 256 px, fitted on every 4th training image: 171 + 20 held out;
+# every 3rd test image of each kind): f32 image AUROC 0.8932, pixel AUROC 0.7184, AUPRO 0.6169;
+# int8 - f32: -0.0043, 0.0000, -0.0006. On the whole set (685 + 76 held out, 583 test images):
+# f32 0.9199 / 0.7312 / 0.6518, int8 - f32: -0.0020 / +0.0029 / -0.0086 (without the refitted
+# Gaussians: -0.0276 / +0.0026 / -0.0176). The bound leaves room for another CPU's int8 kernels; it is
+# not the 0.005 target (benchmarks/engines.py measures that on whole sets).
+INT8_MEASURED = {"image_AUROC": -0.0043, "pixel_AUROC": 0.0, "pixel_AUPRO": -0.0006}
+INT8_BOUND = 0.015
 
 
 def test_int8_accuracy_on_magnetic_tile(tmp_path):
