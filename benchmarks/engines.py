@@ -324,6 +324,28 @@ def print_summary(results) -> None:
               f"{fmt(over_floor(int8), '.2f')} |")
 
 
+def machine() -> dict:
+    """The CPU (model, cores, the instruction sets int8 and bf16 speed depend on) and the versions."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+        info["isa"] = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni"))
+    except (OSError, StopIteration):
+        pass
+    for package in ("torch", "onnxruntime", "openvino", "nncf"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = None
+    return info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True, type=Path)
@@ -355,7 +377,8 @@ def main() -> None:
             results.append(run(args, category, backbone, threads))
             print_run(results[-1])
     print_summary(results)
-    text = json.dumps({"machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__}, "runs": results})
+    print(f"\nmachine: {json.dumps(machine())}")
+    text = json.dumps({"machine": machine(), "runs": results})
     if args.output is not None:
         args.output.write_text(text + "\n")
     print(text)
