@@ -69,9 +69,9 @@ class TorchFloor:
     ``PatchScorer`` runs it."""
 
     def __init__(self, model):
-        from padim.core.features import CPU_FORWARD_CHUNK
+        from padim.core.features import cpu_chunk
 
-        self.extractor, self.chunk = model.extractor_, CPU_FORWARD_CHUNK
+        self.extractor, self.chunk = model.extractor_, cpu_chunk(*model.config_.input_size)
 
     def __call__(self, x: np.ndarray):
         x = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)

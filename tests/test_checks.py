@@ -68,7 +68,7 @@ def test_n_features_outside_the_layers_channels(synthetic_root, tmp_path, capsys
 
 def test_n_features_zero_in_the_library_is_not_the_default(synthetic_root, no_image_reads):
     train = sorted((synthetic_root / "fabric" / "train" / "good").glob("*.png"))
-    with pytest.raises(PadimError, match="n-features must be 1 to 448"):
+    with pytest.raises(PadimError, match="`n_features` must be 1 to 448"):
         padim.core.estimator.PaDiM(**FAST, n_features=0).fit(train)
 
 
@@ -96,7 +96,7 @@ def test_batch_size_below_one_on_every_command(synthetic_root, model_file, tmp_p
 
 
 def test_library_load_refuses_batch_size_zero(model_file):
-    with pytest.raises(PadimError, match="batch-size"):
+    with pytest.raises(PadimError, match="`batch_size`"):
         padim.core.estimator.PaDiM.load(model_file, device="cpu", batch_size=0)
 
 

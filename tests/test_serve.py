@@ -99,7 +99,7 @@ def assert_serving(client, paths):
 # ----------------------------------------------------------------------------------------- routes
 def test_health_is_503_until_models_are_warmed(served, monkeypatch):
     release = threading.Event()
-    import padim.serve.app as app_module
+    import padim.serve.versions as app_module  # where each version's batcher finds warm_up and score_pixels
 
     real = app_module.warm_up
     monkeypatch.setattr(app_module, "warm_up", lambda model, n: (release.wait(30), real(model, n)))
@@ -169,7 +169,10 @@ def test_operating_point_per_request_never_changes_the_model(client, served, tes
                                                                            expected.threshold_source)}
         if query == "target_fpr=0.01":  # 20 images cannot guarantee 1 %: said, never hidden
             assert "guarantee only 4.76%" in results["warnings"][0]
-    assert client.get("/models/tile").json() == before
+    def fixed(info):  # what a request may change: the drift alarm's state, not the model
+        return {key: value for key, value in info.items() if key != "drift"}
+
+    assert fixed(client.get("/models/tile").json()) == fixed(before)
     manual = client.post("/models/plain/predict?threshold=1e9", files=files_of(test_images[:1])).json()["results"][0]
     assert manual["label"] == "good" and manual["threshold_source"] == "manual"
 
@@ -414,7 +417,7 @@ def test_api_key_guards_every_route_but_health(served, test_images):
 
 
 def test_full_queue_answers_503_with_retry_after(served, test_images, monkeypatch):
-    import padim.serve.app as app_module
+    import padim.serve.versions as app_module
 
     gate, entered = threading.Event(), threading.Event()
     real = app_module.score_pixels

@@ -130,3 +130,46 @@ def test_page_scores_an_upload_and_redraws_at_new_thresholds(calibrated_model, d
             assert reddish.sum() > 50 or blueish.sum() > 50  # the jet heatmap is on screen
         finally:
             driver.quit()
+
+
+def test_page_shows_a_banner_while_a_drift_alarm_is_on(calibrated_model, tmp_path):
+    """Pictures of another kind (noise) into the fabric model: the drift alarm fires, the page says so
+    in a banner naming the model and the streams; after a reset the banner is gone."""
+    import http.client
+    import io
+
+    def post(port, path, body=b"", content_type="application/octet-stream"):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            connection.request("POST", path, body, {"Content-Type": content_type})
+            answer = connection.getresponse()
+            return answer.status, answer.read()
+        finally:
+            connection.close()
+
+    with Server([calibrated_model, "--max-batch", "4"], tmp_path) as server:
+        rng = np.random.default_rng(0)
+        for i in range(30):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+            body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"n.png\"\r\n\r\n"
+                    + buffer.getvalue() + b"\r\n--b--\r\n")
+            assert post(server.port, "/models/tile/predict", body, "multipart/form-data; boundary=b")[0] == 200
+            if get(server.url + "/models/tile")[1]["drift"]["alarm"]:
+                break
+        streams = get(server.url + "/models/tile")[1]["drift"]["streams_alarmed"]
+        assert streams  # the alarm is on
+        driver = chromium(tmp_path)
+        try:
+            wait = WebDriverWait(driver, 60)
+            driver.get(server.url + "/")
+            wait.until(lambda d: d.find_element(By.ID, "drift-banner").is_displayed())
+            banner = driver.find_element(By.ID, "drift-banner")
+            assert banner.get_attribute("role") == "alert"
+            assert "Drift alarm on model tile" in banner.text and "stream " + " and ".join(streams) in banner.text
+            assert post(server.port, "/models/tile/drift/reset")[0] == 200
+            driver.get(server.url + "/")
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+            assert not driver.find_element(By.ID, "drift-banner").is_displayed()
+        finally:
+            driver.quit()

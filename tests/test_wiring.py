@@ -65,7 +65,8 @@ PAPER_BACKBONES = {  # Defard et al. 2020: layers 1-3, d = 100 (ResNet-18) and 5
 }
 PAPER_SETTINGS = {"sigma": 4.0, "epsilon": 0.01, "image_size": (256, 256), "crop": None, "seed": 0,
                   "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "factor_dtype": "float32", "weights": "imagenet",
-                  "reduction": "random", "covariance": "fixed"}  # random channels, + 0.01 I
+                  "reduction": "random", "covariance": "fixed",  # random channels, + 0.01 I
+                  "tile": None, "tile_overlap": 0, "tile_statistics": "position"}  # the whole picture at once
 
 
 @pytest.mark.parametrize("backbone", sorted(PAPER_BACKBONES))

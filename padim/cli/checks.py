@@ -21,7 +21,8 @@ def check_args(args) -> None:
         layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
         checks.check_fit_options(args.backbone, layers, args.n_features, args.image_size, args.crop, args.seed,
                                  args.batch_size, args.factor_dtype, args.device, reduction=args.reduction,
-                                 covariance=args.covariance)
+                                 covariance=args.covariance, tile=args.tile, tile_overlap=args.tile_overlap,
+                                 tile_statistics=args.tile_statistics)
         outputs.check_output_file(args.output)
         if args.keep_statistics is not None:
             outputs.check_output_file(args.keep_statistics, "--keep-statistics")
@@ -44,7 +45,8 @@ def check_args(args) -> None:
     elif args.command == "benchmark":
         checks.check_fit_options(args.backbone, None, args.n_features, args.image_size, None, args.seed,
                                  args.batch_size, "float32", args.device, reduction=args.reduction,
-                                 covariance=args.covariance)
+                                 covariance=args.covariance, tile=args.tile, tile_overlap=args.tile_overlap,
+                                 tile_statistics=args.tile_statistics)
         outputs.check_output_folder(args.output)
         if args.cpus_per_category < 1:
             raise PadimError(f"--cpus-per-category must be at least 1, got {args.cpus_per_category}")
@@ -53,7 +55,12 @@ def check_args(args) -> None:
                 raise PadimError("--ray runs the categories on the workers' CPUs; --device cuda is for a local run")
             require_ray(args.ray)
     elif args.command == "predict":
+        from padim.serve.settings import check_drift_delta
+
+        check_drift_delta(args.drift_delta)
         check_predict_ray(args)
+    elif args.command == "serve":
+        check_serve(args)
     elif args.command == "test":
         outputs.check_output_folder(args.output if args.output is not None else Path("padim-test") / args.category)
         if args.store_oracle_thresholds and args.precision == "int8":
@@ -92,6 +99,37 @@ def check_export(args) -> None:
     elif args.data_root is not None or args.category is not None:
         raise PadimError("--data-root and --category are for --precision int8 (an f32 export needs only --model)")
     args.format = args.format or ("openvino" if args.precision == "int8" else "onnx")
+
+
+def serve_settings(args):
+    """``padim serve``'s options -> its ``ServeSettings`` (not yet checked)."""
+    from padim.serve.settings import ServeSettings
+
+    return ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
+                         max_upload_mb=args.max_upload_mb, max_files=args.max_files, api_key=args.api_key,
+                         drift_delta=args.drift_delta, webhook=args.webhook, reload_interval=args.reload_interval,
+                         log_decisions=None if args.log_decisions is None else str(args.log_decisions),
+                         log_max_mb=args.log_max_mb,
+                         keep_flagged=None if args.keep_flagged is None else str(args.keep_flagged),
+                         keep_max_gb=1.0 if args.keep_max_gb is None else args.keep_max_gb)
+
+
+def check_serve(args) -> None:
+    """padim serve's settings, and the folders it writes into: writable, and not the models' folder."""
+    from padim.files import outputs
+
+    serve_settings(args).check()
+    if args.keep_max_gb is not None and args.keep_flagged is None:
+        raise PadimError("--keep-max-gb is the limit of --keep-flagged DIR: give that folder too")
+    for option, folder in (("--log-decisions", args.log_decisions), ("--keep-flagged", args.keep_flagged)):
+        if folder is not None:
+            outputs.check_output_folder(folder, option)
+    if args.log_decisions is not None and args.keep_flagged is not None and \
+            args.log_decisions.resolve() == args.keep_flagged.resolve():
+        raise PadimError("--log-decisions and --keep-flagged must be two different folders")
+    models = [args.models_dir] if args.models_dir is not None else []
+    outputs.check_no_overlap({"MODEL": list(args.models), "--models": models}, {},
+                             {"--log-decisions": args.log_decisions, "--keep-flagged": args.keep_flagged})
 
 
 def check_predict_ray(args) -> None:
@@ -134,7 +172,10 @@ def check_overlaps(args) -> None:
     weights = [args.weights] if isinstance(getattr(args, "weights", None), (str, Path)) and \
         str(args.weights) not in ("imagenet", "random") else []
     if args.command == "fit":
-        check_no_overlap({"--data-root": [args.data_root / args.category], "--weights": weights},
+        if args.ignore_mask is not None and not args.ignore_mask.is_file():
+            raise PadimError(f"--ignore-mask {args.ignore_mask} is not a file")
+        check_no_overlap({"--data-root": [args.data_root / args.category], "--weights": weights,
+                          "--ignore-mask": [args.ignore_mask]},
                          {"--output": args.output, "--keep-statistics": args.keep_statistics})
     elif args.command == "update":
         check_no_overlap({"--model": [args.model], "--statistics": [args.statistics], "--add": args.add,

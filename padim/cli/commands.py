@@ -30,13 +30,19 @@ def cmd_fit(args) -> None:
     model = fit_category(args.data_root, args.category, args.output, backbone=args.backbone, weights=args.weights,
                          layers=layers, n_features=args.n_features, image_size=args.image_size, crop=args.crop,
                          seed=args.seed, factor_dtype=args.factor_dtype, batch_size=args.batch_size,
-                         reduction=args.reduction, covariance=args.covariance,
-                         calibration_fraction=args.calibration_fraction, calibration=args.calibration,
+                         reduction=args.reduction, covariance=args.covariance, tile=args.tile,
+                         tile_overlap=args.tile_overlap, tile_statistics=args.tile_statistics,
+                         ignore_mask=args.ignore_mask, calibration_fraction=args.calibration_fraction, calibration=args.calibration,
                          folds=args.folds, target_fpr=args.target_fpr, target_pixel_fpr=args.target_pixel_fpr,
                          device=args.device, progress=None, keep_statistics=args.keep_statistics, cluster=cluster)
     size_mb = args.output.stat().st_size / 1e6
     options = "" if (model.config_.reduction, model.config_.covariance) == ("random", "fixed") else \
         f", {model.config_.reduction} reduction, {model.config_.covariance} covariance"
+    if model.config_.tile is not None:
+        from padim.core.tiling import n_tiles
+
+        options += (f", {n_tiles(model.config_)} tiles of {model.config_.tile} px per picture "
+                    f"({model.config_.tile_statistics} statistics)")
     print(f"fitted {model.config_.backbone} (weights: {model.weights_source_}, d={model.config_.n_features}{options}, "
           f"layers {','.join(model.config_.layers)}) on {model.n_train_images_} images of {args.category} "
           f"in {model.fit_seconds_:.1f} s -> {args.output} ({size_mb:.1f} MB)")
@@ -114,7 +120,8 @@ def cmd_benchmark(args) -> None:
                   backbone=args.backbone, weights=args.weights, n_features=args.n_features,
                   image_size=args.image_size, seed=args.seed, tune_malloc=True, engine=args.engine,
                   precision=args.precision, reduction=args.reduction, covariance=args.covariance, ray=args.ray,
-                  cpus_per_category=args.cpus_per_category)
+                  cpus_per_category=args.cpus_per_category, tile=args.tile, tile_overlap=args.tile_overlap,
+                  tile_statistics=args.tile_statistics)
     _print_results(args.output)
 
 
@@ -176,19 +183,22 @@ def cmd_serve(args) -> None:
     except ImportError as exc:
         raise PadimError(f"the service needs the serve extra ({exc.name} is missing): pip install \"padim[serve]\" "
                          "(from a checkout: pip install \".[serve]\")") from None
-    from padim.serve import ServeSettings, load_models
+    from padim.cli.checks import serve_settings
+    from padim.serve import load_models
     from padim.serve.registry import model_files
     from padim.serve.server import run
+    from padim.serve.versions import ModelSource
 
-    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
-                             max_upload_mb=args.max_upload_mb, max_files=args.max_files, api_key=args.api_key)
+    settings = serve_settings(args)
     settings.check()
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"padim serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "address can use the service", file=sys.stderr)
     models = load_models(model_files(args.models, args.models_dir), device=args.device, batch_size=args.max_batch,
                          engine=args.engine, precision=args.precision)
+    source = ModelSource(args.models, args.models_dir, device=args.device, batch_size=args.max_batch,
+                         engine=args.engine, precision=args.precision)
     if any(getattr(entry.model, "device_", None) is not None and entry.model.device_.type == "cpu"
            for entry in models.values()):
         tune_malloc()
-    run(models, settings, host=args.host, port=args.port, log_level=args.log_level)
+    run(models, settings, host=args.host, port=args.port, log_level=args.log_level, source=source)

@@ -62,6 +62,19 @@ def _engine_option(parser: argparse.ArgumentParser, export_help: str) -> None:
                              "--data-root/--category and cached, or by 'padim export --precision int8'); default f32")
 
 
+def _tile_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tile", type=int, default=None, metavar="S",
+                        help="cut each picture, at --image-size (HxW, up to its native size), into S x S tiles, each "
+                             "embedded at S x S; maps stitched back; for large pictures and small defects "
+                             "(default: no tiles, the whole picture resized to --image-size)")
+    parser.add_argument("--tile-overlap", type=int, default=None, metavar="O",
+                        help="pixels neighbouring tiles share (default: S / 8)")
+    parser.add_argument("--tile-statistics", choices=("position", "shared"), default="position",
+                        help="position: Gaussians per position of every tile (parts in a fixed place); shared: one "
+                             "set for all tiles (uniform textures and surfaces; T times fewer statistics) "
+                             "(default: position)")
+
+
 def _accuracy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reduction", choices=REDUCTION_NAMES, default="random",
                         help="how the d channels are made: random (d of the layers' channels, the paper's) or "
@@ -106,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="storage of the precision factor: float16 halves the model file; scores moved by <= 1e-4 "
                           "relative on magnetic_tile (scoring still computes in float32; default: float32)")
     _accuracy_options(fit)
+    _tile_options(fit)
+    fit.add_argument("--ignore-mask", type=Path, default=None, metavar="ROI",
+                     help="a picture of any size whose non-black (e.g. white) pixels never count: not for the image "
+                          "score, the pixel threshold, the masks or the metrics (a label, a fixture, the background); "
+                          "stored in the model, hatched on heatmaps")
     fit.add_argument("--calibration-fraction", type=float, default=0.1,
                      help="part of train/good held out (seeded) to calibrate the thresholds on good images: at least "
                           "20 images, none when the training set is under 40; 0 turns calibration off (default: 0.1)")
@@ -171,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="score images with a fitted model",
                                   description="Print one JSON line per image: path, score, p_value (against the "
-                                              "model's calibration images), threshold, threshold_source and label. "
+                                              "model's calibration images), threshold, threshold_source, label and "
+                                              "drift_log10 (the drift alarm over the run, in input order). "
                                               "With --ray: score on a Ray cluster into a Parquet folder (--output), "
                                               "a row per image, resumed by a rerun.")
     predict.add_argument("--model", type=Path, default=None,
@@ -191,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--pixel-threshold", type=float, default=None, help="draw masks at this pixel threshold")
     _engine_option(predict, "with --engine onnxruntime|openvino: an export folder ('padim export'); needs no --model "
                             "and no PyTorch")
+    _drift_option(predict)
     _device_option(predict)
     predict.add_argument("--ray", default=None, metavar="ADDRESS",
                          help="score on a Ray cluster: 'local' (this machine) or HOST:PORT of a running cluster; the "
@@ -237,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image-size", type=_size, default=256, help="N or HxW (default: 256)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the channel subset (default: 0)")
     _accuracy_options(bench)
+    _tile_options(bench)
     bench.add_argument("--max-images", type=int, default=None, help="panels for the N highest-scoring defects per category")
     bench.add_argument("--force", action="store_true", help="redo categories that already have results")
     bench.add_argument("--output", required=True, type=Path, help="folder for the results and the report")
@@ -270,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="serve models over HTTP: JSON API and a web page",
                                 description="Serve fitted models: GET /health, GET /models, "
-                                            "POST /models/NAME/predict, GET /metrics, a page at / and API docs at "
-                                            "/docs. Needs the serve extra: pip install \"padim[serve]\".")
+                                            "POST /models/NAME/predict, GET /metrics, GET /models/NAME/drift, "
+                                            "POST /models/NAME/feedback, POST /admin/reload, a page at / and API "
+                                            "docs at /docs. Needs the serve extra: pip install \"padim[serve]\".")
     serve.add_argument("models", nargs="*", type=Path, metavar="MODEL",
                        help="model files; each is reached by its file stem (and its category when unambiguous)")
     serve.add_argument("--models", dest="models_dir", type=Path, default=None, metavar="DIR",
@@ -299,3 +321,31 @@ def _serve_parser(commands) -> None:
                             "file's cached int8 export, or an int8 export folder as MODEL) (default: f32)")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                        help="uvicorn's log level; info shows each request (default: warning)")
+    _line_options(serve)
+
+
+def _drift_option(parser) -> None:
+    parser.add_argument("--drift-delta", type=float, default=0.01, metavar="D",
+                        help="drift alarm (models with calibration): the probability that it ever fires while the "
+                             "images stay exchangeable with the calibration images, per stream (default: 0.01)")
+
+
+def _line_options(serve) -> None:
+    """padim serve on a line for months (issue 23): drift alarms, model versions, the decision log."""
+    _drift_option(serve)
+    serve.add_argument("--webhook", default=None, metavar="URL",
+                       help="POST each drift alarm as JSON to URL (in the background, 5 s timeout; a failure is one "
+                            "log line)")
+    serve.add_argument("--reload-interval", type=float, default=2.0, metavar="S",
+                       help="look at the model files every S seconds: new, changed and removed ones are loaded, "
+                            "warmed up and swapped in live, or refused (the old version keeps serving); 0: only on "
+                            "POST /admin/reload (default: 2)")
+    serve.add_argument("--log-decisions", type=Path, default=None, metavar="DIR",
+                       help="append every decision to JSON-lines files in DIR (one fsynced write per request; "
+                            "rotated at --log-max-mb)")
+    serve.add_argument("--log-max-mb", type=float, default=64.0, metavar="MB",
+                       help="size of one decision log file (default: 64)")
+    serve.add_argument("--keep-flagged", type=Path, default=None, metavar="DIR",
+                       help="keep the images labelled anomalous (with their decision as JSON) in DIR for review")
+    serve.add_argument("--keep-max-gb", type=float, default=None, metavar="N",
+                       help="with --keep-flagged: at most N GB there, the oldest dropped first (default: 1)")

@@ -75,6 +75,32 @@ def _predict_on_ray(args) -> None:
           f"{summary.seconds:.1f} s ({rate:.1f} images/s) -> {summary.output}")
 
 
+def _drift_monitor(model, delta: float):
+    """A drift alarm over this run's scores in input order (None without calibration): each stream
+    fires with probability at most ``delta`` while the images are exchangeable with the calibration
+    images. Seeded (its tie-breaking), so that a rerun prints the same lines."""
+    if model.calibration_ is None:
+        return None
+    from padim.core.calibration import DEFAULT_TARGET_FPR
+    from padim.monitor.drift import DriftMonitor
+
+    return DriftMonitor(model.calibration_.image_scores, delta, model.target_fpr_ or DEFAULT_TARGET_FPR, seed=0)
+
+
+def _drift_step(drift, score: float, index: int, name: str):
+    """Feeds one score -> log10 of the martingale of stream "all"; an alarm that fires is one stderr line."""
+    if drift is None:
+        return None
+    from padim.monitor import STREAM_MEANING
+
+    state = drift.update([score])
+    for stream in state["new_alarms"]:
+        s = state["streams"][stream]
+        stderr(f"drift alarm: stream {stream} at image {index} ({name}): martingale 10^{s['martingale']['log10']:.2f} "
+               f">= 1/delta = {s['threshold']:g}: {STREAM_MEANING[stream]}")
+    return state["streams"]["all"]["martingale"]["log10"]
+
+
 def cmd_predict(args) -> int:
     """Scores; one JSON line per input in input order: a decision, or ``{"path", "error"}`` for a file
     that cannot be read (the others are still scored; exit status 1 when any failed, with a closing
@@ -98,8 +124,11 @@ def cmd_predict(args) -> int:
         from padim.jobs.visualize import common_parent, save_prediction_pictures
 
         common = common_parent(paths)
+        ignore = getattr(model, "ignore_mask_", None)  # hatched on the heatmaps (the torch engine knows it)
+        ignore = None if ignore is None else ignore.cpu().numpy()
     ahead = 1 if args.engine == "torch" and model.device_.type != "cpu" else 0
     counts = {"scored": 0, "errors": 0}
+    drift = _drift_monitor(model, args.drift_delta)
     sources = [Source(str(path), path) for path in paths]
     for batch in score_sources(model, sources, model.batch_size, model.workers, ahead, None, "predict"):
         read = [item for item in batch if item.error is None]
@@ -112,13 +141,14 @@ def cmd_predict(args) -> int:
                 continue
             counts["scored"] += 1
             record = decision(item.source.name, item.score, p_of[item.index], point)
+            record["drift_log10"] = _drift_step(drift, item.score, item.index, item.source.name)
             if model.uses_random_weights:
                 record["warning"] = "random backbone weights"
             if args.output is not None:
                 import torch  # pictures and masks (padim.jobs.visualize) need torch, whatever the engine
 
                 save_prediction_pictures(item.source.item, torch.as_tensor(item.map), item.original_hw, model.config_,
-                                         point.pixel_threshold, args.output, common)
+                                         point.pixel_threshold, args.output, common, ignore)
             print(json_line(record), flush=True)
     stderr(f"scored {counts['scored']}, {counts['errors']} errors")
     return 1 if counts["errors"] else 0

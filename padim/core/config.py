@@ -37,6 +37,10 @@ class PadimConfig:
     covariance:  "fixed": unbiased covariance + epsilon I (the paper's); "oas" / "ledoit-wolf": the
                  maximum-likelihood covariance shrunk towards a multiple of I by an amount estimated
                  from the data at each position (epsilon only as a fallback, see ``padim.core.gaussian``)
+    tile:        None (the whole input is one backbone pass), or S: the input (``image_size``, the
+                 working resolution) cut into S x S tiles overlapping by ``tile_overlap`` pixels, each
+                 embedded at S x S, maps stitched back (``padim.core.tiling``)
+    tile_statistics: "position": Gaussians per position of every tile; "shared": one set for all tiles
     """
 
     backbone: str = "resnet18"
@@ -53,6 +57,9 @@ class PadimConfig:
     factor_dtype: str = "float32"
     reduction: str = "random"
     covariance: str = "fixed"
+    tile: Optional[int] = None
+    tile_overlap: int = 0
+    tile_statistics: str = "position"
 
     @property
     def input_size(self) -> Tuple[int, int]:

@@ -25,6 +25,7 @@ from padim.files.images import ImageInput
 from padim.core.options import config_from_parameters
 from padim.core.params import Parameters
 from padim.core.scorer import PatchScorer
+from padim.core.tiling import layout_of
 from padim.core.scoring import PadimResult, to_original_resolution
 
 __all__ = ["PaDiM", "PadimResult", "to_original_resolution", "default_device"]
@@ -32,13 +33,6 @@ __all__ = ["PaDiM", "PadimResult", "to_original_resolution", "default_device"]
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# header fields a fitted model has as attributes (with a trailing underscore)
-FITTED_INFO = ("weights_source", "weights_sha256", "n_train_images", "fit_seconds", "fit_date", "category",
-               "n_calibration_images", "calibration_note", "image_threshold", "pixel_threshold", "threshold_source",
-               "pixel_threshold_source", "target_fpr", "thresholds_note", "stale_images", "calibrated_sources",
-               "package_version")
 
 
 class PaDiM(Parameters):
@@ -67,10 +61,8 @@ class PaDiM(Parameters):
     anomaly maps as well as labels, because a defect's location is half of the answer; labels exist
     only once a threshold is set, because PaDiM's scores have no natural cut.
 
-    Accuracy options (issue 15; the defaults are the paper's): ``reduction="semi-orthogonal"`` makes
-    the d embedding channels a seeded orthonormal projection of all channels (Kim et al. 2021)
-    instead of d random ones; ``covariance="oas"`` or ``"ledoit-wolf"`` shrinks each covariance by
-    an amount estimated from the data instead of adding ``epsilon`` (see ``GaussianAccumulator.finalize``).
+    Options beyond the paper (its defaults kept): ``reduction``, ``covariance`` (see ``PadimConfig``),
+    ``tile*`` (large pictures, ``padim.core.tiling``), ``ignore_mask`` (pixels that never count).
     """
 
     def __init__(
@@ -87,6 +79,10 @@ class PaDiM(Parameters):
         factor_dtype: str = "float32",
         reduction: str = "random",
         covariance: str = "fixed",
+        tile: Optional[int] = None,
+        tile_overlap: Optional[int] = None,
+        tile_statistics: str = "position",
+        ignore_mask=None,
         calibration_fraction: float = cal.DEFAULT_CALIBRATION_FRACTION,
         calibration: str = "holdout",
         folds: int = 5,
@@ -109,6 +105,8 @@ class PaDiM(Parameters):
         self.factor_dtype = factor_dtype
         self.reduction = reduction
         self.covariance = covariance
+        self.tile, self.tile_overlap, self.tile_statistics = tile, tile_overlap, tile_statistics
+        self.ignore_mask = ignore_mask  # a picture (path) or (h, w) array: non-black pixels never count
         self.calibration_fraction = calibration_fraction
         self.calibration = calibration
         self.folds = folds
@@ -147,9 +145,10 @@ class PaDiM(Parameters):
         self.channel_idx_ = embedder.channel_idx
         self.projection_ = embedder.projection
         self.feature_hw_ = tuple(content.feature_hw)
-        for key in FITTED_INFO:  # weights_source_, n_train_images_, image_threshold_, ...
+        for key in modelfile.FITTED_INFO:  # weights_source_, n_train_images_, image_threshold_, ...
             setattr(self, f"{key}_", info[key])
         self.calibration_ = content.calibration
+        self.ignore_mask_ = None if content.ignore_mask is None else content.ignore_mask.to(embedder.device)
         if self.image_threshold_ is not None and self.threshold_source_ is None:  # files from before calibration
             self.threshold_source_ = self.pixel_threshold_source_ = cal.SOURCE_TEST_SET
 
@@ -251,7 +250,7 @@ class PaDiM(Parameters):
             config = self.config_
             self._scorer = PatchScorer(self.embedder_.extractor, self.channel_idx_, self.projection_, self.mean_,
                                        self.precision_factor_, self.feature_hw_, config.input_size, config.sigma,
-                                       config.mean, config.std).eval()
+                                       config.mean, config.std, layout_of(config), self.ignore_mask_).eval()
         return self._scorer
 
     def iter_predict(self, images: Sequence[ImageInput], desc: str = "predict") -> Iterator[Tuple[torch.Tensor, torch.Tensor, List]]:

@@ -11,7 +11,14 @@ from torch import nn
 
 from padim.core.memory import Workspace
 
-CPU_FORWARD_CHUNK = 8  # images per backbone forward on the CPU (see ``Embedder``)
+CPU_FORWARD_CHUNK = 8  # images per backbone forward on the CPU (see ``Embedder``), at 256 x 256 or more
+
+
+def cpu_chunk(height: int, width: int) -> int:
+    """Images per CPU forward pass: ``CPU_FORWARD_CHUNK`` at 256 x 256 and above; smaller inputs (tiles)
+    as many more as keep the pixels per pass alike (at most 32): a pass has a fixed cost per layer,
+    which eight 128-pixel tiles would pay four times over."""
+    return max(CPU_FORWARD_CHUNK, min(32, CPU_FORWARD_CHUNK * 65536 // max(1, height * width)))
 
 
 def random_channel_subset(n_channels: int, d: int, seed: int) -> torch.Tensor:
@@ -187,7 +194,7 @@ class Embedder:
         of the memory. The result still holds the whole batch, in ``workspace``'s buffer when given.
         """
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        chunk = CPU_FORWARD_CHUNK if self.device.type == "cpu" else len(batch)
+        chunk = cpu_chunk(*batch.shape[-2:]) if self.device.type == "cpu" else len(batch)
         workspace = workspace if workspace is not None else Workspace()
         out = None
         for start in range(0, len(batch), chunk):

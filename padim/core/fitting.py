@@ -23,9 +23,10 @@ from padim.core.gaussian import GaussianAccumulator, store_factor
 from padim.core.memory import release_free_memory
 from padim.core.scoring import score_batches, score_embeddings
 from padim.core.statistics import FitStatistics, now
+from padim.core.tiling import embed_size, layout_of
 from padim.errors import DataError, PadimError
 from padim.files import modelfile
-from padim.files.images import ImageInput, input_batches
+from padim.files.images import ImageInput, input_batches, load_ignore_mask
 
 
 class LocalFit:
@@ -62,6 +63,7 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
     n_calibration, note = calibration_plan(model, len(images))
     embedder, source, sha256 = build_embedder(model, config)
     runner = runner if runner is not None else LocalFit(embedder)
+    ignore = None if model.ignore_mask is None else load_ignore_mask(model.ignore_mask, config.input_size)
     held_out, fit_images = [], images
     if n_calibration and model.calibration == "holdout":
         fit_indices, calibration_indices = cal.split_indices(len(images), n_calibration, config.seed)
@@ -71,6 +73,8 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
     with torch.inference_mode():
         mean, packed, stats, feature_hw, calibration = runner.statistics_and_factors(
             model, config, fit_images, source, sha256, keep_statistics, cross)
+        if calibration is not None and ignore is not None:
+            raise PadimError("calibration 'cv' with an ignore mask is not built yet: use 'holdout' (the default)")
         kept = fit_statistics(config, embedder, feature_hw, stats, source, sha256, len(fit_images),
                               len(held_out), "fit") if keep_statistics else None
         del stats
@@ -78,6 +82,10 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
         packed = store_factor(packed, config.factor_dtype)
         if held_out:
             scores, maps = runner.held_out_scores(model, held_out, mean.float(), packed, feature_hw)
+            if ignore is not None:  # as the scorer does: ignored pixels count for nothing, not even quantiles
+                maps = maps * ~ignore
+                scores = maps.reshape(len(maps), -1).max(axis=1)
+                maps = maps[:, ~ignore]  # (n, kept pixels): the pixel threshold's quantiles
             calibration = cal.Calibration.from_scores(scores, maps, "holdout")
     info = {"weights_source": source, "weights_sha256": sha256, "n_train_images": len(fit_images),
             "calibration_fraction": float(model.calibration_fraction), "folds": model.folds,
@@ -92,7 +100,7 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
                     threshold_source=point.source, pixel_threshold_source=point.pixel_source,
                     target_fpr=point.target_fpr)
     content = modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, feature_hw, info, calibration,
-                                     embedder.projection)
+                                     embedder.projection, None if ignore is None else torch.from_numpy(ignore))
     return content, embedder, kept
 
 
@@ -127,9 +135,12 @@ def accumulate(model, embedder: Embedder, config: PadimConfig, images, desc: str
     """Streams ``images`` through the embedder into ``stats`` (a new accumulator by default);
     with ``keep``, also appends each batch's (B, h, w, d) embeddings to it. -> (stats, (h, w))."""
     stats = stats if stats is not None else GaussianAccumulator()
-    feature_hw = None
-    for batch, _ in input_batches(images, config, model.batch_size, embedder.device, model.workers, model.progress, desc):
-        emb = embedder(batch)  # (B, h, w, d)
+    feature_hw, tiles = None, layout_of(config)
+    desc = desc if tiles is None else f"{desc} ({len(tiles)} tiles per image)"
+    batches = masked(input_batches(images, config, model.batch_size, embedder.device, model.workers, model.progress,
+                                   desc), input_keep(model, config))
+    for batch, _ in batches:
+        emb = embedder(batch) if tiles is None else tiles.embed(embedder, batch)  # (B, h, w, d); tiled: see tiling
         feature_hw = tuple(emb.shape[1:3])
         stats.update(emb.flatten(1, 2))  # (B, P, d)
         if keep is not None:
@@ -178,10 +189,11 @@ def held_out_scores(model, images: Sequence[ImageInput], mean: torch.Tensor, pac
     embedder = embedder if embedder is not None else build_embedder(model, config)[0]
     device = embedder.device
     batch_size = min(model.batch_size, CPU_FORWARD_CHUNK) if device.type == "cpu" else model.batch_size
-    batches = input_batches(images, config, batch_size, device, model.workers, model.progress, "calibrate")
+    batches = masked(input_batches(images, config, batch_size, device, model.workers, model.progress, "calibrate"),
+                     input_keep(model, config))
     scores, maps = [], []
     for batch_scores, batch_maps, _ in score_batches(embedder, mean.to(device), packed.to(device), feature_hw,
-                                                     config.input_size, config.sigma, batches):
+                                                     config.input_size, config.sigma, batches, layout_of(config)):
         scores.append(batch_scores)
         maps.append(batch_maps)
     return torch.cat(scores).numpy(), torch.cat(maps).numpy()
@@ -201,7 +213,7 @@ def cross_fit(model, embedder, config, images, total: GaussianAccumulator, featu
                                                     covariance=config.covariance)
         for emb in kept:
             batch_scores, batch_maps = score_embeddings(emb, mean.float(), packed, feature_hw, config.input_size,
-                                                        config.sigma)
+                                                        config.sigma, tiles=layout_of(config))
             scores.append(batch_scores)
             maps.append(batch_maps)
         del kept, part, packed
@@ -224,6 +236,20 @@ def fit_statistics(config, embedder, feature_hw, stats, source, sha256, n_images
 def make_embedder(extractor, config: PadimConfig, device) -> Embedder:
     """The embedder of a new fit: ``extractor`` (on ``device``) and the configuration's reduction of
     its channels, drawn from the seed (``padim.core.features.make_reduction``)."""
-    n_channels = count_channels(extractor, config.input_size, device)
+    n_channels = count_channels(extractor, embed_size(config), device)
     channel_idx, projection = make_reduction(n_channels, config.n_features, config.seed, config.reduction)
     return Embedder(extractor, channel_idx.to(device), device, None if projection is None else projection.to(device))
+
+
+def input_keep(model, config) -> Optional[torch.Tensor]:
+    """(H, W) float32, 1 where pixels count and 0 in the estimator's ignore mask; None without one."""
+    if getattr(model, "ignore_mask", None) is None:
+        return None
+    return torch.from_numpy(~load_ignore_mask(model.ignore_mask, config.input_size)).float()
+
+
+def masked(batches, keep: Optional[torch.Tensor]):
+    """Normalised (B, 3, H, W) batches with the ignored pixels set to 0, as ``PatchScorer.normalise``
+    does: the backbone never sees what is inside the region, at fit as at test."""
+    for batch, sizes in batches:
+        yield (batch if keep is None else batch * keep.to(batch.device)), sizes

@@ -124,7 +124,7 @@ def fit_from_statistics(model, statistics, embedder: Embedder, started: float, n
         if stale is not None:
             info.update(stale)
     content = modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, statistics.feature_hw,
-                                     info, None, embedder.projection)
+                                     info, None, embedder.projection, getattr(model, "ignore_mask_", None))
     model._set_fitted(content, embedder)
     model.statistics_ = statistics
 

@@ -88,13 +88,14 @@ class LeanGraph(nn.Module):
     extractor: the backbone prefix, its first convolution already scaled (``fold_input_scale``) when
     ``offset`` is given, else the eager normalisation (``scale``, ``shift``) runs first.
     plan: ``features.layer_plan``; layer_grids: every layer's (h_l, w_l); channels: every C_l;
-    mean: (P, d); factor: (P, d, d); rows (H, h), cols_t (w, W): ``maps.upsample_blur_matrix``.
+    mean: (P, d); factor: (P, d, d); rows (H, h), cols_t (w, W): ``maps.upsample_blur_matrix``;
+    keep: the model's (H, W) ignore mask as 1 / 0 (``PatchScorer.keep``), or None.
     """
 
     def __init__(self, extractor: nn.Module, plan, layer_grids: Sequence[Tuple[int, int]],
                  channels: Sequence[int], grid: Tuple[int, int], mean: torch.Tensor, factor: torch.Tensor,
                  rows: torch.Tensor, cols_t: torch.Tensor, offset: Optional[torch.Tensor],
-                 scale: torch.Tensor, shift: torch.Tensor):
+                 scale: torch.Tensor, shift: torch.Tensor, keep: Optional[torch.Tensor] = None):
         super().__init__()
         self.extractor, self.grid = extractor, tuple(grid)
         self.projected = plan[0][2] is not None
@@ -104,6 +105,7 @@ class LeanGraph(nn.Module):
         self.register_buffer("factor", factor)
         self.register_buffer("rows", rows)
         self.register_buffer("cols_t", cols_t)
+        self.register_buffer("keep", keep)  # (H, W) 1 where pixels count, 0 where they never do; or None
         self.layers: List[Tuple[int, Tuple[int, int]]] = []  # (layer, (s_h, s_w)) per plan entry
         self.reduce = nn.ModuleList()
         d = mean.shape[1]
@@ -144,11 +146,15 @@ class LeanGraph(nn.Module):
     def scored(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> maps (B, H, W), scores (B,) and the embeddings minus the mean, (P, B, d)."""
         x = pixels.to(torch.float32)
-        x = x - self.offset if self.offset is not None else x * self.scale + self.shift
-        delta = self.deltas(self.extractor(x.permute(0, 3, 1, 2)))  # (P, B, d)
+        x = (x - self.offset if self.offset is not None else x * self.scale + self.shift).permute(0, 3, 1, 2)
+        if self.keep is not None:
+            x = x * self.keep  # ignored pixels: normalised 0, as the eager path's (the folded scale keeps 0 at 0)
+        delta = self.deltas(self.extractor(x))  # (P, B, d)
         whitened = torch.matmul(delta, self.factor.transpose(1, 2))  # (P, B, d): W (x - mean) per patch
         distances = torch.linalg.vector_norm(whitened, dim=2).T  # (B, P)
         maps = self.rows @ distances.unflatten(1, self.grid) @ self.cols_t  # (B, H, W)
+        if self.keep is not None:
+            maps = maps * self.keep  # ignored pixels are 0
         return maps, maps.amax(dim=(1, 2)), delta
 
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

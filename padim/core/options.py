@@ -1,9 +1,8 @@
 """Parameter checks that run before any work: a mistake in an option costs one line and no time.
 
-Everything here is arithmetic on the options (no image is read, no network is built): the channel
-counts and strides of the known backbones are a table (``STAGES``, compared against the real networks
-in the tests), so ``--n-features 5000`` or an image size whose statistics cannot fit in memory is
-refused in milliseconds, not after minutes of feature extraction.
+Arithmetic on the options only (no image read, no network built): the known backbones' channels and
+strides are a table (``STAGES``, checked against the real networks in the tests), so ``n_features``
+5000 or statistics beyond the free memory are refused in milliseconds, not after minutes of work.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from padim.core.config import COVARIANCES, REDUCTIONS, PadimConfig
+from padim.core.tile_geometry import embed_size, fitted_grid, tile_boxes
 from padim.errors import PadimError
 
 # Seeds torch's generators accept (torch.Generator().manual_seed, torch.manual_seed).
@@ -93,6 +93,11 @@ def feature_layout(backbone: str, layers: Sequence[str], input_size: Tuple[int, 
 
 
 # ----------------------------------------------------------------------------------------- options
+def config_layout(config) -> Layout:
+    layout = feature_layout(config.backbone, config.layers, embed_size(config))  # one pass: a tile's, or all
+    return layout._replace(grid=fitted_grid(config, layout.grid))  # the Gaussians' grid
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -173,37 +178,49 @@ def available_memory(device: str) -> Optional[int]:
 
 
 def fit_memory_estimate(layout: Layout, d: int, input_size: Tuple[int, int], batch_size: int, device: str,
-                        factor_bytes: int = 4) -> int:
+                        factor_bytes: int = 4, tiles: int = 1, shared: bool = False) -> int:
     """A lower bound of the bytes a fit needs at its peak.
 
     The float64 running sums hold P x d (d + 1) / 2 lower triangles (x 8 bytes; the covariance itself
     would be P x d^2 x 8) and P x (d + 1) fourth-moment sums, the factor as many entries in its storage
     dtype, plus the backbone's stage
     outputs for the images of one forward pass (8 at a time on the CPU, the batch on a GPU) in float32
-    and the batch's (B, P, d) embeddings.
+    and the batch's (B, P, d) embeddings. With T ``tiles`` (``layout`` and ``input_size`` then a
+    tile's) a forward pass sees tiles, and the statistics cover T P positions unless ``shared``.
     """
-    positions = layout.grid[0] * layout.grid[1]
+    tile_positions = layout.grid[0] * layout.grid[1]
+    positions = tile_positions * (1 if shared else tiles)
     triangle = d * (d + 1) // 2
     statistics = positions * triangle * (8 + factor_bytes) + 4 * positions * d * 8 + positions * 8
-    per_forward = min(batch_size, 8) if device == "cpu" else batch_size
+    per_forward = min(batch_size * tiles, 8) if device == "cpu" else batch_size * tiles
     activations = 4 * per_forward * (layout.stage_elements + 3 * input_size[0] * input_size[1])
-    embeddings = 4 * batch_size * positions * d
+    embeddings = 4 * batch_size * tiles * tile_positions * d
     return statistics + activations + embeddings
 
 
-def _gb(n: float) -> str:
+def _gb(n: float) -> str:  # 1.2 GB, 350 MB
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 def check_fit_memory(backbone: str, layers: Sequence[str], d: int, image_size: Tuple[int, int],
                      crop: Optional[Tuple[int, int]], batch_size: int, device: str, factor_bytes: int = 4,
-                     available: Optional[int] = None) -> None:
+                     available: Optional[int] = None, tile: Optional[int] = None, tile_overlap: int = 0,
+                     shared: bool = False) -> None:
     """Refuses a fit whose statistics and activations cannot fit in ``device``'s free memory, with
-    the estimate and the largest image size that would fit."""
+    the estimate and the largest image size that would fit (tiles counted: T per picture)."""
     input_size = crop or image_size
+    available = available_memory(device) if available is None else available
+    if tile is not None:
+        tiles = len(tile_boxes(input_size, tile, tile_overlap))
+        layout = feature_layout(backbone, layers, (tile, tile))
+        needed = fit_memory_estimate(layout, d, (tile, tile), batch_size, device, factor_bytes, tiles, shared)
+        if available is not None and needed > available:
+            raise PadimError(f"a fit of {tiles} tiles of {tile} px per picture with d={d} needs at least "
+                             f"{_gb(needed)} of memory but {device} has {_gb(available)} available: use a smaller "
+                             "`image_size`, shared tile statistics (`tile_statistics`), or a smaller `n_features`")
+        return
     layout = feature_layout(backbone, layers, input_size)
     needed = fit_memory_estimate(layout, d, input_size, batch_size, device, factor_bytes)
-    available = available_memory(device) if available is None else available
     if available is None or needed <= available:
         return
     side = max(input_size)
@@ -245,7 +262,8 @@ def check_choice(value, option: str, choices: Sequence[str]) -> None:
 
 def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features, image_size, crop, seed,
                       batch_size, factor_dtype: str = "float32", device: Optional[str] = None,
-                      sigma=4.0, epsilon=0.01, reduction: str = "random", covariance: str = "fixed") -> None:
+                      sigma=4.0, epsilon=0.01, reduction: str = "random", covariance: str = "fixed",
+                      tile=None, tile_overlap=None, tile_statistics: str = "position") -> None:
     """Every option of a fit, before anything is read or built. ``layers``/``n_features`` None take
     the backbone's defaults; ``device`` None is the default device (cuda when available)."""
     from padim.core.backbones import get_spec
@@ -256,12 +274,13 @@ def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features
     check_batch_size(batch_size)
     check_seed(seed)
     size, crop = check_sizes(image_size, crop)
-    check_blur(sigma, crop or size)
+    overlap = check_tiles(tile, tile_overlap, tile_statistics, size, crop)
+    check_blur(sigma, crop or size if tile is None else (tile, tile))
     check_epsilon(epsilon)
     layers = tuple(layers) if layers else spec.default_layers
     if len(set(layers)) != len(layers):
         raise PadimError(f"`layers` names a layer twice: {','.join(layers)}")
-    layout = feature_layout(backbone, layers, crop or size)
+    layout = feature_layout(backbone, layers, crop or size if tile is None else (tile, tile))
     d = spec.default_d if n_features is None else n_features
     check_n_features(d, layout, layers)
     factor_bytes = {"float32": 4, "float16": 2}.get(factor_dtype)
@@ -271,14 +290,34 @@ def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_fit_memory(backbone, layers, d, size, crop, batch_size, str(device).split(":")[0], factor_bytes)
+    check_fit_memory(backbone, layers, d, size, crop, batch_size, str(device).split(":")[0], factor_bytes, None, tile,
+                     overlap, tile_statistics == "shared")
+
+
+def check_tiles(tile, tile_overlap, tile_statistics: str, size: Tuple[int, int], crop) -> int:
+    """Tile options against the picture's working size -> the overlap (default: an eighth of the tile)."""
+    if tile is None and tile_overlap not in (None, 0):
+        raise PadimError("`tile_overlap` needs `tile`")
+    if tile is None:
+        return 0
+    if not _is_int(tile) or not MIN_IMAGE_SIDE <= tile <= min(size):
+        raise PadimError(f"`tile` must be a whole number from {MIN_IMAGE_SIDE} to the image's shorter side "
+                         f"({min(size)}), got {tile!r}")
+    if crop is not None:
+        raise PadimError("`tile` and `crop` do not go together: tiles cover the whole picture")
+    overlap = tile // 8 if tile_overlap is None else tile_overlap
+    if not _is_int(overlap) or not 0 <= overlap < tile:
+        raise PadimError(f"`tile_overlap` must be a whole number from 0 to {tile - 1}, got {overlap!r}")
+    if tile_statistics not in ("position", "shared"):
+        raise PadimError(f"`tile_statistics` must be position or shared, got {tile_statistics!r}")
+    return int(overlap)
 
 
 def check_estimator(model) -> None:
     """``check_fit_options`` for a ``PaDiM`` estimator's parameters (called by its ``_make_config``)."""
     check_fit_options(model.backbone, model.layers, model.n_features, model.image_size, model.crop, model.seed,
                       model.batch_size, model.factor_dtype, model.device, model.sigma, model.epsilon,
-                      model.reduction, model.covariance)
+                      model.reduction, model.covariance, model.tile, model.tile_overlap, model.tile_statistics)
 
 
 def config_from_parameters(model) -> "PadimConfig":
@@ -305,4 +344,7 @@ def config_from_parameters(model) -> "PadimConfig":
         factor_dtype=model.factor_dtype,
         reduction=model.reduction,
         covariance=model.covariance,
+        tile=None if model.tile is None else int(model.tile),
+        tile_overlap=check_tiles(model.tile, model.tile_overlap, model.tile_statistics, image_size, crop),
+        tile_statistics=model.tile_statistics,
     )

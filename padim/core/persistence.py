@@ -25,7 +25,7 @@ def save_model(model, path) -> None:
     info = {key: getattr(model, f"{key}_", None) for key in modelfile.INFO_DEFAULTS}
     modelfile.write(path, modelfile.ModelContent(model.config_, model.mean_, model.precision_factor_packed_,
                                                  model.channel_idx_, model.feature_hw_, info, model.calibration_,
-                                                 model.projection_))
+                                                 model.projection_, getattr(model, "ignore_mask_", None)))
 
 
 def load_model(cls, path, device: Optional[str] = None, batch_size: int = 32, workers: int = 2,
@@ -47,6 +47,8 @@ def load_model(cls, path, device: Optional[str] = None, batch_size: int = 32, wo
     model = cls(**params, batch_size=batch_size, device=device, workers=workers, progress=progress)
     fitted_with = {name: content.info.get(name) for name in ("calibration_fraction", "folds", "target_pixel_fpr")}
     model.set_params(**{name: value for name, value in fitted_with.items() if value is not None})
+    if content.ignore_mask is not None:  # so that clone() refits with it
+        model.set_params(ignore_mask=content.ignore_mask.numpy())
     if content.calibration is not None:  # what it was fitted with, so that clone() refits alike
         model.set_params(calibration=content.calibration.method,
                          target_fpr=content.info.get("target_fpr") or cal.DEFAULT_TARGET_FPR)

@@ -23,24 +23,25 @@ Batch = Tuple[torch.Tensor, List[Tuple[int, int]]]  # (B, 3, H, W) inputs, origi
 
 
 def score_batches(embedder: Embedder, mean: torch.Tensor, factor: torch.Tensor, feature_hw: Tuple[int, int],
-                  input_size: Tuple[int, int], sigma: float,
-                  batches: Iterable[Batch]) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int]]]]:
+                  input_size: Tuple[int, int], sigma: float, batches: Iterable[Batch],
+                  tiles=None) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int]]]]:
     """Yields, batch by batch: image scores (B,), anomaly maps (B, H, W), both on the CPU, and the
     original sizes passed through.
 
     mean: (P, d); factor: (P, d, d) lower-triangular W with W^T W = cov^-1; feature_hw: (h, w).
     The batch-sized temporaries live in one reused ``Workspace`` (nothing yielded lives in it).
+    tiles: a ``padim.core.tiling.TileLayout`` for tiled models (None: none).
     """
     workspace = Workspace()
     with torch.inference_mode():
         for batch, sizes in batches:
-            emb = embedder(batch, workspace)  # (B, h, w, d)
-            yield (*score_embeddings(emb, mean, factor, feature_hw, input_size, sigma, workspace), sizes)
+            emb = embedder(batch, workspace) if tiles is None else tiles.embed(embedder, batch, workspace)
+            yield (*score_embeddings(emb, mean, factor, feature_hw, input_size, sigma, workspace, tiles), sizes)
 
 
 def score_embeddings(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, feature_hw: Tuple[int, int],
-                     input_size: Tuple[int, int], sigma: float,
-                     workspace: Optional[Workspace] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     input_size: Tuple[int, int], sigma: float, workspace: Optional[Workspace] = None,
+                     tiles=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(B, h, w, d) embeddings -> image scores (B,) and anomaly maps (B, H, W), both on the CPU.
 
     factor: (P, d, d) unpacked, or (P, d (d + 1) / 2) still packed (unpacked block by block: slower,
@@ -51,7 +52,10 @@ def score_embeddings(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch
         distances = mahalanobis_packed(embeddings.flatten(1, 2), mean, factor)  # (B, P)
     else:
         distances = mahalanobis(embeddings.flatten(1, 2), mean, factor, workspace)  # (B, P)
-    maps = anomaly_maps(distances.view(-1, *feature_hw), input_size, sigma)  # (B, H, W)
+    if tiles is not None:
+        maps = tiles.maps(distances, feature_hw, sigma)  # (B, H, W), stitched
+    else:
+        maps = anomaly_maps(distances.view(-1, *feature_hw), input_size, sigma)  # (B, H, W)
     return image_scores(maps).cpu(), maps.cpu()
 
 

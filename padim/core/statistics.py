@@ -41,7 +41,7 @@ KIND = "padim-statistics"
 # PadimConfig fields that change the embeddings themselves: statistics differing in any cannot merge.
 # (sigma, epsilon, factor_dtype and covariance act only when a model is made from the sums.)
 FEATURE_FIELDS = ("backbone", "weights", "layers", "n_features", "seed", "image_size", "crop", "mean", "std",
-                  "reduction")
+                  "reduction", "tile", "tile_overlap", "tile_statistics")
 _OUTER = re.compile(r"outer\.(\d{5})")
 
 
@@ -182,7 +182,7 @@ class FitStatistics:
             raise StatisticsFileError(_statistics_text(exc)) from None
         if meta.get("kind") != KIND:
             raise StatisticsFileError(f"{path} is not a padim statistics file (a model file? pass it as `model`)")
-        from padim.core.options import feature_layout
+        from padim.core.options import config_layout
         from padim.core.validation import validate_config_dict
 
         def refuse(reason: str):
@@ -192,7 +192,7 @@ class FitStatistics:
             config = validate_config_dict(meta.get("config"), f"statistics file {path}")
         except ModelFileError as exc:
             raise StatisticsFileError(str(exc)) from None
-        layout = feature_layout(config.backbone, config.layers, config.input_size)
+        layout = config_layout(config)
         if meta.get("feature_hw") != list(layout.grid):
             refuse(f"feature grid {meta.get('feature_hw')!r} does not match {config.backbone} at "
                    f"{config.input_size[0]}x{config.input_size[1]} ({layout.grid[0]}x{layout.grid[1]})")

@@ -102,8 +102,15 @@ def validate_config_dict(data, where: str = "model file") -> PadimConfig:
         refuse(f"covariance must be one of {', '.join(COVARIANCES)}, got {fields['covariance']!r}")
     if len(set(layers)) != len(layers):
         refuse(f"layers names a layer twice: {layers!r}")
+    tile, overlap = fields["tile"], fields["tile_overlap"]
+    if tile is not None and (not whole(tile) or not 32 <= tile <= min(image_size) or crop is not None):
+        refuse(f"tile must be null or a whole number from 32 to {min(image_size)} (without a crop), got {tile!r}")
+    if not whole(overlap) or not 0 <= overlap < (tile or 1):
+        refuse(f"tile_overlap must be a whole number from 0 to {(tile or 1) - 1}, got {overlap!r}")
+    if fields["tile_statistics"] not in ("position", "shared"):
+        refuse(f"tile_statistics must be position or shared, got {fields['tile_statistics']!r}")
     try:
-        check_blur(fields["sigma"], crop or image_size)
+        check_blur(fields["sigma"], crop or image_size if tile is None else (tile, tile))
     except PadimError as exc:
         refuse(str(exc))
     return PadimConfig.from_dict({**fields, "layers": tuple(layers), "image_size": image_size, "crop": crop,

@@ -34,19 +34,26 @@ def layout_record(config: dict) -> dict:
 
         spec_layers = get_spec(config["backbone"]).default_layers
     input_size = tuple(config.get("crop") or config["image_size"])
-    layout = feature_layout(config["backbone"], tuple(spec_layers), input_size)
-    return {"backbone": config["backbone"], "layers": list(spec_layers), "input_size": list(input_size),
-            "channels": layout.channels, "grid": list(layout.grid)}
+    tile = config.get("tile")
+    layout = feature_layout(config["backbone"], tuple(spec_layers), input_size if tile is None else (tile, tile))
+    record = {"backbone": config["backbone"], "layers": list(spec_layers), "input_size": list(input_size),
+              "channels": layout.channels, "grid": list(layout.grid)}
+    if tile is not None:  # what the tensors hold then: the tiles' positions (stacked) or one shared set
+        from padim.core.config import PadimConfig
+        from padim.core.tile_geometry import fitted_grid
+
+        record.update(tile=tile, grid=list(fitted_grid(PadimConfig.from_dict(config), layout.grid)))
+    return record
 
 
 def check_header(metadata: dict, where: str, refuse: Callable[[str], None]):
     """A header's config, layout record and feature grid against each other; returns (PadimConfig,
     Layout, feature_hw). The config's own errors start with ``where`` (``validate_config_dict``)."""
-    from padim.core.options import feature_layout
+    from padim.core.options import config_layout
     from padim.core.validation import validate_config_dict
 
     config = validate_config_dict(metadata.get("config"), where)
-    layout = feature_layout(config.backbone, config.layers, config.input_size)
+    layout = config_layout(config)
     if LAYOUT_KEY in metadata and metadata[LAYOUT_KEY] != layout_record(config.to_dict()):
         refuse(f"its config (backbone {config.backbone}, layers {','.join(config.layers)}, input "
                f"{config.input_size[0]}x{config.input_size[1]}) contradicts the layout it was saved with")

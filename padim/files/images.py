@@ -142,3 +142,16 @@ def input_batches(images: Sequence[ImageInput], config: PadimConfig, batch_size:
     for loaded in tqdm(batches, total=total, desc=desc, unit="batch", disable=disable):
         pixels = torch.from_numpy(np.stack([x for x, _ in loaded]))  # (B, H, W, 3) uint8
         yield to_input(pixels, config), [hw for _, hw in loaded]
+
+
+def load_ignore_mask(item, size: Tuple[int, int]) -> np.ndarray:
+    """A region that must never count (a label, a fixture, the background): a picture of any size
+    whose non-black pixels are ignored (``padim.files.decode.read_mask``'s rule), or an (h, w) bool
+    array -> (H, W) bool at ``size``, the model's input (nearest: a pixel is ignored or not)."""
+    mask = np.asarray(item, dtype=bool) if isinstance(item, np.ndarray) else read_mask(item)
+    if mask.ndim != 2:
+        raise DataError(f"an ignore mask must be one picture (H, W), got shape {mask.shape}")
+    resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)) > 0
+    if resized.all():
+        raise DataError("the ignore mask covers the whole picture: nothing would be scored")
+    return resized

@@ -47,6 +47,12 @@ INFO_DEFAULTS: Dict[str, Any] = {
     "package_version": None,
 }
 
+# header fields a fitted model has as attributes (with a trailing underscore)
+FITTED_INFO = ("weights_source", "weights_sha256", "n_train_images", "fit_seconds", "fit_date", "category",
+               "n_calibration_images", "calibration_note", "image_threshold", "pixel_threshold", "threshold_source",
+               "pixel_threshold_source", "target_fpr", "thresholds_note", "stale_images", "calibrated_sources",
+               "package_version")
+
 
 @dataclass
 class ModelContent:
@@ -67,6 +73,7 @@ class ModelContent:
     info: Dict[str, Any] = field(default_factory=dict)
     calibration: Optional[Calibration] = None
     projection: Optional[torch.Tensor] = None
+    ignore_mask: Optional[torch.Tensor] = None  # (H, W) bool: pixels that never count (tensor ``ignore_mask``)
 
 
 def write(path, content: ModelContent) -> None:
@@ -75,6 +82,8 @@ def write(path, content: ModelContent) -> None:
                "channel_idx": content.channel_idx}
     if content.projection is not None:
         tensors["projection"] = content.projection.to(torch.float32)
+    if content.ignore_mask is not None:
+        tensors["ignore_mask"] = content.ignore_mask.to(torch.uint8).cpu()
     info = dict(content.info)
     if content.calibration is not None:
         found = content.calibration
@@ -91,8 +100,13 @@ def read(path) -> ModelContent:
     config, feature_hw = model_io.verify(path, tensors, meta)  # contents checked against each other, not trusted
     mean, packed, channel_idx = tensors["mean"], tensors["precision_factor_packed"], tensors["channel_idx"]
     info = {key: meta.get(key, default) for key, default in INFO_DEFAULTS.items()}
+    ignore = tensors.get("ignore_mask")
+    if ignore is not None and (tuple(ignore.shape) != tuple(config.input_size) or ignore.dtype != torch.uint8
+                               or bool((ignore > 1).any()) or bool(ignore.all())):
+        raise ModelFileError(f"model file {path}: its ignore mask is not a {config.input_size[0]}x"
+                             f"{config.input_size[1]} mask of 0 and 1 that leaves pixels to score")
     return ModelContent(config, mean, packed, channel_idx.long(), feature_hw, info, _calibration(path, tensors, info),
-                        tensors.get("projection"))
+                        tensors.get("projection"), None if ignore is None else ignore.bool())
 
 
 def _calibration(path, tensors: Dict[str, torch.Tensor], info: Dict[str, Any]) -> Optional[Calibration]:

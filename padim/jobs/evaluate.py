@@ -101,14 +101,18 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
     labels = np.array([s.is_anomalous for s in samples])
     metrics = image_metrics(labels, scores)
     with_truth = [i for i, mask in enumerate(masks) if mask is not None]
-    if any(masks[i].any() for i in with_truth):
+    ignore = _ignore_mask(model)
+    valid = None if ignore is None else ~ignore  # pixels that count: the model's ignore mask left out
+    if any((masks[i] if valid is None else masks[i] & torch.from_numpy(valid)).any() for i in with_truth):
         metrics.update(pixel_metrics(
             torch.stack([masks[i] for i in with_truth]).numpy(), torch.stack([maps[i] for i in with_truth]).numpy(),
-            roc_points=500,
+            roc_points=500, valid=valid,
         ))
         pixel_roc = metrics.pop("pixel_roc_curve")
         truth, pixel_maps = (np.stack([masks[i].numpy() for i in with_truth]),
                              np.stack([maps[i].numpy() for i in with_truth]))
+        if valid is not None:
+            truth, pixel_maps = truth[:, valid], pixel_maps[:, valid]
     else:  # no defect pixel anywhere: pixel AUROC, F1 and AUPRO are undefined
         metrics.update({key: None for key in PIXEL_KEYS})
         pixel_roc = truth = pixel_maps = None
@@ -121,6 +125,13 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
     if pictures_dir is not None:
         result.pictures = _draw(model, category, result, maps, masks, pixel_roc, Path(pictures_dir), max_images)
     return result
+
+
+def _ignore_mask(model) -> Optional[np.ndarray]:
+    """(H, W) bool of the pixels a model ignores, or None: a loaded PaDiM's ``ignore_mask_``; an
+    exported engine's from its model file (the graph zeroes them; the metrics must leave them out)."""
+    mask = getattr(model, "ignore_mask_", None)
+    return None if mask is None else mask.cpu().numpy()
 
 
 def _draw(model: PaDiM, category: Category, result: Evaluation, maps, masks, pixel_roc,

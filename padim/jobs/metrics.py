@@ -7,7 +7,7 @@ with per-region weights, the PRO curve. scikit-learn would sort the same pixels 
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -50,14 +50,21 @@ def _region_weights(masks: np.ndarray) -> np.ndarray:
 
 
 def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT,
-                  roc_points: int = 0) -> Dict[str, float]:
-    """masks: (N, H, W) bool ground truth; maps: (N, H, W) anomaly maps.
+                  roc_points: int = 0, valid: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """masks: (N, H, W) bool ground truth; maps: (N, H, W) anomaly maps; valid: (H, W) bool, the
+    pixels that count (a model's ignore mask left out; None: all). A defect region's overlap is
+    measured on its valid pixels.
 
     Returns pixel_AUROC, pixel_F1Score, pixel_threshold (the F1-maximising one) and pixel_AUPRO
     (area under the per-region-overlap vs false-positive-rate curve up to ``fpr_limit``, divided by it).
     With ``roc_points`` > 0, also "pixel_roc_curve": (fpr, tpr) arrays of about that many points, for plots.
     """
     masks = np.asarray(masks, dtype=bool)
+    if valid is not None:
+        masks = masks & valid  # ignored pixels belong to no region
+    region_weights = _region_weights(masks).reshape(masks.shape)
+    if valid is not None:
+        masks, maps, region_weights = masks[:, valid], np.asarray(maps)[:, valid], region_weights[:, valid]
     labels = torch.from_numpy(masks.reshape(-1))
     n_pos = int(labels.sum())
     n_neg = labels.numel() - n_pos
@@ -78,7 +85,7 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FP
     f1 = 2 * precision * tpr / (precision + tpr).clamp_min(1e-300)
     best = int(torch.argmax(f1))
 
-    overlap = torch.cumsum(torch.from_numpy(_region_weights(masks))[order], 0)[ends]
+    overlap = torch.cumsum(torch.from_numpy(np.ascontiguousarray(region_weights).reshape(-1))[order], 0)[ends]
     aupro = _partial_area(torch.cat([zero, fpr]), torch.cat([zero, overlap]), fpr_limit) / fpr_limit
     result = {
         "pixel_AUROC": auroc,

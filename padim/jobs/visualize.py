@@ -21,9 +21,11 @@ OVERLAY_MAX_SIDE = 4096  # long side of a heatmap overlay, in pixels
 _STRIP_PIXELS = 1 << 22  # output pixels per strip in ``mask_at_size``
 
 
-def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> Image.Image:
+def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5,
+                    ignore: Optional[np.ndarray] = None) -> Image.Image:
     """Blends a 'jet' rendering of ``anomaly_map`` (h, w), scaled from vmin to vmax, over ``image``
-    (resized to the map's size). Returns an RGB image of the map's size."""
+    (resized to the map's size). Returns an RGB image of the map's size. ``ignore``: a model's ignore
+    mask at any size: those pixels are hatched (grey diagonals over the dimmed picture), not coloured."""
     scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
     cmap = colormaps["jet"]  # its N-entry lookup table, indexed as matplotlib indexes floats in [0, 1]
     index = np.minimum((scaled * cmap.N).astype(np.int16), cmap.N - 1)
@@ -31,7 +33,22 @@ def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vm
     heat = lut[index]
     base = image if image.mode in ("L", "RGB") else image.convert("RGB")  # resized before any RGB copy
     base = base.resize((anomaly_map.shape[1], anomaly_map.shape[0]), Image.BILINEAR).convert("RGB")
-    return Image.blend(base, Image.fromarray(heat), alpha)
+    blended = Image.blend(base, Image.fromarray(heat), alpha)
+    if ignore is None:
+        return blended
+    return hatch(blended, ignore)
+
+
+def hatch(image: Image.Image, ignore: np.ndarray, spacing: int = 8) -> Image.Image:
+    """``image`` with the pixels of ``ignore`` (any size, resized nearest to the image) dimmed and
+    crossed by grey diagonal lines every ``spacing`` pixels: a region that does not count."""
+    mask = np.asarray(Image.fromarray(np.asarray(ignore, dtype=np.uint8) * 255).resize(image.size, Image.NEAREST)) > 0
+    pixels = np.array(image.convert("RGB"))
+    rows, cols = np.indices(mask.shape)
+    lines = mask & ((rows + cols) % spacing < 2)
+    pixels[mask] = (pixels[mask] * 0.4 + 60).astype(np.uint8)
+    pixels[lines] = (160, 160, 160)
+    return Image.fromarray(pixels)
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -80,13 +97,14 @@ def common_parent(paths: Sequence[Path]) -> Path:
 
 
 def save_prediction_pictures(path: Path, anomaly_map: torch.Tensor, size: Tuple[int, int], config,
-                             pixel_threshold: Optional[float], folder: Path, common: Path) -> None:
+                             pixel_threshold: Optional[float], folder: Path, common: Path,
+                             ignore: Optional[np.ndarray] = None) -> None:
     """``padim predict``'s pictures of one image ``path`` (scored to ``anomaly_map`` (H, W); ``size``
     its upright original (height, width)), written below ``folder`` at the input's place relative
     to ``common``: NAME.EXT_heatmap.png, an overlay with its long side <= ``OVERLAY_MAX_SIDE``, and
     with a pixel threshold NAME.EXT_mask.png, the mask at the image's full resolution. For a model
     fitted with a crop both are at the crop, over the resized and cropped image the model saw. The
-    image is read again for the overlay."""
+    image is read again for the overlay. ``ignore``: the model's ignore mask, hatched on the overlay."""
     from padim.files.decode import read_image
     from padim.files.images import load_pixels
     from padim.core.memory import release_free_memory
@@ -107,6 +125,6 @@ def save_prediction_pictures(path: Path, anomaly_map: torch.Tensor, size: Tuple[
         del mask
     else:
         vmin, vmax = float(drawn.min()), float(drawn.max())
-    save_png(heatmap_overlay(picture, drawn, vmin, vmax), stem.with_name(stem.name + "_heatmap.png"))
+    save_png(heatmap_overlay(picture, drawn, vmin, vmax, ignore=ignore), stem.with_name(stem.name + "_heatmap.png"))
     del picture, drawn
     release_free_memory()  # a big picture's buffers, kept by glibc otherwise

@@ -77,7 +77,7 @@ def export_onnx(graph, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTE
     the embeddings minus the mean as a third output (what an int8 export refits its Gaussians on)."""
     _require("onnx", EXPORT_INSTALL_HINT)
     _require("onnxscript", EXPORT_INSTALL_HINT)
-    height, width = graph.rows.shape[0], graph.cols_t.shape[1]
+    height, width = graph.input_size
     device = graph.mean.device
     example = torch.zeros(2, height, width, 3, dtype=torch.uint8, device=device)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -178,7 +178,7 @@ def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[
     read by ``padim.runtime``, and last its own ``checksum`` (``padim.runtime.checksummed_json``).
 
     The header was checked as the reader will check it (``export_model``)."""
-    height, width = graph.rows.shape[0], graph.cols_t.shape[1]
+    height, width = graph.input_size
     record = {
         "format": EXPORT_FORMAT,
         "export_version": EXPORT_VERSION,

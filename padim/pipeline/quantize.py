@@ -206,17 +206,19 @@ def score_pixels_with(session, pixels: Sequence[np.ndarray]) -> Tuple[np.ndarray
 
 
 def int8_header(metadata: dict, scores: Optional[np.ndarray], maps: Optional[np.ndarray],
-                pixel_target: float = cal.DEFAULT_TARGET_PIXEL_FPR) -> dict:
+                pixel_target: float = cal.DEFAULT_TARGET_PIXEL_FPR, keep: Optional[np.ndarray] = None) -> dict:
     """The model header of an int8 export: ``metadata`` (the model file's) with every threshold,
     source and calibration score replaced by those of the int8 scores of the held-out images
     (``scores`` (n,), ``maps`` (n, H, W)), at the model's target FPR and ``pixel_target`` (the
-    header's, else the loaded model's); none when the model has no calibration images."""
+    header's, else the loaded model's); none when the model has no calibration images. keep:
+    (H, W) bool, the pixels that count (a model with an ignore mask: the others are not in the
+    pixel quantiles, as in its fit)."""
     header = {**metadata, "stale_images": None, "calibrated_sources": None, "thresholds_note": None}
     thresholds = dict.fromkeys(("image_threshold", "pixel_threshold", "threshold_source", "pixel_threshold_source"))
     if scores is None or not len(scores):
         return {**header, **thresholds, "calibration": None,
                 "thresholds_from": "none: the model has no held-out images (give thresholds by hand)"}
-    calibration = cal.Calibration.from_scores(scores, maps, "holdout")
+    calibration = cal.Calibration.from_scores(scores, maps if keep is None else maps[:, keep], "holdout")
     target = metadata.get("target_fpr") or cal.DEFAULT_TARGET_FPR
     pixel_target = metadata.get("target_pixel_fpr") or pixel_target
     point = cal.operating_point(calibration, cal.OperatingPoint(), target, target_pixel_fpr=pixel_target)
@@ -273,7 +275,9 @@ def export_int8(model_path, train_images: Sequence, output, weights: Optional[st
             done.update(images=len(chosen), held_out=len(held_out), training_images_sha256=digest,
                         gaussians=(f"refitted on int8 features of the {len(fit_images)} fit images" if refit
                                    else "the model file's (fitted on f32 features)"))
-            header = int8_header(header, scores, maps, model.target_pixel_fpr)
+            keep = model.scorer_.keep
+            header = int8_header(header, scores, maps, model.target_pixel_fpr,
+                                 None if keep is None else keep.bool().cpu().numpy())
             return [xml, xml.with_suffix(".bin")], header, {PRECISION_KEY: "int8", QUANTIZATION_KEY: done}
 
         return export_model(model, output, "openvino", metadata=metadata, key=int8_graph_key(key), graph_step=step,

@@ -34,6 +34,25 @@ class Metrics:
         self.queue = Gauge("padim_queue_images", "images waiting or being scored", ["model"], registry=r)
         self.rejected = Counter("padim_rejected", "requests refused with 503 because the queue was full", ["model"],
                                 registry=r)
+        # issue 23: drift alarms, model versions, the decision log and operators' feedback
+        self.drift_log10 = Gauge("padim_drift_martingale_log10", "log10 of the drift martingale (alarm at "
+                                 "log10(1 / delta)) of the model version serving", ["model", "stream"], registry=r)
+        self.drift_alarm = Gauge("padim_drift_alarm", "1 while the drift alarm is on (latched until reset or a "
+                                 "new version)", ["model", "stream"], registry=r)
+        self.drift_alarms = Counter("padim_drift_alarms", "drift alarms fired", ["model", "stream"], registry=r)
+        self.reloads = Counter("padim_model_reloads", "model files loaded (result: loaded) or refused (refused) "
+                               "after start-up", ["model", "result"], registry=r)
+        self.versions = Gauge("padim_model_versions", "versions of a model loaded: serving + draining", ["model"],
+                              registry=r)
+        self.logged = Counter("padim_decisions_logged", "decision log lines written", registry=r)
+        self.log_errors = Counter("padim_decision_log_errors", "requests whose decisions could not be logged",
+                                  registry=r)
+        self.flagged = Counter("padim_flagged_kept", "images labelled anomalous kept for review", registry=r)
+        self.feedback = Gauge("padim_feedback_images", "images an operator gave a verdict on, by the model's "
+                              "verdict and the operator's truth", ["model", "verdict", "truth"], registry=r)
+        self.override_rate = Gauge("padim_override_rate", "fraction of the verdicts given feedback that the "
+                                   "operator overrode (NaN before any feedback)", ["model"], registry=r)
+        self.overrides = Gauge("padim_overrides", "verdicts the operator overrode", ["model"], registry=r)
         self.accepted = 0  # requests that reached the app, and those answered: equal after a clean stop
         self.answered = 0
 

@@ -13,10 +13,11 @@ then ``scoring.score_batches`` with the model's fitted state), so scores are the
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,12 +29,80 @@ MODEL_SUFFIX = ".safetensors"
 
 @dataclass
 class ServedModel:
-    """A loaded model (any engine: ``padim.pipeline.engines.ScoringModel``) and the names it answers to."""
+    """A loaded model (any engine: ``padim.pipeline.engines.ScoringModel``) and the names it answers to.
+
+    sha256: of the model file (of an export folder's padim.json, which holds its graph files' SHA-256)
+    as it was loaded; signature: that file's (device, inode, size, mtime) then (``file_signature``)."""
 
     name: str
     model: object
     path: str
     aliases: Tuple[str, ...] = ()
+    sha256: Optional[str] = None
+    signature: Optional[tuple] = None
+
+
+def content_file(path: os.PathLike) -> Path:
+    """The file that identifies a model: the model file, or an export folder's padim.json."""
+    path = Path(path)
+    return path / "padim.json" if path.is_dir() else path
+
+
+def file_signature(path: os.PathLike) -> Optional[tuple]:
+    """(device, inode, size, mtime in ns) of ``content_file(path)``, None when it is not there: what a
+    poll compares (an atomic replace changes the inode, an edit in place the size or mtime)."""
+    try:
+        stat = os.stat(content_file(path))
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """SHA-256 (hex) of ``content_file(path)``'s bytes: what ``sha256sum`` prints for a model file."""
+    digest = hashlib.sha256()
+    with open(content_file(path), "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_model(path: os.PathLike, name: Optional[str] = None, device: Optional[str] = None, batch_size: int = 16,
+               engine: str = "torch", precision: str = "f32") -> ServedModel:
+    """One model file (or export folder) loaded with ``engine`` (an export folder: onnxruntime unless
+    ``engine`` is openvino), with its SHA-256. A file that changes while it is read is refused
+    (PadimError): what was loaded and what was summed must be the same bytes."""
+    path = Path(path)
+    before = file_signature(path)
+    try:
+        sha256 = file_sha256(path)
+    except OSError as exc:
+        raise PadimError(f"model file {path} cannot be read: {exc.strerror or exc}") from None
+    if path.is_dir():
+        model = open_scoring_model("onnxruntime" if engine == "torch" else engine, precision, None, path,
+                                   batch_size=batch_size)
+    else:
+        model = open_scoring_model(engine, precision, path, device=device, batch_size=batch_size)
+    if file_signature(path) != before:
+        raise PadimError(f"model file {path} changed while it was loaded (still being written?): it is read again "
+                         "when it changes next")
+    return ServedModel(name or (path.name if path.is_dir() else path.stem), model, str(path), (), sha256, before)
+
+
+def aliases(entries: Mapping[str, object]) -> Dict[str, str]:
+    """{category: model name} for the categories exactly one model has and no model is named after
+    (``entries``: {name: ScoringModel})."""
+    by_category: Dict[str, List[str]] = {}
+    for name, model in entries.items():
+        if model.category_:
+            by_category.setdefault(model.category_, []).append(name)
+    return {category: names[0] for category, names in by_category.items()
+            if len(names) == 1 and category not in entries}
+
+
+def fit_date(model) -> Optional[str]:
+    """The fit date a model file (``fit_date_``) or an export's header (``metadata``) records."""
+    return getattr(model, "fit_date_", getattr(model, "metadata", {}).get("fit_date"))
 
 
 def model_files(paths: Sequence[os.PathLike] = (), folder: Optional[os.PathLike] = None) -> List[Path]:
@@ -68,19 +137,9 @@ def load_models(paths: Sequence[os.PathLike], device: Optional[str] = None, batc
         name = path.name if path.is_dir() else path.stem
         if name in served:
             raise PadimError(f"two models are named {name!r} ({served[name].path} and {path}): rename one")
-        if path.is_dir():
-            model = open_scoring_model("onnxruntime" if engine == "torch" else engine, precision, None, path,
-                                       batch_size=batch_size)
-        else:
-            model = open_scoring_model(engine, precision, path, device=device, batch_size=batch_size)
-        served[name] = ServedModel(name, model, str(path))
-    categories: Dict[str, List[str]] = {}
-    for entry in served.values():
-        if entry.model.category_:
-            categories.setdefault(entry.model.category_, []).append(entry.name)
-    for category, names in categories.items():
-        if len(names) == 1 and category not in served:
-            served[names[0]].aliases = (category,)
+        served[name] = open_model(path, name, device, batch_size, engine, precision)
+    for category, name in aliases({name: entry.model for name, entry in served.items()}).items():
+        served[name].aliases = (category,)
     return served
 
 

@@ -43,7 +43,7 @@ def map_png(anomaly_map: np.ndarray) -> Tuple[str, float, float]:
 
 
 def heatmap(anomaly_map, original: Tuple[int, int], picture: Optional[Image.Image],
-            pixels: np.ndarray, cropped: bool, pixel_threshold: Optional[float]) -> dict:
+            pixels: np.ndarray, cropped: bool, pixel_threshold: Optional[float], ignore=None) -> dict:
     """anomaly_map: (H, W) at the model's input size; original: the picture's (height, width);
     picture: the picture at ``overlay_size(original, OVERLAY_MAX_SIDE)`` (None for a cropped
     model); pixels: the model's (H, W, 3) input. -> the ``schemas.Heatmap`` fields."""
@@ -56,7 +56,7 @@ def heatmap(anomaly_map, original: Tuple[int, int], picture: Optional[Image.Imag
         vmin, vmax = 0.0, 2 * pixel_threshold
     else:
         vmin, vmax = float(drawn.min()), float(drawn.max())
-    overlay = heatmap_overlay(picture, drawn, vmin, vmax)
+    overlay = heatmap_overlay(picture, drawn, vmin, vmax, ignore=ignore)  # the ignore mask hatched
     mask = None
     if pixel_threshold is not None:
         full = original if not cropped else tuple(anomaly_map.shape)

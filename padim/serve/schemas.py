@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from pydantic import BaseModel, Field
 
@@ -17,6 +17,33 @@ class Health(BaseModel):
     status: str = Field(description="ready, warming (models loaded, first passes running), stopping, or failed")
     models: List[str]
     detail: Optional[str] = None
+
+
+class DriftBrief(BaseModel):
+    alarm: bool = Field(description="a drift alarm is on (latched until POST /models/{name}/drift/reset or a new "
+                                    "version); the full state: GET /models/{name}/drift")
+    streams_alarmed: List[str] = Field(description="'all' alone: more defects than usual; 'all' and 'good': the "
+                                                   "picture changed")
+    log10: Dict[str, float] = Field(description="log10 of each stream's martingale; alarm at log10(1 / delta)")
+    images_seen: int
+    delta: float = Field(description="each stream's false-alarm probability (padim serve --drift-delta)")
+
+
+class VersionInfo(BaseModel):
+    sha256: Optional[str] = Field(description="SHA-256 of the model file (of an export's padim.json)")
+    fit_date: Optional[str]
+    file: str
+    loaded_at: str
+    state: str = Field(description="serving, draining (answering the requests it took before a swap) or retired")
+    retired_at: Optional[str]
+    requests_in_flight: int
+
+
+class ReloadError(BaseModel):
+    time: str
+    file: Optional[str]
+    sha256: Optional[str]
+    error: str = Field(description="why the file was refused; the version before it keeps serving")
 
 
 class ModelInfo(BaseModel):
@@ -43,6 +70,12 @@ class ModelInfo(BaseModel):
     thresholds_from: Optional[str] = Field(None, description="which scores the thresholds were computed from: "
                                            "\"f32 scores (the model file's thresholds)\", an int8 export's own "
                                            "(\"int8 graph, 20 held-out images\"), or \"none\"")
+    sha256: Optional[str] = Field(None, description="the version serving: SHA-256 of its model file")
+    loaded_at: Optional[str] = None
+    versions: List[VersionInfo] = Field([], description="the versions loaded, newest first (the last 10)")
+    last_reload_error: Optional[ReloadError] = Field(None, description="the newest file of this name that was "
+                                                                       "refused, until one loads")
+    drift: Optional[DriftBrief] = Field(None, description="null for a model without calibration")
 
 
 class Heatmap(BaseModel):
@@ -74,11 +107,46 @@ class ImageResult(BaseModel):
     threshold_source: Optional[str] = None
     pixel_threshold: Optional[float] = None
     pixel_threshold_source: Optional[str] = None
+    drift_log10: Optional[float] = Field(None, description="log10 of the drift martingale (stream all) once this "
+                                                           "image was fed; null without calibration")
     heatmap: Optional[Heatmap] = Field(None, description="with ?heatmap=true")
 
 
 class Prediction(BaseModel):
     model: str
     engine: str = Field(description="what scored: torch, onnxruntime or openvino")
+    model_sha256: Optional[str] = Field(None, description="the version that scored: SHA-256 of its model file")
+    fit_date: Optional[str] = None
+    request_id: str = Field(description="names this request in the decision log and in POST "
+                                        "/models/{name}/feedback")
     warnings: List[str] = Field(description="e.g. a target FPR the calibration images cannot guarantee")
+    drift: Optional[DriftBrief] = None
     results: List[ImageResult]
+
+
+class Feedback(BaseModel):
+    request_id: str = Field(max_length=200)
+    index: int = Field(ge=0, description="the image's index in that request")
+    truth: str = Field(pattern="^(good|defect)$", description="the operator's verdict: good or defect")
+
+
+class FeedbackAnswer(BaseModel):
+    verdict: str
+    truth: str
+    override: bool = Field(description="the operator disagrees with the model")
+    feedback: int
+    overrides: int
+    override_rate: Optional[float]
+    missed_defects: int
+    false_alarms: int
+    counts: Dict[str, int]
+
+
+class Reload(BaseModel):
+    time: str
+    loaded: List[Dict[str, Any]]
+    refused: List[Dict[str, Any]]
+    removed: List[str]
+    unchanged: int
+    errors: Dict[str, Any] = Field(description="files refused (by model name) until one of that name loads")
+    error: Optional[str] = None

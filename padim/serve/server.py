@@ -29,6 +29,7 @@ import uvicorn
 from padim.errors import PadimError
 from padim.serve.app import ServeSettings, create_app
 from padim.serve.registry import ServedModel
+from padim.serve.versions import ModelSource
 
 
 def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -53,8 +54,9 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
 
 
 def run(models: Mapping[str, ServedModel], settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-        log_level: str = "warning") -> None:
-    """Serves until SIGTERM/SIGINT; returns after a graceful stop. Raises PadimError when warm-up fails."""
+        log_level: str = "warning", source: Optional[ModelSource] = None) -> None:
+    """Serves until SIGTERM/SIGINT; returns after a graceful stop. Raises PadimError when warm-up fails.
+    With ``source``, its model files are watched and new versions swapped in (``create_app``)."""
     failure = {}
     server: Optional[uvicorn.Server] = None
 
@@ -67,7 +69,7 @@ def run(models: Mapping[str, ServedModel], settings: ServeSettings, host: str = 
         print(f"padim serve: ready: {names} on http://{host}:{port} (page at /, API docs at /docs)",
               file=sys.stderr, flush=True)
 
-    app = create_app(models, settings, on_ready)
+    app = create_app(models, settings, on_ready, source)
     sock = listen(host, port)  # before warm-up: nothing is announced on an address that cannot be had
     port = sock.getsockname()[1]  # the one chosen for port 0
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,

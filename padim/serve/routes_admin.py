@@ -1,0 +1,91 @@
+"""The routes of a line that runs for months (issue 23): drift state and reset, operators' feedback,
+model reloads. All of them need the API key when the server has one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import Depends, FastAPI, HTTPException, Path
+
+from padim.monitor import DecisionLogError
+from padim.serve.monitoring import MEANING, LogUnavailable
+from padim.serve.schemas import Feedback, FeedbackAnswer, Problem, Reload
+
+log = logging.getLogger("uvicorn.error")
+NAME = Path(description="a model's name or alias")
+
+
+def add_admin_routes(app: FastAPI, service, require_key, retry: dict) -> None:
+    def monitor_of(name: str):
+        version = service.current(name)
+        if version.drift is None:
+            raise HTTPException(409, f"model {version.name} has no calibration images, so no drift alarm: fit it with "
+                                     "a calibration hold-out (padim fit --calibration-fraction, the default 0.1)")
+        return version
+
+    def drift_answer(version, state: dict) -> dict:
+        return {"model": version.name, "sha256": version.sha256, "fit_date": version.fit_date,
+                "meaning": MEANING, **state}
+
+    @app.get("/models/{name}/drift", dependencies=[Depends(require_key)],
+             responses={404: {"model": Problem}, 409: {"model": Problem}})
+    async def drift(name: str = NAME) -> dict:
+        """The drift alarm of the version serving: per stream ("all": every image; "good": the images
+        that look good), the martingale, its maximum, images seen, and since when an alarm is on.
+        Each stream alarms falsely with probability at most delta while the images stay exchangeable
+        with the calibration images."""
+        version = monitor_of(name)
+        return drift_answer(version, version.drift.state())
+
+    @app.post("/models/{name}/drift/reset", dependencies=[Depends(require_key)],
+              responses={404: {"model": Problem}, 409: {"model": Problem}})
+    async def drift_reset(name: str = NAME) -> dict:
+        """Starts the drift alarm over (martingales at 1, the images seen forgotten): after the cause
+        of an alarm was found and fixed. Resetting without cause throws away the history the alarm
+        needs (see the README)."""
+        version = monitor_of(name)
+        state = version.drift.reset()
+        service.monitoring.publish(version.name, state)
+        log.warning("padim serve: drift alarm of model %s (version %s) reset by request", version.name,
+                    (version.sha256 or "?")[:12])
+        return drift_answer(version, state)
+
+    @app.post("/models/{name}/feedback", response_model=FeedbackAnswer, dependencies=[Depends(require_key)],
+              responses={404: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}})
+    async def feedback(body: Feedback, name: str = NAME) -> dict:
+        """An operator's verdict ("good" or "defect") on image ``index`` of a recent request: counted
+        against the model's verdict (``/metrics``: padim_override_rate, padim_feedback_images) and
+        written to the decision log. A second verdict on one image replaces the first."""
+        version = service.current(name)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(service.pool, service.monitoring.feedback, version.name,
+                                              body.request_id, body.index, body.truth, version.sha256)
+        except LogUnavailable as exc:
+            raise HTTPException(503, f"the decision log cannot be written ({exc}); try again shortly",
+                                headers=retry) from None
+        except DecisionLogError as exc:
+            status = 404 if str(exc).startswith("unknown request_id") else 422
+            raise HTTPException(status, " ".join(str(exc).split())) from None
+
+    def reloader():
+        if service.reloader is None:
+            raise HTTPException(409, "this server was not given model files to watch")
+        return service.reloader
+
+    @app.get("/admin/reload", dependencies=[Depends(require_key)], responses={409: {"model": Problem}})
+    async def reload_status() -> dict:
+        """How often model files are looked at, the last look, and the files refused."""
+        return reloader().status()
+
+    @app.post("/admin/reload", response_model=Reload, dependencies=[Depends(require_key)],
+              responses={409: {"model": Problem}, 503: {"model": Problem}})
+    async def reload() -> dict:
+        """Looks at the model files now: new and changed ones are verified, loaded and warmed up, then
+        swapped in (requests in flight finish on the old version); removed ones stop being served;
+        a file that fails is refused and the old version keeps serving."""
+        watcher = reloader()
+        if service.status != "ready":
+            raise HTTPException(503, f"the server is {service.status}: try again shortly", headers=retry)
+        return await asyncio.get_running_loop().run_in_executor(None, watcher.reload)
