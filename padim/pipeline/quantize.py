@@ -117,7 +117,7 @@ def _check_quantized(model, ignored: Sequence[str]) -> int:
     ignored, backbone, fake_quantize = set(ignored), 0, 0
     for op in model.get_ordered_ops():
         fake_quantize += op.get_type_name() == "FakeQuantize"
-        if op.get_type_name() not in ("Convolution", "MatMul"):
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):  # depthwise: GroupConvolution
             continue
         sources = [i.get_source_output().get_node().get_type_name() for i in op.inputs()]
         if op.get_friendly_name() in ignored and "FakeQuantize" in sources:
