@@ -231,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "model's input, to anomaly maps (B, H, W) and image scores (B,); the "
                                              "model's header (config, thresholds) goes beside it in padim.json.")
     export.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
-    export.add_argument("--format", choices=("onnx", "openvino"), default=None,
-                        help="(default: onnx; openvino with --precision int8)")
+    export.add_argument("--format", choices=("onnx", "openvino"), default=None, help="(default: onnx; int8: openvino)")
     export.add_argument("--precision", choices=("f32", "int8"), default="f32",
                         help="int8: the backbone quantised (OpenVINO, NNCF) on the model's training images, the "
                              "Gaussian part f32, and the thresholds recomputed from int8 scores of the model's "
