@@ -383,3 +383,18 @@ def test_grids_that_are_not_whole_multiples_keep_the_plain_path(synthetic_root, 
     reference = case["model"].predict(case["images"])
     got = ExportedModel(case["export"], "onnxruntime").predict(case["images"])
     np.testing.assert_allclose(got.maps, reference.maps, rtol=RTOL, atol=0)
+
+
+def test_an_ignore_mask_is_exact_in_the_lean_graph(synthetic_root, tmp_path):
+    """The ignore mask (issue 22) in the lean graph: ignored pixels enter the backbone as the eager
+    path's normalised 0 (the folded scale keeps 0 at 0) and their map is 0."""
+    from PIL import Image
+
+    roi = np.zeros((64, 64), dtype=bool)
+    roi[:20] = True
+    Image.fromarray(roi.astype(np.uint8) * 255).save(tmp_path / "roi.png")
+    case = _fit_and_export(synthetic_root, tmp_path, **FAST, ignore_mask=tmp_path / "roi.png")
+    reference = case["model"].predict(case["images"])
+    got = ExportedModel(case["export"], "onnxruntime").predict(case["images"])
+    np.testing.assert_allclose(got.maps, reference.maps, rtol=RTOL, atol=RTOL * float(reference.maps.max()))
+    assert got.maps[:, :20].max() == 0
