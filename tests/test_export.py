@@ -316,3 +316,85 @@ def test_calibrated_decisions_and_p_values_equal_the_torch_engines(tmp_path):
         clear = np.abs(want.scores - want.image_threshold) > RTOL * abs(want.image_threshold)
         np.testing.assert_array_equal(got.labels[clear], want.labels[clear])
     assert runtime.predict(new).image_threshold is not None  # calibrated by default: the check means something
+
+
+# ------------------------------------------------------------------------------ the lean graph
+BACKBONE_CONVS = {"resnet": 15, "semi": 15, "effnet": 33}  # resnet18 to layer3; efficientnet_lite0 to blocks.4
+
+
+@pytest.mark.parametrize("which", ["resnet", "effnet", "semi"])
+def test_the_lean_graph_has_no_gather_no_batchnorm_and_one_layout_change_per_layer(which, request):
+    """Issue 21's lean graph: BatchNorm folded (timm's too), the channel subset / projection as one
+    1 x 1 convolution per layer (no Gather), nearest upsampling without gathers or Resize, the
+    normalisation's factor folded into the first convolution (no Mul), and one transpose per layer
+    besides the input's and the distances' (measured before: Gather 3, Mul 1, Transpose 6)."""
+    import collections
+
+    import onnx
+
+    case = request.getfixturevalue(which)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(case["export"] / "model.onnx")).graph.node)
+    assert not {"Gather", "GatherElements", "GatherND", "BatchNormalization", "Resize", "Mul"} & set(ops), ops
+    assert ops["Conv"] == BACKBONE_CONVS[which] + 3  # + one selection / projection convolution per layer
+    assert ops["Transpose"] == 1 + 3 + 1  # pixels to NCHW, each layer to patch-major, distances to (B, P)
+    assert ops["Sub"] == (1 + 3 if which != "semi" else 2)  # the input's mean; each layer's centring (or one)
+
+
+def test_every_backbone_runs_with_its_batchnorm_folded():
+    from torch import nn
+
+    from padim.core.backbones import BACKBONES, build_extractor
+
+    for name in BACKBONES:
+        extractor, _, _ = build_extractor(name, "random", None, 0)
+        assert not [m for m in extractor.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)], name
+
+
+def test_the_folded_normalisation_keeps_the_first_convolutions_zero_border(resnet):
+    """(p - 255 m) * 1 / (255 s) into the first convolution: zero padding pads normalised zeros, as
+    the eager path does (folding the subtraction too would pad with -m / s): the border rows and
+    columns of the stem's output equal the eager ones."""
+    import torch
+
+    from padim.core.lean import fold_input_scale
+
+    scorer = resnet["model"].scorer_
+    pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        eager = scorer.extractor.stages[0][0](scorer.normalise(pixels))
+        folded = fold_input_scale(scorer.extractor, scorer.scale.view(3))
+        lean = folded.stages[0][0]((pixels.float() - (-scorer.shift / scorer.scale)).permute(0, 3, 1, 2))
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    np.testing.assert_allclose(lean[..., border].numpy(), eager[..., border].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(lean.numpy(), eager.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_grids_that_are_not_whole_multiples_keep_the_plain_path(synthetic_root, tmp_path):
+    """72 px: layer grids 18, 9, 5 (not a whole factor of 18): the export keeps the eager path's plain
+    operations (nearest upsampling by Resize) and scores the same."""
+    import collections
+
+    import onnx
+
+    case = _fit_and_export(synthetic_root, tmp_path, **{**FAST, "image_size": 72, "n_features": 40})
+    ops = collections.Counter(n.op_type for n in onnx.load(str(case["export"] / "model.onnx")).graph.node)
+    assert ops["Resize"] >= 1
+    reference = case["model"].predict(case["images"])
+    got = ExportedModel(case["export"], "onnxruntime").predict(case["images"])
+    np.testing.assert_allclose(got.maps, reference.maps, rtol=RTOL, atol=0)
+
+
+def test_an_ignore_mask_is_exact_in_the_lean_graph(synthetic_root, tmp_path):
+    """The ignore mask (issue 22) in the lean graph: ignored pixels enter the backbone as the eager
+    path's normalised 0 (the folded scale keeps 0 at 0) and their map is 0."""
+    from PIL import Image
+
+    roi = np.zeros((64, 64), dtype=bool)
+    roi[:20] = True
+    Image.fromarray(roi.astype(np.uint8) * 255).save(tmp_path / "roi.png")
+    case = _fit_and_export(synthetic_root, tmp_path, **FAST, ignore_mask=tmp_path / "roi.png")
+    reference = case["model"].predict(case["images"])
+    got = ExportedModel(case["export"], "onnxruntime").predict(case["images"])
+    np.testing.assert_allclose(got.maps, reference.maps, rtol=RTOL, atol=RTOL * float(reference.maps.max()))
+    assert got.maps[:, :20].max() == 0

@@ -141,6 +141,9 @@ EDITS = {
     "graph format not text": (_set("graph_format", value=["onnx"]), "does not describe the files"),
     "no digest": (lambda record: record.pop("sha256"), "does not describe the files"),
     "no header": (lambda record: record.pop("model"), "lacks the model's header"),
+    "unknown precision": (_set("precision", value="int4"), "declares precision 'int4'"),
+    "an int8 ONNX graph": (_set("precision", value="int8"), "declares precision 'int8'"),
+    "thresholds_from not text": (_set("model", "thresholds_from", value=["int8"]), "thresholds_from must be text"),
     "a newer version": (_set("export_version", value=3), "upgrade padim"),
     "version 1 with a checksum": (_set("export_version", value=1), "has version 1; this padim reads version 2"),
 }

@@ -63,6 +63,9 @@ def check_args(args) -> None:
         check_serve(args)
     elif args.command == "test":
         outputs.check_output_folder(args.output if args.output is not None else Path("padim-test") / args.category)
+        if args.store_oracle_thresholds and args.precision == "int8":
+            raise PadimError("--store-oracle-thresholds would store thresholds of int8 scores in the model file, "
+                             "whose thresholds are for f32 scores: leave it out with --precision int8")
         if args.store_oracle_thresholds and args.model.is_file():  # the thresholds are written back into it
             outputs.check_output_file(args.model, "--model")
     if args.command in ("predict", "test", "benchmark", "serve"):
@@ -77,9 +80,25 @@ def check_args(args) -> None:
     if args.command in ("predict", "demo") and args.output is not None:
         outputs.check_output_folder(args.output)
     elif args.command == "export":
+        check_export(args)
         outputs.check_output_folder(args.output)
     elif args.command == "download":
         outputs.check_output_folder(args.to, "--to")
+
+
+def check_export(args) -> None:
+    """padim export: int8 is an OpenVINO graph calibrated on the model's training folder."""
+    if args.precision == "int8":
+        if args.format == "onnx":
+            raise PadimError("--precision int8 exports OpenVINO IR: use --format openvino (or leave --format out)")
+        if args.data_root is None or args.category is None:
+            raise PadimError("--precision int8 needs --data-root and --category: the training folder the model was "
+                             "fitted on (its images calibrate the quantisation and, held out, the thresholds)")
+        if args.quantization_images < 1:
+            raise PadimError(f"--quantization-images must be at least 1, got {args.quantization_images}")
+    elif args.data_root is not None or args.category is not None:
+        raise PadimError("--data-root and --category are for --precision int8 (an f32 export needs only --model)")
+    args.format = args.format or ("openvino" if args.precision == "int8" else "onnx")
 
 
 def serve_settings(args):
@@ -171,4 +190,6 @@ def check_overlaps(args) -> None:
             inputs["--model"] = [args.model]
         check_no_overlap(inputs, {}, {"--output": args.output})
     elif args.command == "export":
-        check_no_overlap({"--model": [args.model], "--weights": weights}, {}, {"--output": args.output})
+        data = [args.data_root / args.category] if args.data_root is not None and args.category is not None else []
+        check_no_overlap({"--model": [args.model], "--weights": weights, "--data-root": data}, {},
+                         {"--output": args.output})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -9,6 +10,12 @@ from pathlib import Path
 
 from padim.cli.common import expand_paths, ray_cluster, stderr, tune_malloc
 from padim.errors import PadimError
+
+def nncf_output_to_stderr():
+    """While an int8 export is made: NNCF's progress bars (rich, on stdout) go to stderr, where
+    progress belongs; stdout is the command's results."""
+    return contextlib.redirect_stdout(sys.stderr)
+
 
 def cmd_fit(args) -> None:
     from padim.jobs.runs import fit_category
@@ -75,18 +82,22 @@ def cmd_test(args) -> None:
     from padim.jobs.runs import test_category
 
     output = args.output if args.output is not None else Path("padim-test") / args.category
-    summary = test_category(args.model, args.data_root, args.category, output, args.save_images, args.max_images,
-                            args.device, args.batch_size, weights=args.weights, tune_malloc=True,
-                            target_fpr=args.target_fpr, store_oracle_thresholds=args.store_oracle_thresholds,
-                            engine=args.engine, precision=args.precision, export=args.export)
+    with nncf_output_to_stderr() if args.precision == "int8" else contextlib.nullcontext():
+        summary = test_category(args.model, args.data_root, args.category, output, args.save_images,
+                                args.max_images, args.device, args.batch_size, weights=args.weights, tune_malloc=True,
+                                target_fpr=args.target_fpr, store_oracle_thresholds=args.store_oracle_thresholds,
+                                engine=args.engine, precision=args.precision, export=args.export)
     print(_metrics_table(args.category, summary))
     print(f"{summary['n_test_images']} test images in {summary['test_s']:.1f} s "
-          f"({summary['test_ms_per_image']:.1f} ms/image, engine {args.engine}); metrics -> {output / 'metrics.json'}")
+          f"({summary['test_ms_per_image']:.1f} ms/image, engine {args.engine}"
+          f"{'' if args.precision == 'f32' else ' ' + args.precision}); metrics -> {output / 'metrics.json'}")
     print(f"best-F1 thresholds, chosen on this test set (optimistic): image {summary['oracle_image_threshold']:.4g}, "
           f"pixel {'n/a' if summary['oracle_pixel_threshold'] is None else format(summary['oracle_pixel_threshold'], '.4g')}"
           + (f"; stored in {args.model}" if args.store_oracle_thresholds else ""))
     if summary["image_F1_calibrated"] is not None:
-        print(f"at the calibrated thresholds ({summary['calibrated_threshold_source']}): "
+        source = summary["calibrated_threshold_source"] + ("" if args.precision != "int8" else
+                                                           f"; thresholds from: {summary['thresholds_from']}")
+        print(f"at the calibrated thresholds ({source}): "
               f"good images flagged {summary['good_FPR_calibrated']:.3f}, defects caught "
               f"{summary['image_recall_calibrated']:.3f}, image F1 {summary['image_F1_calibrated']:.4f}"
               + (f", pixel F1 {summary['pixel_F1_calibrated']:.4f}" if summary["pixel_F1_calibrated"] is not None else ""))
@@ -118,13 +129,24 @@ def cmd_export(args) -> None:
     from padim.pipeline.cache import export_file
     from padim.errors import RANDOM_WEIGHTS_WARNING
 
-    folder = export_file(args.model, args.format, args.output, weights=args.weights)
+    if args.precision == "int8":
+        from padim.data.mvtec import find_category
+        from padim.pipeline.quantize import export_int8
+
+        train = find_category(args.data_root, args.category, note=stderr).train
+        with nncf_output_to_stderr():
+            folder = export_int8(args.model, train, args.output, weights=args.weights,
+                                 n_images=args.quantization_images)
+    else:
+        folder = export_file(args.model, args.format, args.output, weights=args.weights)
     record = json.loads((folder / "padim.json").read_text())
     if record["model"].get("config", {}).get("weights") == "random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     size_mb = sum((folder / name).stat().st_size for name in record["files"]) / 1e6
-    print(f"exported {args.model} as {args.format} -> {folder} ({', '.join(record['files'])}, {size_mb:.1f} MB; "
-          f"padim.json holds the config and thresholds)")
+    kind = args.format if args.precision == "f32" else f"{args.format} int8"
+    thresholds = "" if args.precision == "f32" else f" (thresholds from: {record['model'].get('thresholds_from')})"
+    print(f"exported {args.model} as {kind} -> {folder} ({', '.join(record['files'])}, {size_mb:.1f} MB; "
+          f"padim.json holds the config and thresholds{thresholds})")
 
 
 def cmd_download(args) -> None:

@@ -13,7 +13,7 @@ from padim import __version__
 # The backbone registry's names (padim.core.backbones.BACKBONES, which needs torch; a test keeps them equal):
 # the command's top-level imports stay torch-free, so that the runtime's predict runs without torch.
 BACKBONE_NAMES = ("efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2")
-ENGINE_NAMES, PRECISION_NAMES = ("torch", "onnxruntime", "openvino"), ("f32", "bf16")
+ENGINE_NAMES, PRECISION_NAMES = ("torch", "onnxruntime", "openvino"), ("f32", "bf16", "int8")
 REDUCTION_NAMES, COVARIANCE_NAMES = ("random", "semi-orthogonal"), ("fixed", "oas", "ledoit-wolf")  # = padim.core.config's
 # what a command that needs PyTorch imports: its absence is a one-line error, not a traceback
 TORCH_STACK = ("torch", "torchvision", "timm", "scipy", "sklearn", "matplotlib", "tqdm")
@@ -57,7 +57,9 @@ def _engine_option(parser: argparse.ArgumentParser, export_help: str) -> None:
     parser.add_argument("--export", type=Path, default=None, metavar="DIR", help=export_help)
     parser.add_argument("--precision", choices=PRECISION_NAMES, default="f32",
                         help="inference precision of --engine openvino: bf16 where the CPU has it (faster, maps move "
-                             "by ~1e-2 relative); default f32")
+                             "by ~1e-2 relative), or int8 (the backbone quantised; an int8 export with its own "
+                             "thresholds from int8 scores of the held-out images: made by 'padim test' from its "
+                             "--data-root/--category and cached, or by 'padim export --precision int8'); default f32")
 
 
 def _tile_options(parser: argparse.ArgumentParser) -> None:
@@ -229,7 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
                                              "model's input, to anomaly maps (B, H, W) and image scores (B,); the "
                                              "model's header (config, thresholds) goes beside it in padim.json.")
     export.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
-    export.add_argument("--format", choices=("onnx", "openvino"), default="onnx", help="(default: onnx)")
+    export.add_argument("--format", choices=("onnx", "openvino"), default=None, help="(default: onnx; int8: openvino)")
+    export.add_argument("--precision", choices=("f32", "int8"), default="f32",
+                        help="int8: the backbone quantised (OpenVINO, NNCF) on the model's training images, the "
+                             "Gaussian part f32, and the thresholds recomputed from int8 scores of the model's "
+                             "held-out images (needs --data-root and --category: the folder it was fitted on; "
+                             "pip install nncf) (default: f32)")
+    export.add_argument("--data-root", type=Path, default=None, help="with --precision int8: the model's data root")
+    export.add_argument("--category", default=None, help="with --precision int8: the model's category folder")
+    export.add_argument("--quantization-images", type=int, default=300, metavar="N",
+                        help="with --precision int8: training images NNCF calibrates on, at most (default: 300)")
     export.add_argument("--output", required=True, type=Path, help="folder to write the export to")
     _weights_location_option(export)
 
@@ -305,7 +316,8 @@ def _serve_parser(commands) -> None:
                             "openvino (exported on first use and cached; the fastest on a CPU); an export folder "
                             "given as MODEL is run by onnxruntime unless --engine openvino (default: torch)")
     serve.add_argument("--precision", choices=PRECISION_NAMES, default="f32",
-                       help="inference precision of --engine openvino: bf16 where the CPU has it (default: f32)")
+                       help="inference precision of --engine openvino: bf16 where the CPU has it, or int8 (a model "
+                            "file's cached int8 export, or an int8 export folder as MODEL) (default: f32)")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                        help="uvicorn's log level; info shows each request (default: warning)")
     _line_options(serve)

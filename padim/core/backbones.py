@@ -66,8 +66,43 @@ def _resnet_stages(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [("stem", stem)] + [(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 5)]
 
 
+# timm's EfficientNet blocks: each convolution and the BatchNorm (+ activation) after it
+_TIMM_CONV_BN = {"DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+                 "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))}
+
+
+def _folded(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """A timm convolution and its ``BatchNormAct2d`` (BatchNorm, dropout, activation) -> the folded
+    convolution followed by the activation (dropout is the identity in eval mode)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if not isinstance(bn, nn.BatchNorm2d) or not isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity):
+        raise PadimError(f"cannot fold {type(bn).__name__} into its convolution: not an eval BatchNorm")
+    act = getattr(bn, "act", nn.Identity())
+    fused = fuse_conv_bn_eval(conv, bn)
+    return fused if isinstance(act, nn.Identity) else nn.Sequential(fused, act)
+
+
+def _fold_efficientnet_batchnorm(model: nn.Module) -> None:
+    """Folds every eval-mode BatchNorm of a timm EfficientNet into the convolution before it, as
+    ``_fold_resnet_batchnorm`` does for ResNets: the exported graph then holds no BatchNorm (nor its
+    Mul + Add), whatever the exporter folds itself, and the eager backbone makes one pass less."""
+    model.eval()
+    model.conv_stem, model.bn1 = _folded(model.conv_stem, model.bn1), nn.Identity()
+    for stage in model.blocks:
+        for block in stage:
+            pairs = _TIMM_CONV_BN.get(type(block).__name__)
+            if pairs is None:
+                raise PadimError(f"cannot fold the BatchNorms of a timm {type(block).__name__} block")
+            for conv, bn in pairs:
+                setattr(block, conv, _folded(getattr(block, conv), getattr(block, bn)))
+                setattr(block, bn, nn.Identity())
+
+
 def _efficientnet_stages(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    stem = nn.Sequential(model.conv_stem, model.bn1)  # timm's bn1 includes the activation
+    _fold_efficientnet_batchnorm(model)
+    stem = model.conv_stem  # the folded stem convolution + its ReLU6: the first module is the first convolution
+    stem = stem if isinstance(stem, nn.Sequential) else nn.Sequential(stem)
     return [("stem", stem)] + [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from padim.core.features import CPU_FORWARD_CHUNK, cpu_chunk, embed, layer_plan
 from padim.core.gaussian import mahalanobis
+from padim.core.lean import LeanGraph, fold_input_scale, lean_possible
 from padim.core.maps import upsample_blur_matrix
 from padim.core.memory import Workspace
 from padim.core.tiling import cut, stitch
@@ -74,21 +75,34 @@ class PatchScorer(nn.Module):
         self.plan = None  # where each layer's kept channels go: from the first batch's maps (layer_plan)
         self.d = len(channel_idx) if projection is None else projection.shape[1]
         self._tracing = False
+        self._lean: Optional[nn.Module] = None  # the lean graph, inside tracing() only
         self._workspace = Workspace()
 
     @contextlib.contextmanager
-    def tracing(self):
-        """No chunking, no reused buffers: plain operations for torch.export (same numbers)."""
-        if self.plan is None:  # computed from real shapes now: a traced graph must not compute it
-            with torch.inference_mode():
-                side = self.input_size if self.tiles is None else (self.tiles.tile, self.tiles.tile)
-                dummy = torch.zeros(1, 3, *side, device=self.mean.device)
-                self._plan_for(self.extractor(dummy.contiguous(memory_format=torch.channels_last)))
+    def tracing(self, lean: bool = True):
+        """No chunking, no reused buffers: plain operations for torch.export (same numbers). With
+        ``lean`` (whole-factor grids, no tiles), the lean graph of ``padim.core.lean``: the
+        normalisation's factor folded into the first convolution, the channel subset as 1 x 1
+        convolutions, one patch-major layout change per layer; else the eager path's own plain
+        operations."""
+        with torch.inference_mode():  # shapes from a real pass now: a traced graph must not compute them
+            side = self.input_size if self.tiles is None else (self.tiles.tile, self.tiles.tile)
+            dummy = torch.zeros(1, 3, *side, device=self.mean.device)
+            feature_maps = self.extractor(dummy.contiguous(memory_format=torch.channels_last))
+        self._plan_for(feature_maps)
+        grids = [tuple(f.shape[-2:]) for f in feature_maps]
+        if lean and self.tiles is None and lean_possible(self.grid, grids):
+            folded = fold_input_scale(self.extractor, self.scale.view(3))
+            offset = None if folded is None else (-self.shift / self.scale)  # 255 * mean, (1, 1, 1, 3)
+            self._lean = LeanGraph(folded if folded is not None else self.extractor, self.plan, grids,
+                                   [f.shape[1] for f in feature_maps], self.grid, self.mean, self.factor,
+                                   self.rows, self.cols_t, offset, self.scale, self.shift, self.keep).eval()
         self._tracing = True
         try:
             yield self
         finally:
             self._tracing = False
+            self._lean = None
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 with the ImageNet mean/std, channels_last
@@ -120,13 +134,27 @@ class PatchScorer(nn.Module):
         if self.plan is None:
             self.plan = layer_plan([f.shape[1] for f in feature_maps], self.channel_idx, self.projection)
 
-    def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _embedded(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, h, w, d) embeddings; tiled: per position, (B, T h, w, d)."""
         x = self.normalise(pixels)  # (B, 3, H, W)
         if self.tiles is not None:
             x = cut(x, self.tiles.boxes, self.tiles.tile)  # (B T, 3, S, S)
         emb = self.embeddings(x)  # (B, h, w, d); tiled: (B T, h, w, d)
-        if self.tiles is not None:
-            emb = self.tiles.embeddings_per_image(emb)  # per position: (B, T h, w, d)
+        return emb if self.tiles is None else self.tiles.embeddings_per_image(emb)
+
+    def with_deltas(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inside ``tracing()``: ``forward``'s maps and scores and the embeddings minus the mean,
+        (P, B, d) (an int8 export refits its Gaussians on the int8 graph's embeddings)."""
+        if self._lean is not None:
+            return self._lean.scored(pixels)
+        maps, scores = self.forward(pixels)
+        delta = self._embedded(pixels).flatten(1, 2) - self.mean  # (B, P, d)
+        return maps, scores, delta.transpose(0, 1)
+
+    def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._tracing and self._lean is not None:
+            return self._lean(pixels)
+        emb = self._embedded(pixels)  # (B, h, w, d); tiled: per position, (B, T h, w, d)
         workspace = None if self._tracing else self._workspace
         distances = mahalanobis(emb.flatten(1, 2), self.mean, self.factor, workspace)  # (B, P)
         maps = self.rows @ distances.reshape(-1, *self.map_grid) @ self.cols_t  # (B, H, W); tiled: (B T, S, S)

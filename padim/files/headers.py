@@ -87,7 +87,7 @@ def check_fields(metadata: dict, refuse: Callable[[str], None]) -> None:
     if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
         refuse(f"weights_sha256 must be 64 hexadecimal digits, got {sha!r}")
     for key in ("weights_source", "category", "fit_date", "thresholds_note", "package_version", "threshold_source",
-                "pixel_threshold_source", "calibration_note", "calibration_method"):
+                "pixel_threshold_source", "calibration_note", "calibration_method", "thresholds_from"):
         if not (metadata.get(key) is None or isinstance(metadata.get(key), str)):
             refuse(f"{key} must be text or null, got {metadata.get(key)!r}")
 

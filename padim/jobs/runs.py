@@ -77,12 +77,25 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
     ``padim`` command does; a library caller decides for its own process).
     engine, precision, export: score with an exported graph (see ``padim.pipeline.engines.open_engine``)."""
     from padim.jobs.evaluate import CALIBRATED_KEYS, METRIC_KEYS, THRESHOLDS_NOTE, evaluate  # scikit-learn, scipy
+    from padim.pipeline.engines import thresholds_from
 
+    if store_oracle_thresholds and precision == "int8":
+        raise PadimError("`store_oracle_thresholds` would store thresholds of int8 scores in the model file, whose "
+                         "thresholds are for f32 scores: leave it out with `precision` int8")
     model = PaDiM.load(model_path, device=device, batch_size=batch_size, progress=None, weights=weights)
+    found = find_category(data_root, category, need_test=True, note=note)
+    scorer = None
+    if engine != "torch":  # int8 without an export: the cached int8 export calibrated on this training folder
+        from padim.pipeline.engines import open_engine
+
+        scorer = open_engine(engine, precision, model_path, export, weights, batch_size, progress=None,
+                             model=model if model.device_.type == "cpu" else None,
+                             train_images=found.train if precision == "int8" and export is None else None)
+    decider = scorer if scorer is not None else model  # whose thresholds decide: an int8 export has its own
     calibrated = None  # the calibrated operating point: the fit's targets, or target_fpr
-    if model.calibration_ is not None:
-        calibrated = model.operating_point(target_fpr=target_fpr or model.target_fpr_ or model.target_fpr,
-                                           target_pixel_fpr=model.target_pixel_fpr)
+    if decider.calibration_ is not None:
+        calibrated = decider.operating_point(target_fpr=target_fpr or decider.target_fpr_ or model.target_fpr,
+                                             target_pixel_fpr=model.target_pixel_fpr)
         if calibrated.warning:
             note(calibrated.warning)
     else:
@@ -90,7 +103,6 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
              "`calibration_fraction` > 0, to get thresholds from good images)")
     if tune_malloc and model.device_.type == "cpu":
         tune_malloc_for_scoring()
-    found = find_category(data_root, category, need_test=True, note=note)
     if model.uses_random_weights:
         note(RANDOM_WEIGHTS_WARNING)
     if model.category_ and model.category_ != category:
@@ -102,11 +114,10 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
              f"left out of pixel metrics: {names}")
 
     iter_predict = None
-    if engine != "torch":
-        from padim.pipeline.engines import as_torch, open_engine
+    if scorer is not None:
+        from padim.pipeline.engines import as_torch
 
-        iter_predict = as_torch(open_engine(engine, precision, model_path, export, weights, batch_size, progress=None,
-                                            model=model if model.device_.type == "cpu" else None).iter_predict)
+        iter_predict = as_torch(scorer.iter_predict)
     result = evaluate(model, found, output if pictures else None, max_images, calibrated,
                       iter_predict=iter_predict)
     if result.defects_with_empty_mask:
@@ -124,7 +135,8 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
         "calibrated_image_threshold": calibrated.image_threshold if calibrated else None,
         "calibrated_pixel_threshold": calibrated.pixel_threshold if calibrated else None,
         "calibrated_threshold_source": calibrated.source if calibrated else None,
-        "n_calibration_images": model.n_calibration_images_,
+        "n_calibration_images": model.n_calibration_images_ if scorer is None else scorer.metadata.get("n_calibration_images"),
+        "thresholds_from": thresholds_from(decider),
         "fit_s": model.fit_seconds_,
         "test_s": result.test_seconds,
         "test_ms_per_image": 1000.0 * result.test_seconds / n_images,

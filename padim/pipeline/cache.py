@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 from padim.errors import PadimError
 from padim.pipeline.exported import EngineError, read_export
@@ -63,11 +63,45 @@ def cached_export_record(model_path, fmt: str, weights: Optional[str], model, no
     from padim.pipeline.export import graph_key
 
     key = graph_key(model_path)
+    return _cached(model_path, key, fmt, "f32", lambda work: export_file(model_path, fmt, work, weights, model), note)
+
+
+def cached_int8_record(model_path, weights: Optional[str], model, note,
+                       train_images: Optional[Sequence]) -> Tuple[Path, dict]:
+    """The cached int8 export of ``model_path`` (``padim.pipeline.quantize``; keyed by its graph and
+    the precision) and its record. With ``train_images`` (the model's training folder), one
+    calibrated on other images is remade on these; without them, one must be cached already."""
+    from padim.pipeline.export import graph_key
+    from padim.pipeline.quantize import QUANTIZATION_KEY, export_int8, images_digest, int8_graph_key
+
+    key = int8_graph_key(graph_key(model_path))
+    digest = None if train_images is None else images_digest(train_images)
+
+    def calibrated_here(record: dict) -> bool:
+        return digest is None or (record.get(QUANTIZATION_KEY) or {}).get("training_images_sha256") == digest
+
+    def build(work: Path) -> None:
+        if train_images is None:
+            raise EngineError(f"`precision` int8: {model_path} has no int8 export yet, and making one needs its "
+                              "training images: 'padim test --engine openvino --precision int8' with its data caches "
+                              "one, or 'padim export --precision int8 --data-root D --category C' makes one for "
+                              "`export` DIR")
+        export_int8(model_path, train_images, work, weights, model)
+
+    return _cached(model_path, key, "openvino", "int8", build, note, calibrated_here)
+
+
+def _cached(model_path, key: str, fmt: str, precision: str, build: Callable[[Path], None], note,
+            accept: Callable[[dict], bool] = lambda record: True) -> Tuple[Path, dict]:
+    """The cache folder of graph ``key`` in ``fmt`` and ``precision``, verified, and its record;
+    made by ``build(folder)`` when absent, damaged or not ``accept``ed (then replaced)."""
     root = cache_dir()
-    target = root / f"{key[:40]}-{fmt}"
-    record, problem = _verified_export_of(target, key, fmt)
-    if record is not None:
+    target = root / (f"{key[:40]}-{fmt}" + ("" if precision == "f32" else f"-{precision}"))
+    record, problem = _verified_export_of(target, key, fmt, precision)
+    if record is not None and accept(record):
         return target, record
+    if record is not None:
+        problem = "replaced"  # sound, but not what was asked for (an int8 export calibrated on other images)
     try:
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
@@ -75,39 +109,42 @@ def cached_export_record(model_path, fmt: str, weights: Optional[str], model, no
         raise PadimError(f"cannot write the export cache {root} ({exc.strerror or exc}); set {CACHE_ENV} to a "
                          "writable folder, or export once with 'padim export' and pass `export` DIR") from None
     try:
-        export_file(model_path, fmt, work, weights=weights, model=model)
+        build(work)
         for attempt in range(3):
             try:
                 os.rename(work, target)  # replaces an empty folder, fails on a full one
                 break
             except OSError:
-                record, _ = _verified_export_of(target, key, fmt)
-                if record is not None:  # another process finished first: keep its folder
+                record, _ = _verified_export_of(target, key, fmt, precision)
+                if record is not None and accept(record):  # another process finished first: keep its folder
                     return target, record
                 if attempt == 2:
                     raise
-                _discard(target, root)  # damaged or incomplete: out of the way, then try again
+                _discard(target, root)  # damaged, incomplete or replaced: out of the way, then try again
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    record, problem_after = _verified_export_of(target, key, fmt)
+    record, problem_after = _verified_export_of(target, key, fmt, precision)
     if record is None:
         raise EngineError(f"the export cache {root} does not keep what is written to it ({problem_after}); set "
                           f"{CACHE_ENV} to another folder")
-    if problem != "absent":
+    if problem == "replaced":
+        (note or _stderr)(f"note: the cached {precision} export of {model_path} was calibrated on other training "
+                          "images: made again on these")
+    elif problem != "absent":
         (note or _stderr)(f"warning: the cached export of {model_path} was damaged: rebuilt")
     return target, record
 
 
-def _verified_export_of(folder: Path, key: str, fmt: str) -> Tuple[Optional[dict], str]:
+def _verified_export_of(folder: Path, key: str, fmt: str, precision: str = "f32") -> Tuple[Optional[dict], str]:
     """(the verified padim.json record, "") when ``folder`` is a sound export of the graph ``key`` in
-    ``fmt``; else (None, why): "absent", or the reason it cannot be used."""
+    ``fmt`` and ``precision``; else (None, why): "absent", or the reason it cannot be used."""
     if not folder.exists():
         return None, "absent"
     try:
         record = read_export(folder)
     except EngineError as exc:
         return None, str(exc)
-    if record.get("graph_key") != key or record.get("graph_format") != fmt:
+    if record.get("graph_key") != key or record.get("graph_format") != fmt or record.get("precision", "f32") != precision:
         return None, f"{folder} holds the export of another graph"
     return record, ""
 

@@ -47,34 +47,60 @@ def check_engine_options(engine: str, precision: str = "f32") -> None:
 
 def open_engine(engine: str, precision: str = "f32", model_path=None, export=None, weights: Optional[str] = None,
                 batch_size: int = 32, workers: int = 2, progress: Optional[bool] = False,
-                threads: Optional[int] = None, model=None, note: Optional[Callable[[str], None]] = None) -> ExportedModel:
+                threads: Optional[int] = None, model=None, note: Optional[Callable[[str], None]] = None,
+                train_images: Optional[Sequence] = None) -> ExportedModel:
     """The ``ExportedModel`` for engine ``engine``: from ``export`` (a folder), else from the cache
     of ``model_path`` (built on first use). With a model file, its current header (thresholds,
     calibration) is the one decisions use, and a given export must be of that model's graph. ``note``:
-    where a rebuilt damaged cache entry is said (default: stderr)."""
+    where a rebuilt damaged cache entry is said (default: stderr).
+
+    precision int8: the model's int8 export decides with its own thresholds (int8 scores of the
+    held-out images), never the model file's f32 ones. ``train_images``: the training folder the model
+    was fitted on; with it, the cached int8 export is made (or remade) calibrated on those images;
+    without it, one must be cached already (``padim test --precision int8`` makes one)."""
     from padim.pipeline.exported import read_export
+    from padim.pipeline.sessions import check_precision
 
     check_engine_options(engine, precision)
     if engine == "torch":
         raise EngineError("the torch engine is PaDiM itself, not an export")
     metadata = record = None
     if model_path is not None:
-        from padim.pipeline.cache import ENGINE_FORMATS, cached_export_record
+        from padim.pipeline.cache import ENGINE_FORMATS, cached_export_record, cached_int8_record
         from padim.pipeline.export import file_metadata, graph_key
 
-        if export is None:
+        if export is None and precision == "int8":
+            export, record = cached_int8_record(model_path, weights, model, note, train_images)
+        elif export is None:
             export, record = cached_export_record(model_path, ENGINE_FORMATS[engine], weights, model, note)
         else:
             record = read_export(export)
-            made_from = record.get("graph_key")
-            if made_from is not None and made_from != graph_key(model_path):
+            check_precision(export, record, precision)
+            made_from, key = record.get("graph_key"), graph_key(model_path)
+            if precision == "int8":
+                from padim.pipeline.quantize import int8_graph_key
+
+                key = int8_graph_key(key)
+            if made_from is not None and made_from != key:
                 raise EngineError(f"export {export} was made from another model than {model_path} "
                                   "(its graph key differs): export this model again")
-        metadata = file_metadata(model_path)
+        metadata = None if precision == "int8" else file_metadata(model_path)
     elif export is None:
         raise EngineError(f"`engine` {engine} needs `model` (exported and cached on first use) or `export` DIR")
     return ExportedModel(export, engine, precision, batch_size=batch_size, workers=workers, progress=progress,
                          threads=threads, metadata=metadata, record=record)
+
+
+F32_THRESHOLDS = "f32 scores (the model file's thresholds)"
+
+
+def thresholds_from(model) -> str:
+    """Which scores a model's thresholds were computed from: an int8 export's own ("int8 graph, 20
+    held-out images"), else the model file's (f32), or "none"."""
+    said = getattr(model, "thresholds_from_", None)
+    if said:
+        return said
+    return "none" if model.image_threshold_ is None and model.pixel_threshold_ is None else F32_THRESHOLDS
 
 
 def as_torch(iter_predict: Callable[..., Iterator]) -> Callable[..., Iterator]:

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -40,6 +40,8 @@ from padim.pipeline.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_S
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf stops at 2 GB)
 GRAPH_TENSORS = ("mean", "precision_factor_packed", "channel_idx", "projection")  # what the graph is built from
+# the graph traced from those tensors (padim.core.lean): a new revision makes cached exports of the old one stale
+GRAPH_REVISION = "lean-1"
 
 EXPORT_INSTALL_HINT = 'pip install "padim[export]"'
 OPENVINO_INSTALL_HINT = 'pip install "padim[openvino]"'
@@ -57,10 +59,22 @@ def _require(module: str, hint: str):
         raise ExportError(f"exporting needs the package {module!r}: {hint}") from None
 
 
-def export_onnx(graph, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> List[Path]:
+class _WithDeltas(torch.nn.Module):
+    """A ``PatchScorer`` traced with a third output, ``deltas`` (P, B, d): its embeddings minus the mean."""
+
+    def __init__(self, scorer):
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, pixels):
+        return self.scorer.with_deltas(pixels)
+
+
+def export_onnx(graph, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES, deltas: bool = False) -> List[Path]:
     """Writes ``graph`` to ``path`` (ONNX, dynamic batch); returns the files written.
 
-    The weights go to ``path`` + ".data" when they pass ``external_data_bytes``."""
+    The weights go to ``path`` + ".data" when they pass ``external_data_bytes``. ``deltas``: with
+    the embeddings minus the mean as a third output (what an int8 export refits its Gaussians on)."""
     _require("onnx", EXPORT_INSTALL_HINT)
     _require("onnxscript", EXPORT_INSTALL_HINT)
     height, width = graph.input_size
@@ -75,8 +89,10 @@ def export_onnx(graph, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTE
 
     with warnings.catch_warnings(), torch.no_grad(), graph.tracing():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals are not the user's
-        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},),
+        module = _WithDeltas(graph).eval() if deltas else graph
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=list(OUTPUT_NAMES) + (["deltas"] if deltas else []),
+                                    dynamic_shapes=({0: batch},),
                                     external_data=external, verbose=False, report=False)
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
@@ -136,15 +152,16 @@ def graph_key(model_path) -> str:
 
     Not of the whole file: thresholds, their sources and the calibration scores change without
     changing the graph (``padim test --store-oracle-thresholds`` rewrites them), and that must not
-    make a cached export stale (``test_export`` checks that the graph bytes stay identical)."""
+    make a cached export stale (``test_export`` checks that the graph bytes stay identical). The
+    graph's revision (``GRAPH_REVISION``) is in it: a padim that traces another graph rebuilds."""
     from padim.files.safetensors_io import read_header, read_metadata
 
     header, header_bytes = read_header(model_path)
     meta = read_metadata(model_path)
     identity = {key: meta.get(key) for key in ("config", "feature_hw", "weights_source", "weights_sha256")}
     tensors = {name: header.get(name) for name in GRAPH_TENSORS if name in header or name != "projection"}
-    digest = hashlib.sha256(json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": identity,
-                                        "tensors": tensors}, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "graph": GRAPH_REVISION,
+                                        "model": identity, "tensors": tensors}, sort_keys=True).encode())
     with open(model_path, "rb") as handle:
         for name in tensors:
             start, stop = tensors[name]["data_offsets"] if tensors[name] else (0, 0)
@@ -155,7 +172,7 @@ def graph_key(model_path) -> str:
 
 
 def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[str],
-                   files: Sequence[Path]) -> Path:
+                   files: Sequence[Path], extra: Optional[dict] = None) -> Path:
     """``padim.json``: what the graph takes and gives, the SHA-256 of every graph file (``sha256``),
     the model's header (``model``: config, feature_hw, thresholds, calibration fields, provenance),
     read by ``padim.runtime``, and last its own ``checksum`` (``padim.runtime.checksummed_json``).
@@ -172,6 +189,7 @@ def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[
         "graph_key": key,
         **declared_io(height, width),
         "exported_by": {"padim": __version__, "torch": torch.__version__},
+        **(extra or {}),  # an int8 export's "precision" and "quantization" (padim.pipeline.quantize)
         "model": metadata,
     }
     try:
@@ -185,12 +203,18 @@ def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[
 
 
 def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = None, key: Optional[str] = None,
-                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Path:
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES, graph_step: Optional[Callable] = None,
+                 scorer=None) -> Path:
     """Exports a fitted ``PaDiM`` to ``folder`` in ``fmt`` ("onnx" or "openvino"); returns the folder.
 
     metadata: the header to put beside the graph (default: built from the model's attributes;
     ``padim export`` passes the model file's own). The files appear whole or not at all: they are
     written to a temporary folder next to ``folder`` and moved in.
+    graph_step: for "openvino", instead of the plain conversion, (ONNX file, work folder, header) ->
+    (graph files, header, extra padim.json fields): how an int8 export (``padim.pipeline.quantize``)
+    quantises the graph and recomputes the thresholds with it before anything is written.
+    scorer: the ``PatchScorer`` to trace (default: the model's own; an int8 export's Gaussians
+    are refitted on int8 features).
     """
     if fmt not in GRAPH_FILES:
         raise ExportError(f"export format must be one of {', '.join(GRAPH_FILES)}, got {fmt!r}")
@@ -205,13 +229,20 @@ def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = No
     except EngineError as exc:
         raise ExportError(str(exc)) from None
     folder.mkdir(parents=True, exist_ok=True)
-    graph = model.scorer_  # the module the torch engine runs: one scoring path
+    graph = scorer if scorer is not None else model.scorer_  # the module the torch engine runs: one scoring path
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
     try:
         files = export_onnx(graph, work / GRAPH_FILES["onnx"], external_data_bytes)
-        if fmt == "openvino":
+        extra = None
+        if fmt == "openvino" and graph_step is not None:
+            files, metadata, extra = graph_step(files[0], work, metadata)
+            try:
+                check_model_record(metadata, folder)
+            except EngineError as exc:
+                raise ExportError(str(exc)) from None
+        elif fmt == "openvino":
             files = onnx_to_openvino(files[0], work / GRAPH_FILES["openvino"])
-        files.append(write_metadata(work, fmt, graph, metadata, key, files))
+        files.append(write_metadata(work, fmt, graph, metadata, key, files, extra))
         for stale in list(GRAPH_FILES.values()) + ["model.onnx.data", "model.bin", METADATA_FILE]:
             if (folder / stale).exists():
                 (folder / stale).unlink()

@@ -26,6 +26,7 @@ GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}  # the graph file 
 # every file an export of each format may hold besides padim.json (ONNX weights beyond 1 GB: model.onnx.data)
 EXPORT_FILES = {"onnx": ({"model.onnx"}, {"model.onnx", "model.onnx.data"}), "openvino": ({"model.xml", "model.bin"},)}
 INPUT_NAME, OUTPUT_NAMES = "pixels", ("maps", "scores")
+EXPORT_PRECISIONS = ("f32", "int8")  # what a graph is ("precision"; absent: f32); int8 graphs are OpenVINO IR
 CHECKSUM_KEY = "checksum"  # padim.json's own: "sha256:<hex>" of its bytes with those 64 digits read as "0"
 FILES_SHA256_KEY = "sha256"  # file name -> SHA-256 (hex) of that file's bytes
 _CHECKSUM_PREFIX = "sha256:"
@@ -126,6 +127,10 @@ def read_export(folder) -> dict:
             or not all(isinstance(v, str) and _HEX_RE.fullmatch(v) for v in digests.values())):
         raise EngineError(f"export {folder}: {METADATA_FILE} does not describe the files of an ONNX or OpenVINO "
                           f"graph; {again}")
+    precision = record.get("precision", "f32")
+    if precision not in EXPORT_PRECISIONS or (precision == "int8" and fmt != "openvino"):
+        raise EngineError(f"export {folder}: {METADATA_FILE} declares precision {record.get('precision')!r}, not "
+                          f"{' or '.join(EXPORT_PRECISIONS)} of an ONNX or OpenVINO graph; {again}")
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise EngineError(f"export {folder} is incomplete: {', '.join(missing)} missing; {again}")

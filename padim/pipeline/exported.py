@@ -73,6 +73,10 @@ class ExportedModel:
         self.folder = Path(folder)
         # record: read_export(folder) when the caller has just read (and so verified) it
         self.export_record = record if record is not None else read_export(folder)
+        if self.export_record.get("precision") == "int8" and metadata is not None \
+                and metadata != self.export_record["model"]:  # never f32 thresholds with int8 scores
+            raise EngineError(f"export {folder} is an int8 graph: it decides with its own thresholds (from int8 "
+                              "scores), not with a model file's (from f32 scores)")
         self.metadata = dict(metadata if metadata is not None else self.export_record["model"])
         self.config_, self.feature_hw_, self.calibration_ = check_model_record(self.metadata, folder)
         shape = self.export_record["input"]["shape"]
@@ -80,7 +84,7 @@ class ExportedModel:
             raise EngineError(f"export {folder}: its graph takes {shape[1:3]} images but the model's input size "
                               f"is {list(self.config_.input_size)}")
         for key in ("image_threshold", "pixel_threshold", "threshold_source", "pixel_threshold_source", "target_fpr",
-                    "weights_source", "category"):
+                    "weights_source", "category", "thresholds_from"):
             setattr(self, f"{key}_", self.metadata.get(key))
         self.engine, self.precision = engine, precision
         self.batch_size, self.workers, self.progress = int(batch_size), workers, progress

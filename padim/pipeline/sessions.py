@@ -13,7 +13,7 @@ import numpy as np
 from padim.pipeline.export_folder import INPUT_NAME, OUTPUT_NAMES, EngineError
 
 ENGINES = ("torch", "onnxruntime", "openvino")
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "int8")  # int8: an int8 export (padim.pipeline.quantize), OpenVINO only
 RUNTIME_INSTALL_HINT = {"onnxruntime": 'pip install onnxruntime (with padim and torch: pip install "padim[runtime]")',
                         "openvino": 'pip install openvino (with padim and torch: pip install "padim[openvino]")'}
 
@@ -33,8 +33,9 @@ def _import_engine(engine: str):
 
 
 class _OnnxRuntimeSession:
-    """ONNX Runtime on the CPU. ``threads``: intra-op threads of this session (None: ORT's default,
-    one per physical core); nothing process-wide is set."""
+    """ONNX Runtime on the CPU, its graph optimisation at the highest level (``ORT_ENABLE_ALL``:
+    the NCHWc layout, fusions). ``threads``: intra-op threads of this session's own pool (None:
+    ORT's default, one per physical core); nothing process-wide is set."""
 
     def __init__(self, path: Path, precision: str, threads: Optional[int]):
         if precision != "f32":
@@ -42,8 +43,11 @@ class _OnnxRuntimeSession:
                               "use `engine` openvino for bf16")
         ort = _import_engine("onnxruntime")
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # layout (NCHWc) and fusions
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of operations: no inter-op pool
+        options.inter_op_num_threads = 1
         if threads:
-            options.intra_op_num_threads = int(threads)
+            options.intra_op_num_threads = int(threads)  # this session's own pool; nothing process-wide
         self.path = path
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -71,7 +75,8 @@ class _OpenVinoSession:
     """OpenVINO on the CPU, inference precision as asked (never chosen for the user: OpenVINO
     defaults to bf16 on CPUs that have it, which moves maps by ~1e-2). Dynamic quantisation of the
     matrix products is off (it would be a reduced precision nobody asked for) and so is thread
-    pinning (affinity is the host process's business)."""
+    pinning (affinity is the host process's business). int8: an int8 graph (its quantised
+    convolutions run in int8) whose other operations run in f32, as they were calibrated."""
 
     def __init__(self, path: Path, precision: str, threads: Optional[int]):
         ov = _import_engine("openvino")
@@ -81,10 +86,7 @@ class _OpenVinoSession:
             if "BF16" not in capabilities:
                 raise EngineError(f"`precision` bf16: this CPU has no bf16 support (OpenVINO reports "
                                   f"{', '.join(capabilities)}); use f32")
-        config = {"INFERENCE_PRECISION_HINT": precision, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
-                  "ENABLE_CPU_PINNING": False, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        config = openvino_config(precision, threads)
         self.path = path
         try:
             self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
@@ -115,6 +117,16 @@ class _OpenVinoSession:
         return np.array(outputs["maps"]), np.array(outputs["scores"])  # copies: the request reuses its buffers
 
 
+def openvino_config(precision: str, threads: Optional[int] = None) -> dict:
+    """The compile settings of an OpenVINO session (see ``_OpenVinoSession``): int8 graphs run their
+    other operations in f32."""
+    config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "int8" else precision,
+              "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0, "ENABLE_CPU_PINNING": False, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
 # the engines' element type names -> NumPy's
 _DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "u8": "uint8", "f32": "float32"}
 
@@ -132,6 +144,18 @@ def check_signature(session, folder, input_size: Tuple[int, int]) -> None:
                           f"{height}x{width} model: replaced or damaged; export again ('padim export')")
 
 
+def check_precision(folder, record: dict, precision: str) -> None:
+    """An int8 graph is opened with `precision` int8 only, and `precision` int8 opens int8 graphs only:
+    an int8 export's thresholds were computed with its int8 scores, an f32 one's with f32 scores."""
+    made = record.get("precision", "f32")  # what the graph is: f32 (bf16 is an engine setting) or int8
+    if precision == "int8" and made != "int8":
+        raise EngineError(f"`precision` int8 needs an int8 export ('padim export --precision int8' with the model's "
+                          f"training data); export {folder} is f32")
+    if made == "int8" and precision != "int8":
+        raise EngineError(f"export {folder} is an int8 graph (its thresholds were computed with it): open it with "
+                          "`precision` int8")
+
+
 def open_session(folder, record: dict, engine: str, precision: str = "f32", threads: Optional[int] = None):
     """A callable (B, H, W, 3) uint8 -> maps (B, H, W) float32, scores (B,) float32 for an export."""
     if engine not in ENGINES[1:]:
@@ -139,6 +163,7 @@ def open_session(folder, record: dict, engine: str, precision: str = "f32", thre
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     graph = Path(folder) / record["graph"]
+    check_precision(folder, record, precision)
     if engine == "onnxruntime":
         if record.get("graph_format") != "onnx":
             raise EngineError(f"export {folder} is OpenVINO IR; onnxruntime needs an ONNX export "

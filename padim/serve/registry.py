@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from padim.errors import PadimError
-from padim.pipeline.engines import open_scoring_model
+from padim.pipeline.engines import open_scoring_model, thresholds_from
 
 MODEL_SUFFIX = ".safetensors"
 
@@ -179,4 +179,5 @@ def describe(entry: ServedModel) -> dict:
         "n_calibration_images": fitted("n_calibration_images") or 0,
         "calibration_method": None if calibration is None else calibration.method,
         "fit_date": fitted("fit_date"), "n_train_images": fitted("n_train_images") or 0,
+        "thresholds_from": thresholds_from(model),
     }

@@ -50,7 +50,7 @@ class ModelInfo(BaseModel):
     name: str = Field(description="the model file's stem: POST /models/{name}/predict")
     aliases: List[str] = Field(description="other names it answers to (its category, when unambiguous)")
     engine: str = Field(description="what scores: torch, onnxruntime or openvino (padim serve --engine)")
-    precision: str = Field(description="the engine's inference precision: f32, or bf16 (openvino)")
+    precision: str = Field(description="the engine's inference precision: f32, or bf16 or int8 (openvino)")
     category: Optional[str]
     backbone: str
     weights: Optional[str]
@@ -67,6 +67,9 @@ class ModelInfo(BaseModel):
     calibration_method: Optional[str]
     fit_date: Optional[str]
     n_train_images: int
+    thresholds_from: Optional[str] = Field(None, description="which scores the thresholds were computed from: "
+                                           "\"f32 scores (the model file's thresholds)\", an int8 export's own "
+                                           "(\"int8 graph, 20 held-out images\"), or \"none\"")
     sha256: Optional[str] = Field(None, description="the version serving: SHA-256 of its model file")
     loaded_at: Optional[str] = None
     versions: List[VersionInfo] = Field([], description="the versions loaded, newest first (the last 10)")
