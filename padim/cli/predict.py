@@ -109,7 +109,7 @@ def cmd_predict(args) -> int:
     (full size), mirroring the inputs' subfolders. With --engine onnxruntime|openvino and --export
     DIR, scoring needs no torch (pictures still do). With --ray, see ``_predict_on_ray``."""
     from padim.pipeline.batches import score_sources
-    from padim.pipeline.records import decision, failure, json_line
+    from padim.pipeline.records import decision, failure, ignored_pixels, json_line
     from padim.pipeline.sources import Source, expand_paths
 
     if args.ray is not None:
@@ -124,8 +124,7 @@ def cmd_predict(args) -> int:
         from padim.jobs.visualize import common_parent, save_prediction_pictures
 
         common = common_parent(paths)
-        ignore = getattr(model, "ignore_mask_", None)  # hatched on the heatmaps (the torch engine knows it)
-        ignore = None if ignore is None else ignore.cpu().numpy()
+        ignore = ignored_pixels(model)  # hatched on the heatmaps (the torch engine knows it)
     ahead = 1 if args.engine == "torch" and model.device_.type != "cpu" else 0
     counts = {"scored": 0, "errors": 0}
     drift = _drift_monitor(model, args.drift_delta)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from padim.data.mvtec import Category
 from padim.files.images import load_mask, load_pixels
+from padim.pipeline.records import ignored_pixels
 from padim.jobs.metrics import image_metrics, pixel_metrics
 from padim.core.estimator import PaDiM
 
@@ -101,7 +102,7 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
     labels = np.array([s.is_anomalous for s in samples])
     metrics = image_metrics(labels, scores)
     with_truth = [i for i, mask in enumerate(masks) if mask is not None]
-    ignore = _ignore_mask(model)
+    ignore = ignored_pixels(model)
     valid = None if ignore is None else ~ignore  # pixels that count: the model's ignore mask left out
     if any((masks[i] if valid is None else masks[i] & torch.from_numpy(valid)).any() for i in with_truth):
         metrics.update(pixel_metrics(
@@ -125,13 +126,6 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
     if pictures_dir is not None:
         result.pictures = _draw(model, category, result, maps, masks, pixel_roc, Path(pictures_dir), max_images)
     return result
-
-
-def _ignore_mask(model) -> Optional[np.ndarray]:
-    """(H, W) bool of the pixels a model ignores, or None: a loaded PaDiM's ``ignore_mask_``; an
-    exported engine's from its model file (the graph zeroes them; the metrics must leave them out)."""
-    mask = getattr(model, "ignore_mask_", None)
-    return None if mask is None else mask.cpu().numpy()
 
 
 def _draw(model: PaDiM, category: Category, result: Evaluation, maps, masks, pixel_roc,

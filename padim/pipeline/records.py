@@ -50,3 +50,10 @@ def finite_or_none(value):
 def json_line(record: dict) -> str:
     """One JSON line, strict (no NaN/Infinity)."""
     return json.dumps(finite_or_none(record), allow_nan=False)
+
+
+def ignored_pixels(model):
+    """(H, W) bool NumPy array of the pixels ``model`` never counts (its ignore mask), or None: what
+    pictures hatch and pixel metrics leave out. Engines without the mask (an export alone) give None."""
+    mask = getattr(model, "ignore_mask_", None)
+    return None if mask is None else mask.cpu().numpy()

@@ -10,19 +10,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from padim.pipeline.export_folder import INPUT_NAME, OUTPUT_NAMES, EngineError
+from padim.pipeline.export_folder import INPUT_NAME, OUTPUT_NAMES, EngineError, one_line
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16", "int8")  # int8: an int8 export (padim.pipeline.quantize), OpenVINO only
 RUNTIME_INSTALL_HINT = {"onnxruntime": 'pip install onnxruntime (with padim and torch: pip install "padim[runtime]")',
                         "openvino": 'pip install openvino (with padim and torch: pip install "padim[openvino]")'}
-
-
-def one_line(exc: BaseException) -> str:
-    """An engine's message in one line: its last non-empty line (OpenVINO's start with where in its
-    sources the check failed), else the exception's type."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
 
 
 def _import_engine(engine: str):

@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from starlette.requests import ClientDisconnect
 
 from padim.errors import DataError, PadimError
-from padim.pipeline.records import label as decided_label
+from padim.pipeline.records import ignored_pixels, label as decided_label
 from padim.serve import render
 from padim.serve.batcher import BatcherClosed, QueueFull
 from padim.serve.monitoring import LogUnavailable, brief
@@ -125,8 +125,7 @@ def add_predict_route(app: FastAPI, service, require_key, retry: dict) -> None:
         p_values = model.p_values([scored[i][0] for i in good])
         p_of = dict(zip(good, [None] * len(good) if p_values is None else p_values.tolist()))
 
-        ignore = getattr(model, "ignore_mask_", None)  # hatched on the overlays
-        ignore = None if ignore is None else ignore.cpu().numpy()
+        ignore = ignored_pixels(model)  # hatched on the overlays
 
         def result(i: int) -> ImageResult:
             if i not in scored:
