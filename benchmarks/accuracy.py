@@ -58,13 +58,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from padim.core import calibration as cal  # noqa: E402
-from padim.core.backbones import build_extractor, get_spec  # noqa: E402
-from padim.core.config import COVARIANCES, REDUCTIONS, PadimConfig  # noqa: E402
+from padim.core.backbones import build_extractor  # noqa: E402
+from padim.settings.backbone_table import entry  # noqa: E402
+from padim.settings.config import COVARIANCES, REDUCTIONS, PadimConfig  # noqa: E402
 from padim.data.mvtec import find_category  # noqa: E402
 from padim.core.features import embed, make_reduction  # noqa: E402
 from padim.core.gaussian import GaussianAccumulator, store_factor, unpack_lower  # noqa: E402
 from padim.files.images import input_batches, load_mask  # noqa: E402
-from padim.core.memory import Workspace  # noqa: E402
+from padim.files.memory import Workspace  # noqa: E402
 from padim.jobs.metrics import image_metrics, pixel_metrics  # noqa: E402
 from padim.core.scoring import score_embeddings  # noqa: E402
 
@@ -91,7 +92,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _config(args, d: int, seed: int, reduction: str = "random", covariance: str = "fixed") -> PadimConfig:
-    spec = get_spec(args.backbone)
+    spec = entry(args.backbone)
     return PadimConfig(backbone=args.backbone, weights=args.weights, layers=spec.default_layers, n_features=d,
                        image_size=(args.image_size, args.image_size), seed=seed, reduction=reduction,
                        covariance=covariance)

@@ -78,9 +78,10 @@ def build_anomalib(args, channel_idx):
     """anomalib's PadimModel with padim's backbone weights and padim's channel subset."""
     from anomalib.models.image.padim.torch_model import PadimModel
 
-    from padim.core.backbones import get_spec, load_backbone
+    from padim.core.backbones import load_backbone
+    from padim.settings.backbone_table import entry
 
-    spec = get_spec(args.backbone)
+    spec = entry(args.backbone)
     layers = args.layers.split(",") if args.layers else list(spec.default_layers)
     model = PadimModel(backbone=TIMM_NAMES.get(args.backbone, args.backbone), layers=layers, pre_trained=False,
                        n_features=len(channel_idx))
@@ -165,7 +166,7 @@ def phase_ours_test(args):
     from padim import PaDiM
     from padim.files.images import load_mask
 
-    from padim.core.memory import tune_malloc_for_scoring
+    from padim.files.memory import tune_malloc_for_scoring
 
     tune_malloc_for_scoring()  # as the padim command does before it scores
     category = load_category(args)
@@ -195,7 +196,7 @@ def phase_floor(args):
     from padim import PaDiM
     from padim.files.images import load_image
     from padim.core.features import CPU_FORWARD_CHUNK
-    from padim.core.memory import tune_malloc_for_scoring
+    from padim.files.memory import tune_malloc_for_scoring
 
     tune_malloc_for_scoring()  # as the padim command does before it scores
 

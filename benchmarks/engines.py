@@ -46,13 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from padim import PaDiM  # noqa: E402
-from padim.core.memory import tune_malloc_for_scoring  # noqa: E402
+from padim.files.memory import tune_malloc_for_scoring  # noqa: E402
 from padim.data import find_category  # noqa: E402
 from padim.files.images import load_pixels, prefetched, to_input  # noqa: E402
 from padim.jobs.evaluate import METRIC_KEYS, evaluate  # noqa: E402
-from padim.pipeline.cache import export_file  # noqa: E402
-from padim.pipeline.engines import as_torch  # noqa: E402
-from padim.pipeline.quantize import decoded, export_int8  # noqa: E402
+from padim.deploy.cache import export_file  # noqa: E402
+from padim.deploy.engines import as_torch  # noqa: E402
+from padim.deploy.quantize import decoded, export_int8  # noqa: E402
 from padim.runtime import ExportedModel  # noqa: E402
 
 ACCURACY_KEYS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
@@ -99,7 +99,7 @@ class OrtFloor:
     def __init__(self, path: Path, threads: int):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()  # as padim.pipeline.sessions opens a session
+        options = ort.SessionOptions()  # as padim.deploy.sessions opens a session
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode, options.inter_op_num_threads = ort.ExecutionMode.ORT_SEQUENTIAL, 1
         options.intra_op_num_threads = threads

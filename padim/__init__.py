@@ -5,7 +5,7 @@
 onnxruntime --export DIR``) works where torch is not installed.
 """
 
-__version__ = "0.1.0"
+from padim.version import __version__  # noqa: E402,F401
 
 from padim.errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError  # noqa: E402
 

@@ -1,8 +1,8 @@
-"""Scoring an export without PyTorch: the public name of ``padim.pipeline.exported``.
+"""Scoring an export without PyTorch: the public name of ``padim.deploy.exported``.
 
     from padim.runtime import ExportedModel
     model = ExportedModel("bottle-onnx", engine="onnxruntime")
 """
 
-from padim.pipeline.exported import (  # noqa: F401
+from padim.deploy.exported import (  # noqa: F401
     ENGINES, PRECISIONS, EngineError, ExportedModel, RuntimeResult, read_export, to_original_resolution)

@@ -26,7 +26,7 @@ def tiny_model(synthetic_root, **params):
 def calibrated_export(model, folder, fmt="onnx"):
     """``model`` exported with thresholds and a calibration record in its padim.json (the tiny model
     has too few images to be calibrated by its fit)."""
-    from padim.pipeline.export import export_model, model_metadata
+    from padim.deploy.export import export_model, model_metadata
 
     metadata = {**model_metadata(model), "calibration": CALIBRATION, "calibration_method": "holdout",
                 "image_threshold": 2.0, "pixel_threshold": 3.0, "threshold_source": "manual",

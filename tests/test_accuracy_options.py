@@ -17,7 +17,7 @@ from sklearn.covariance import ledoit_wolf, oas
 from conftest import FAST
 from modelfile_helpers import padim_header, rewrite
 from padim.cli import main
-from padim.core.config import PadimConfig
+from padim.settings.config import PadimConfig
 from padim.data import find_category
 from padim.errors import ModelFileError, PadimError
 from padim.core.features import embed, make_reduction, semi_orthogonal_projection

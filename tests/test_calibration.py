@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from padim import PaDiM
-from padim.core.calibration import Calibration, calibration_size
+from padim.settings.calibration import Calibration, calibration_size
 from padim.cli import main
 from padim.core.gaussian import GaussianAccumulator, unpack_lower
 

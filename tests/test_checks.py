@@ -8,7 +8,7 @@ import torch
 
 import padim.files.images
 import padim.core.estimator
-from padim.core import options as checks
+from padim.settings import options as checks
 from padim.files import outputs
 from padim.core.backbones import BACKBONES, get_spec
 from padim.cli import main

@@ -22,8 +22,8 @@ pytest.importorskip("onnxruntime", reason='pip install "padim[export]"')
 from padim import PaDiM  # noqa: E402
 from padim.cli import main  # noqa: E402
 from padim.data import find_category  # noqa: E402
-from padim.pipeline.cache import export_file  # noqa: E402
-from padim.pipeline.engines import open_engine  # noqa: E402
+from padim.deploy.cache import export_file  # noqa: E402
+from padim.deploy.engines import open_engine  # noqa: E402
 from padim.errors import PadimError  # noqa: E402
 from padim.runtime import EngineError, ExportedModel  # noqa: E402
 from padim.core.scoring import labels_at, masks_at  # noqa: E402
@@ -99,7 +99,7 @@ def test_exported_maps_scores_and_decisions_equal_the_torch_engines(which, engin
 
 def test_weights_as_external_data_score_the_same(resnet, tmp_path):
     """The path of d = 550 models, whose factors pass protobuf's 2 GB: the weights in model.onnx.data."""
-    from padim.pipeline.export import export_model
+    from padim.deploy.export import export_model
 
     folder = export_model(resnet["model"], tmp_path / "external", "onnx", external_data_bytes=0)
     assert (folder / "model.onnx.data").stat().st_size > (folder / "model.onnx").stat().st_size
@@ -251,7 +251,7 @@ def test_a_missing_engine_package_says_how_to_install_it(resnet, monkeypatch):
     with pytest.raises(EngineError, match=r'needs the package .onnxruntime.: pip install onnxruntime'):
         ExportedModel(resnet["export"], "onnxruntime")
     monkeypatch.setitem(sys.modules, "onnxscript", None)
-    from padim.pipeline.export import export_model
+    from padim.deploy.export import export_model
 
     with pytest.raises(PadimError, match=r'pip install "padim\[export\]"'):
         export_model(resnet["model"], resnet["export"].parent / "never", "onnx")

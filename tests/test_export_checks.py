@@ -19,10 +19,10 @@ pytest.importorskip("onnxruntime", reason='pip install "padim[export]"')
 
 from export_helpers import calibrated_export, copy_export, rewrite_json, tiny_model  # noqa: E402
 from padim.cli import main  # noqa: E402
-from padim.pipeline.cache import export_file
-from padim.pipeline.engines import open_engine  # noqa: E402
+from padim.deploy.cache import export_file
+from padim.deploy.engines import open_engine  # noqa: E402
 from padim.errors import PadimError  # noqa: E402
-from padim.pipeline.export import ExportError, export_model  # noqa: E402
+from padim.deploy.export import ExportError, export_model  # noqa: E402
 from padim.runtime import EngineError, ExportedModel, read_export  # noqa: E402
 
 HAS_OPENVINO = __import__("importlib").util.find_spec("openvino") is not None
@@ -249,7 +249,7 @@ def test_a_damaged_cached_export_is_said_on_stderr_by_default(exports, tmp_path,
 
 def test_an_export_checked_beside_its_model_file_is_hashed_once(exports, monkeypatch):
     """The checksums are computed once per use, not once per check (they cost a read of the graph)."""
-    import padim.pipeline.export_folder as runtime
+    import padim.deploy.export_folder as runtime
 
     calls = []
     real = runtime.file_sha256
@@ -270,7 +270,7 @@ def test_the_runtime_checks_without_torch(exports):
         for name in ("torch", "torchvision", "timm"):
             sys.modules[name] = None
         from padim.errors import PadimError
-        from padim.pipeline.exported import ExportedModel, check_model_record, read_export
+        from padim.deploy.exported import ExportedModel, check_model_record, read_export
         record = read_export(sys.argv[1])
         ExportedModel(sys.argv[1]).predict([sys.argv[2]])
         try:

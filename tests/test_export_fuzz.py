@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 from export_helpers import calibrated_export, copy_export, rewrite_json, tiny_model  # noqa: E402
 from padim.errors import PadimError  # noqa: E402
-from padim.pipeline.export import ExportError, export_model  # noqa: E402
+from padim.deploy.export import ExportError, export_model  # noqa: E402
 from padim.runtime import EngineError, ExportedModel  # noqa: E402
 
 N_GRAPH_FLIPS, N_JSON_FLIPS, N_TRUNCATIONS, N_STALE_EDITS, N_OPENVINO = 60, 60, 20, 20, 20

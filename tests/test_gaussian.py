@@ -6,7 +6,7 @@ import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from padim.core.gaussian import GaussianAccumulator, mahalanobis, mahalanobis_packed, store_factor, unpack_lower
-from padim.core.memory import Workspace
+from padim.files.memory import Workspace
 
 
 def _embeddings(seed, n_img=41, n_pos=7, n_ch=5):

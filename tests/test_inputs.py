@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from padim.core.config import PadimConfig
+from padim.settings.config import PadimConfig
 from padim.data.mvtec import find_category, list_images
 from padim.files.decode import read_image, read_mask
 from padim.errors import DataError

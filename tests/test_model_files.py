@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import FAST
 from modelfile_helpers import padim_header, rewrite, sha256_with_digest_zeroed, split
 from padim.files import atomic
-from padim.core.validation import validate_config_dict
+from padim.settings.validation import validate_config_dict
 from padim.errors import ModelFileError, PadimError
 from padim.core.estimator import PaDiM
 from padim.jobs.runs import write_json_atomic

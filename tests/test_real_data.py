@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from padim import PaDiM
-from padim.core.calibration import Calibration
+from padim.settings.calibration import Calibration
 from padim.data import find_category
 from padim.jobs.evaluate import evaluate
 

@@ -19,7 +19,7 @@ pytest.importorskip("onnxscript", reason='pip install "padim[export]"')
 
 from padim import PaDiM  # noqa: E402
 from padim.data import find_category  # noqa: E402
-from padim.pipeline.cache import export_file  # noqa: E402
+from padim.deploy.cache import export_file  # noqa: E402
 
 from conftest import FAST  # noqa: E402
 

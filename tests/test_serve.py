@@ -32,7 +32,7 @@ from padim.data.synthetic import make_synthetic_category  # noqa: E402
 from padim.jobs.runs import fit_category  # noqa: E402
 from padim.serve import ServeSettings, create_app, load_models  # noqa: E402
 from padim.serve.batcher import MicroBatcher, QueueFull  # noqa: E402
-from padim.jobs.visualize import mask_at_size  # noqa: E402
+from padim.render.visualize import mask_at_size  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------- fixtures

@@ -1,5 +1,5 @@
 """Importing padim, fitting, scoring and drawing leave the host process as it was: glibc's malloc
-settings (only ``padim.core.memory.tune_malloc_for_scoring`` changes them, when called) and matplotlib's
+settings (only ``padim.files.memory.tune_malloc_for_scoring`` changes them, when called) and matplotlib's
 plotting backend (a notebook's, say)."""
 
 import json
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
     state = {"mallopt_after_scoring": list(looked_up), "pyplot_imported": "matplotlib.pyplot" in sys.modules,
              "backend": matplotlib.get_backend(), "pictures": sorted(p.name for p in out.iterdir())}
 
-    from padim.core.memory import tune_malloc_for_scoring  # the explicit call does reach mallopt
+    from padim.files.memory import tune_malloc_for_scoring  # the explicit call does reach mallopt
     state["tuned"] = tune_malloc_for_scoring()
     state["mallopt_after_explicit_call"] = list(looked_up)
     print(json.dumps(state))

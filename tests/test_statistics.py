@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from padim import PaDiM
-from padim.core.calibration import CalibrationError
+from padim.settings.calibration import CalibrationError
 from padim.cli import main
-from padim.core.config import PadimConfig
+from padim.settings.config import PadimConfig
 from padim.core.features import random_channel_subset
 from padim.core.gaussian import GaussianAccumulator, unpack_lower
 from padim.core.statistics import FitStatistics, StatisticsFileError, StatisticsMismatchError

@@ -79,7 +79,7 @@ def test_a_tiled_model_scores_alike_in_every_engine_and_after_a_reload(pictures,
     np.testing.assert_array_equal(again.scores, result.scores)
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from padim.pipeline.export import export_model
+    from padim.deploy.export import export_model
     from padim.runtime import ExportedModel
 
     export_model(model, tmp_path / "onnx", "onnx")

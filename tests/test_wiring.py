@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from padim import PaDiM
-from padim.core.backbones import BACKBONES, build_extractor, get_spec, load_backbone
+from padim.core.backbones import BACKBONES, build_extractor, load_backbone
+from padim.settings.backbone_table import entry
 from padim.cli import build_parser
-from padim.core.config import PadimConfig
+from padim.settings.config import PadimConfig
 from padim.errors import DataError, WeightsUnavailableError
 
 from conftest import FAST
@@ -72,7 +73,7 @@ PAPER_SETTINGS = {"sigma": 4.0, "epsilon": 0.01, "image_size": (256, 256), "crop
 @pytest.mark.parametrize("backbone", sorted(PAPER_BACKBONES))
 def test_every_default_is_the_papers(backbone):
     layers, d = PAPER_BACKBONES[backbone]
-    spec = get_spec(backbone)
+    spec = entry(backbone)
     assert (spec.default_layers, spec.default_d) == (layers, d)
     config = PaDiM(backbone=backbone)._make_config()
     expected = {**PAPER_SETTINGS, "backbone": backbone, "layers": layers, "n_features": d}

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # name -> (file, [(exact text, replacement), ...])
 MUTATIONS = {
     "sigma 4 -> 2 (default blur)": ("padim/core/estimator.py", [("sigma: float = 4.0,", "sigma: float = 2.0,")]),
-    "epsilon x 100": ("padim/core/config.py", [("COVARIANCE_EPSILON = 0.01", "COVARIANCE_EPSILON = 1.0")]),
-    "resnet18 default layers without layer3": ("padim/core/backbones.py", [
-        ('("layer1", "layer2", "layer3"), 100, _torchvision_imagenet("ResNet18_Weights")',
-         '("layer1", "layer2"), 100, _torchvision_imagenet("ResNet18_Weights")')]),
+    "epsilon x 100": ("padim/settings/config.py", [("COVARIANCE_EPSILON = 0.01", "COVARIANCE_EPSILON = 1.0")]),
+    "resnet18 default layers without layer3": ("padim/settings/backbone_table.py", [
+        ('"resnet18": BackboneEntry(_RESNET_BASIC, _RESNET_LAYERS, 100)',
+         '"resnet18": BackboneEntry(_RESNET_BASIC, ("layer1", "layer2"), 100)')]),
     "BatchNorm dropped instead of folded": ("padim/core/backbones.py", [
         ("model.conv1, model.bn1 = fuse_conv_bn_eval(model.conv1, model.bn1), nn.Identity()",
          "model.conv1, model.bn1 = model.conv1, nn.Identity()"),
@@ -38,7 +38,7 @@ MUTATIONS = {
          'fused = getattr(block, f"conv{i}")'),
         ("block.downsample = fuse_conv_bn_eval(block.downsample[0], block.downsample[1])",
          "block.downsample = block.downsample[0]")]),
-    "predict().labels inverted": ("padim/core/calibration.py", [
+    "predict().labels inverted": ("padim/settings/calibration.py", [
         ("return None if threshold is None else at_least(scores, threshold)",
          "return None if threshold is None else ~at_least(scores, threshold)")]),
     "original-resolution maps resized with nearest": ("padim/core/scoring.py", [

@@ -1,4 +1,4 @@
-"""Every option of a command checked before it starts work (``padim.core.options``,
+"""Every option of a command checked before it starts work (``padim.settings.options``,
 ``padim.files.outputs``): one line, no wait."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from padim.cli.common import require_ray
 from padim.errors import PadimError
 
 def check_args(args) -> None:
-    """Every option checked before a command starts work (see ``padim.core.options``): one line, no wait."""
-    from padim.core import options as checks
+    """Every option checked before a command starts work (see ``padim.settings.options``): one line, no wait."""
+    from padim.settings import options as checks
     from padim.files import outputs
 
     if getattr(args, "batch_size", 1) is not None:

@@ -126,12 +126,12 @@ def cmd_benchmark(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from padim.pipeline.cache import export_file
+    from padim.deploy.cache import export_file
     from padim.errors import RANDOM_WEIGHTS_WARNING
 
     if args.precision == "int8":
         from padim.data.mvtec import find_category
-        from padim.pipeline.quantize import export_int8
+        from padim.deploy.quantize import export_int8
 
         train = find_category(args.data_root, args.category, note=stderr).train
         with nncf_output_to_stderr():
@@ -178,11 +178,13 @@ def cmd_demo(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    try:
-        import fastapi, prometheus_client, python_multipart, uvicorn  # noqa: F401  (the serve extra)
-    except ImportError as exc:
-        raise PadimError(f"the service needs the serve extra ({exc.name} is missing): pip install \"padim[serve]\" "
-                         "(from a checkout: pip install \".[serve]\")") from None
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "prometheus_client", "python_multipart", "uvicorn")  # the serve extra
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PadimError(f"the service needs the serve extra ({missing[0]} is missing): pip install \"padim[serve]\" "
+                         "(from a checkout: pip install \".[serve]\")")
     from padim.cli.checks import serve_settings
     from padim.serve import load_models
     from padim.serve.registry import model_files

@@ -20,8 +20,8 @@ def expand_paths(paths: List[Path]) -> List[Path]:
 
 def tune_malloc() -> None:
     """The command's processes score batch after batch: fixed malloc thresholds make that 20-30 %
-    faster on Linux (see padim.core.memory.tune_malloc_for_scoring; PADIM_KEEP_MALLOC=1 turns it off)."""
-    from padim.core.memory import tune_malloc_for_scoring
+    faster on Linux (see padim.files.memory.tune_malloc_for_scoring; PADIM_KEEP_MALLOC=1 turns it off)."""
+    from padim.files.memory import tune_malloc_for_scoring
 
     tune_malloc_for_scoring()
 

@@ -8,13 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from padim import __version__
+from padim.version import __version__
 
-# The backbone registry's names (padim.core.backbones.BACKBONES, which needs torch; a test keeps them equal):
-# the command's top-level imports stay torch-free, so that the runtime's predict runs without torch.
-BACKBONE_NAMES = ("efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2")
+# the command's top-level imports stay torch-free, so that the runtime's predict runs without torch
+from padim.settings.backbone_table import BACKBONE_NAMES  # noqa: E402
 ENGINE_NAMES, PRECISION_NAMES = ("torch", "onnxruntime", "openvino"), ("f32", "bf16", "int8")
-REDUCTION_NAMES, COVARIANCE_NAMES = ("random", "semi-orthogonal"), ("fixed", "oas", "ledoit-wolf")  # = padim.core.config's
+REDUCTION_NAMES, COVARIANCE_NAMES = ("random", "semi-orthogonal"), ("fixed", "oas", "ledoit-wolf")  # = padim.settings.config's
 # what a command that needs PyTorch imports: its absence is a one-line error, not a traceback
 TORCH_STACK = ("torch", "torchvision", "timm", "scipy", "sklearn", "matplotlib", "tqdm")
 

@@ -8,9 +8,9 @@ from padim.cli.common import expand_paths, ray_cluster, stderr, tune_malloc
 from padim.errors import PadimError
 
 def _predict_model(args):
-    """The scoring model of --engine (``padim.pipeline.engines.open_scoring_model``): a loaded PaDiM
+    """The scoring model of --engine (``padim.deploy.engines.open_scoring_model``): a loaded PaDiM
     for torch; else the export of --export DIR alone (no torch), or the model file's (cached)."""
-    from padim.pipeline.engines import open_scoring_model
+    from padim.deploy.engines import open_scoring_model
 
     return open_scoring_model(args.engine, args.precision, args.model, args.export, args.weights, args.device,
                               args.batch_size, progress=None)
@@ -40,7 +40,7 @@ def _predict_on_ray(args) -> None:
 
     from padim.cluster import connect as cluster
     from padim.cluster.ray_scoring import score_archive
-    from padim.pipeline.engines import open_scoring_model
+    from padim.deploy.engines import open_scoring_model
 
     # opened here too, so that a wrong model, weights file or threshold option is one line before any actor
     # starts, and an exported engine's cache is built once, not by every actor
@@ -81,7 +81,7 @@ def _drift_monitor(model, delta: float):
     images. Seeded (its tie-breaking), so that a rerun prints the same lines."""
     if model.calibration_ is None:
         return None
-    from padim.core.calibration import DEFAULT_TARGET_FPR
+    from padim.settings.calibration import DEFAULT_TARGET_FPR
     from padim.monitor.drift import DriftMonitor
 
     return DriftMonitor(model.calibration_.image_scores, delta, model.target_fpr_ or DEFAULT_TARGET_FPR, seed=0)
@@ -121,7 +121,7 @@ def cmd_predict(args) -> int:
     if args.engine == "torch" and model.device_.type == "cpu":
         tune_malloc()
     if args.output is not None:
-        from padim.jobs.visualize import common_parent, save_prediction_pictures
+        from padim.render.visualize import common_parent, save_prediction_pictures
 
         common = common_parent(paths)
         ignore = ignored_pixels(model)  # hatched on the heatmaps (the torch engine knows it)
@@ -144,7 +144,7 @@ def cmd_predict(args) -> int:
             if model.uses_random_weights:
                 record["warning"] = "random backbone weights"
             if args.output is not None:
-                import torch  # pictures and masks (padim.jobs.visualize) need torch, whatever the engine
+                import torch  # pictures and masks (padim.render.visualize) need torch, whatever the engine
 
                 save_prediction_pictures(item.source.item, torch.as_tensor(item.map), item.original_hw, model.config_,
                                          point.pixel_threshold, args.output, common, ignore)

@@ -131,7 +131,7 @@ class RayFit:
     def _params(model) -> dict:
         """The estimator's parameters for the workers: no device or progress; a weights file's path
         made absolute (workers do not share the driver's working directory)."""
-        from padim.core.backbones import is_weights_file
+        from padim.settings.backbone_table import is_weights_file
 
         params = model.get_params()
         for name in ("device", "progress"):

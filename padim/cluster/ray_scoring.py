@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from padim.cluster.results_folder import SCHEMA, ResultsFolder, path_key
-from padim.core.calibration import OperatingPoint
+from padim.settings.calibration import OperatingPoint
 from padim.errors import PadimError
 from padim.pipeline.batches import decode_source, describe_error
 from padim.pipeline.records import label
@@ -53,7 +53,7 @@ def score_files(model, paths: Sequence[str], files: Sequence[str], point: Operat
                 pictures: Optional[Callable] = None) -> pa.Table:
     """One batch -> a table of ``SCHEMA``, a row per file in order.
 
-    model: any engine (``padim.pipeline.engines.ScoringModel``); paths: as the user gave them (the ``path`` column); files: where to
+    model: any engine (``padim.deploy.engines.ScoringModel``); paths: as the user gave them (the ``path`` column); files: where to
     read them (absolute); point: the operating point that decides labels; pictures: called as
     ``pictures(file, anomaly_map (H, W), original (h, w))`` for each scored image (heatmaps), whose
     failure is the row's error while its score is kept.
@@ -108,14 +108,14 @@ class Scorer:
     def __init__(self, model_path: str, point: OperatingPoint, weights: Optional[str] = None, batch_size: int = 32,
                  threads: int = 1, heatmaps: Optional[str] = None, common: Optional[str] = None,
                  tune_malloc: bool = False, engine: str = "torch", precision: str = "f32"):
-        from padim.pipeline.engines import open_scoring_model
+        from padim.deploy.engines import open_scoring_model
 
         if engine == "torch":
             import torch
 
             torch.set_num_threads(threads)  # this actor's process only scores
         if tune_malloc:
-            from padim.core.memory import tune_malloc_for_scoring
+            from padim.files.memory import tune_malloc_for_scoring
 
             tune_malloc_for_scoring()
         self.model = open_scoring_model(engine, precision, model_path, weights=weights, device="cpu",
@@ -125,7 +125,7 @@ class Scorer:
         if heatmaps is not None:
             import torch
 
-            from padim.jobs.visualize import save_prediction_pictures
+            from padim.render.visualize import save_prediction_pictures
 
             def pictures(file, anomaly_map, size):
                 save_prediction_pictures(Path(file), torch.as_tensor(anomaly_map), size, self.model.config_, point.pixel_threshold,
@@ -222,7 +222,7 @@ def _score_archive(ray, results, model_path, paths, output, point, started, acto
     if todo:
         common = None
         if heatmaps is not None:
-            from padim.jobs.visualize import common_parent
+            from padim.render.visualize import common_parent
 
             common = str(common_parent(paths))  # of all paths: a rerun names the pictures alike
         scorer = dict(model_path=str(Path(model_path).resolve()), point=point, weights=weights, batch_size=batch_size,

@@ -17,7 +17,7 @@ from typing import List, Optional, Set
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from padim import __version__
+from padim.version import __version__
 from padim.errors import PadimError
 from padim.files.atomic import atomic_write, is_stale
 from padim.pipeline.batches import describe_error

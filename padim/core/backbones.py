@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from padim.errors import PadimError, WeightsUnavailableError
+from padim.files.digests import file_sha256
+from padim.settings.backbone_table import entry, is_weights_file
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,6 @@ class BackboneSpec:
 
     build:          returns the full architecture with untrained weights
     stages:         splits that model into named stages run in order; feature layers are stage names
-    default_layers: the paper's choice of feature layers (strides 4, 8, 16)
-    default_d:      the paper's number of kept channels
     imagenet:       loads the ImageNet state_dict (raises WeightsUnavailableError when it can't)
     rename:         optional (state_dict, model) -> state_dict mapping another naming to the model's
     """
@@ -33,8 +33,6 @@ class BackboneSpec:
     name: str
     build: Callable[[], nn.Module]
     stages: Callable[[nn.Module], List[Tuple[str, nn.Module]]]
-    default_layers: Tuple[str, ...]
-    default_d: int
     imagenet: Callable[[], Tuple[Dict[str, torch.Tensor], str]]
     rename: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]] = None
 
@@ -194,13 +192,13 @@ BACKBONES: Dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         BackboneSpec("resnet18", _torchvision_builder("resnet18"), _resnet_stages,
-                     ("layer1", "layer2", "layer3"), 100, _torchvision_imagenet("ResNet18_Weights")),
+                     _torchvision_imagenet("ResNet18_Weights")),
         BackboneSpec("resnet50", _torchvision_builder("resnet50"), _resnet_stages,
-                     ("layer1", "layer2", "layer3"), 550, _torchvision_imagenet("ResNet50_Weights")),
+                     _torchvision_imagenet("ResNet50_Weights")),
         BackboneSpec("wide_resnet50_2", _torchvision_builder("wide_resnet50_2"), _resnet_stages,
-                     ("layer1", "layer2", "layer3"), 550, _torchvision_imagenet("Wide_ResNet50_2_Weights")),
+                     _torchvision_imagenet("Wide_ResNet50_2_Weights")),
         BackboneSpec("efficientnet_lite0", _timm_efficientnet_lite0, _efficientnet_stages,
-                     ("blocks.1", "blocks.2", "blocks.4"), 100, _efficientnet_lite0_imagenet,
+                     _efficientnet_lite0_imagenet,
                      rename=efficientnet_lukemelas_to_timm),
     )
 }
@@ -282,19 +280,6 @@ def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], source: str, na
     model.load_state_dict({key: state[key] for key in own})
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_weights_file(weights: str) -> bool:
-    """Whether a ``weights`` setting names a file (anything but "imagenet" and "random")."""
-    return str(weights) not in ("imagenet", "random")
-
-
 def load_backbone(name: str, weights: str, seed: int) -> Tuple[nn.Module, str, Optional[str]]:
     """The full backbone network with its weights, in eval mode, where those came from, and the
     SHA-256 of the weights file (None for "imagenet" and "random").
@@ -328,6 +313,6 @@ def build_extractor(
     """The frozen feature extractor for ``name``, a description of where its weights came from and
     the weights file's SHA-256 (None unless ``weights`` is a file)."""
     model, source, sha256 = load_backbone(name, weights, seed)
-    extractor = StagedFeatureExtractor(get_spec(name).stages(model), layers or get_spec(name).default_layers)
+    extractor = StagedFeatureExtractor(get_spec(name).stages(model), layers or entry(name).default_layers)
     extractor.eval().requires_grad_(False)
     return extractor, source, sha256

@@ -15,14 +15,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from padim.core import calibration as cal
+from padim.settings import calibration as cal
 from padim.files import modelfile
-from padim.core.config import COVARIANCE_EPSILON, PadimConfig
+from padim.settings.config import COVARIANCE_EPSILON, PadimConfig
 from padim.errors import NotFittedError, PadimError
 from padim.core.features import Embedder
 from padim.core.gaussian import unpack_lower
 from padim.files.images import ImageInput
-from padim.core.options import config_from_parameters
+from padim.settings.options import config_from_parameters
 from padim.core.params import Parameters
 from padim.core.scorer import PatchScorer
 from padim.core.tiling import layout_of
@@ -46,14 +46,14 @@ class PaDiM(Parameters):
     ``channel_idx_`` (k,) and ``projection_`` (k, d) or None (see ``padim.core.features.make_reduction``),
     ``feature_hw_`` (h, w) with P = h * w, ``n_train_images_``,
     ``weights_source_``, ``weights_sha256_``, ``fit_seconds_``, ``fit_date_``, ``category_``;
-    ``calibration_`` (a ``padim.core.calibration.Calibration``, or None) and the operating point in use:
+    ``calibration_`` (a ``padim.settings.calibration.Calibration``, or None) and the operating point in use:
     ``image_threshold_`` / ``pixel_threshold_`` with their sources ``threshold_source_`` /
     ``pixel_threshold_source_`` and ``target_fpr_`` (see ``set_operating_point``).
 
     Calibration (``calibration_fraction``, default 0.1, at least 20 images): a seeded part of the
     training images is held out, the Gaussians are fitted on the rest, and the held-out images'
     scores set the image threshold at ``target_fpr`` with a split-conformal guarantee (see
-    ``padim.core.calibration``) and the pixel threshold at ``target_pixel_fpr`` of their pixels.
+    ``padim.settings.calibration``) and the pixel threshold at ``target_pixel_fpr`` of their pixels.
     ``calibration="cv"`` instead scores each of ``folds`` folds with the statistics of the others
     (total minus the fold: sums subtract exactly) and fits the final model on every image.
 
@@ -239,7 +239,7 @@ class PaDiM(Parameters):
         return held_out_scores(self, images, mean, packed, feature_hw, embedder)
 
     # ----------------------------------------------------------------------------- scoring
-    engine, precision = "torch", "f32"  # what scores (see padim.pipeline.engines)
+    engine, precision = "torch", "f32"  # what scores (see padim.deploy.engines)
 
     @property
     def scorer_(self) -> PatchScorer:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from padim.core.memory import Workspace
+from padim.files.memory import Workspace
 
 CPU_FORWARD_CHUNK = 8  # images per backbone forward on the CPU (see ``Embedder``), at 256 x 256 or more
 

@@ -15,12 +15,12 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from padim.core import calibration as cal
+from padim.settings import calibration as cal
 from padim.core.backbones import build_extractor
-from padim.core.config import PadimConfig
+from padim.settings.config import PadimConfig
 from padim.core.features import CPU_FORWARD_CHUNK, Embedder, count_channels, make_reduction
 from padim.core.gaussian import GaussianAccumulator, store_factor
-from padim.core.memory import release_free_memory
+from padim.files.memory import release_free_memory
 from padim.core.scoring import score_batches, score_embeddings
 from padim.core.statistics import FitStatistics, now
 from padim.core.tiling import embed_size, layout_of

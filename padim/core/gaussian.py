@@ -9,9 +9,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from padim.core.config import COVARIANCE_EPSILON
+from padim.settings.config import COVARIANCE_EPSILON
 from padim.errors import PadimError
-from padim.core.memory import Workspace
+from padim.files.memory import Workspace
 from padim.core.shrinkage import (centred_fourth_moment, ledoit_wolf_shrinkage, oas_shrinkage, recentred_fourth,
                                    shrink, symmetric)
 
@@ -224,7 +224,7 @@ class GaussianAccumulator:
 
         Cholesky and a triangular solve rather than an explicit inverse: stabler, and the distance is
         ||W (x - mean)||. Each block of sums is released once its factor is computed; afterwards the
-        accumulator is empty. ``release`` (e.g. ``padim.core.memory.release_free_memory``) is called after
+        accumulator is empty. ``release`` (e.g. ``padim.files.memory.release_free_memory``) is called after
         every 256 MB of released sums, so that the allocator hands them back as it goes. ``keep``
         keeps the sums instead (incremental fits add to them later), at the cost of holding both.
         """

@@ -18,7 +18,7 @@ from padim.core.backbones import build_extractor
 from padim.core.features import Embedder
 from padim.core.fitting import accumulate, build_embedder, fit_statistics
 from padim.core.gaussian import GaussianAccumulator, store_factor
-from padim.core.memory import release_free_memory
+from padim.files.memory import release_free_memory
 from padim.core.statistics import FitStatistics, StatisticsMismatchError, statistics_like
 from padim.errors import DataError, ModelFileError, PadimError
 from padim.files import modelfile

@@ -11,10 +11,12 @@ from typing import Optional
 
 import torch
 
-from padim.core import calibration as cal
-from padim.core.backbones import build_extractor, file_sha256, is_weights_file
+from padim.settings import calibration as cal
+from padim.core.backbones import build_extractor
+from padim.files.digests import file_sha256
+from padim.settings.backbone_table import is_weights_file
 from padim.core.features import Embedder
-from padim.core.options import check_batch_size
+from padim.settings.options import check_batch_size
 from padim.errors import ModelFileError, PadimError, WeightsUnavailableError
 from padim.files import modelfile
 

@@ -2,7 +2,7 @@
 
 Why one module: a second implementation of the scoring path for export (or for the service) is a
 second thing to keep equal. ``PatchScorer.forward`` is the only place pixels become scores; the
-torch engine calls it eagerly, ``padim.pipeline.export`` traces the same module into ONNX.
+torch engine calls it eagerly, ``padim.deploy.export`` traces the same module into ONNX.
 
 Shapes: B images, (H, W) the model's input size, (h, w) layer1's grid, P = h * w, d channels.
 """
@@ -19,7 +19,7 @@ from padim.core.features import CPU_FORWARD_CHUNK, cpu_chunk, embed, layer_plan
 from padim.core.gaussian import mahalanobis
 from padim.core.lean import LeanGraph, fold_input_scale, lean_possible
 from padim.core.maps import upsample_blur_matrix
-from padim.core.memory import Workspace
+from padim.files.memory import Workspace
 from padim.core.tiling import cut, stitch
 
 

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from padim.core.calibration import PadimResult, labels_at, masks_at  # noqa: F401  (torch-free, shared with the runtime)
+from padim.settings.calibration import PadimResult, labels_at, masks_at  # noqa: F401  (torch-free, shared with the runtime)
 from padim.errors import PadimError
 from padim.core.features import Embedder
 from padim.core.gaussian import mahalanobis, mahalanobis_packed
 from padim.core.maps import anomaly_maps, image_scores
-from padim.core.memory import Workspace
+from padim.files.memory import Workspace
 
 Batch = Tuple[torch.Tensor, List[Tuple[int, int]]]  # (B, 3, H, W) inputs, original (height, width) sizes
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from padim.files import safetensors_io as model_io
-from padim.core.config import PadimConfig
+from padim.settings.config import PadimConfig
 from padim.errors import ModelFileError, PadimError
 from padim.core.gaussian import GaussianAccumulator
 
@@ -159,7 +159,7 @@ class FitStatistics:
             tensors.update(cubic=acc.cubic, quartic=acc.quartic)
         if self.projection is not None:
             tensors["projection"] = self.projection.to(torch.float32)
-        from padim import __version__
+        from padim.version import __version__
 
         metadata = {"kind": KIND, "count": int(acc.count), "config": self.config.to_dict(),
                     "feature_hw": list(self.feature_hw), "weights_source": self.weights_source,
@@ -182,8 +182,8 @@ class FitStatistics:
             raise StatisticsFileError(_statistics_text(exc)) from None
         if meta.get("kind") != KIND:
             raise StatisticsFileError(f"{path} is not a padim statistics file (a model file? pass it as `model`)")
-        from padim.core.options import config_layout
-        from padim.core.validation import validate_config_dict
+        from padim.settings.options import config_layout
+        from padim.settings.validation import validate_config_dict
 
         def refuse(reason: str):
             raise StatisticsFileError(f"statistics file {path}: {reason}")

@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from padim.core.tile_geometry import (TILE_STATISTICS, default_overlap, embed_size, fitted_grid,  # noqa: F401
+from padim.settings.tile_geometry import (TILE_STATISTICS, default_overlap, embed_size, fitted_grid,  # noqa: F401
                                       n_tiles, tile_boxes, tile_starts)
 
 

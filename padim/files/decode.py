@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from padim.errors import DataError
-from padim.core.memory import release_free_memory
+from padim.files.memory import release_free_memory
 
 FAST_RATIO = 4  # reduce early only when the picture is more than this many times the wanted size
 REDUCE_MARGIN = 2  # ... and keep at least this many times the wanted size for the final resize

@@ -26,21 +26,21 @@ def number_or_none(value) -> bool:
 
 def layout_record(config: dict) -> dict:
     """What a config's tensor shapes mean, written beside it (``padim.io.LAYOUT_KEY``)."""
-    from padim.core.options import feature_layout
+    from padim.settings.options import feature_layout
 
     spec_layers = config.get("layers")
     if not spec_layers:
-        from padim.core.backbones import get_spec
+        from padim.settings.backbone_table import entry
 
-        spec_layers = get_spec(config["backbone"]).default_layers
+        spec_layers = entry(config["backbone"]).default_layers
     input_size = tuple(config.get("crop") or config["image_size"])
     tile = config.get("tile")
     layout = feature_layout(config["backbone"], tuple(spec_layers), input_size if tile is None else (tile, tile))
     record = {"backbone": config["backbone"], "layers": list(spec_layers), "input_size": list(input_size),
               "channels": layout.channels, "grid": list(layout.grid)}
     if tile is not None:  # what the tensors hold then: the tiles' positions (stacked) or one shared set
-        from padim.core.config import PadimConfig
-        from padim.core.tile_geometry import fitted_grid
+        from padim.settings.config import PadimConfig
+        from padim.settings.tile_geometry import fitted_grid
 
         record.update(tile=tile, grid=list(fitted_grid(PadimConfig.from_dict(config), layout.grid)))
     return record
@@ -49,8 +49,8 @@ def layout_record(config: dict) -> dict:
 def check_header(metadata: dict, where: str, refuse: Callable[[str], None]):
     """A header's config, layout record and feature grid against each other; returns (PadimConfig,
     Layout, feature_hw). The config's own errors start with ``where`` (``validate_config_dict``)."""
-    from padim.core.options import config_layout
-    from padim.core.validation import validate_config_dict
+    from padim.settings.options import config_layout
+    from padim.settings.validation import validate_config_dict
 
     config = validate_config_dict(metadata.get("config"), where)
     layout = config_layout(config)

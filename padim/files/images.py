@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, features
 from tqdm import tqdm
 
-from padim.core.config import PadimConfig
+from padim.settings.config import PadimConfig
 from padim.files.decode import read_image, read_mask
 from padim.errors import DataError
 

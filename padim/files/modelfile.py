@@ -9,13 +9,13 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from padim.core.calibration import Calibration
+from padim.settings.calibration import Calibration
 from padim.errors import ModelFileError
 from padim.files.headers import CALIBRATION_METHODS, calibration_is_valid
 
-from padim import __version__
+from padim.version import __version__
 from padim.files import safetensors_io as model_io
-from padim.core.config import PadimConfig
+from padim.settings.config import PadimConfig
 
 TENSOR_RANKS = {"mean": 2, "precision_factor_packed": 2, "channel_idx": 1}
 # optional tensors of a calibrated model -> Calibration attributes

@@ -147,7 +147,7 @@ def read_header(path) -> Tuple[dict, int]:
 
 def read_metadata(path) -> dict:
     """A model file's padim metadata (its JSON header) as written, without reading any tensor or
-    verifying the file: for tools that copy it (``padim.pipeline.export``); ``load`` is the checked reader."""
+    verifying the file: for tools that copy it (``padim.deploy.export``); ``load`` is the checked reader."""
     header, _ = read_header(path)
     raw = header.get("__metadata__", {}).get(_METADATA_KEY)
     if raw is None:
@@ -264,14 +264,13 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
     """Checks a loaded model's contents against each other; returns (PadimConfig, feature_hw).
 
-    The config must be valid (``padim.core.config.validate_config_dict``); ``feature_hw`` must be the grid of
+    The config must be valid (``padim.settings.config.validate_config_dict``); ``feature_hw`` must be the grid of
     the first feature layer at the config's input size; mean (P, d) float32 and the packed factor
     (P, d (d + 1) / 2) in the config's factor dtype, both finite; channel_idx (k,) integer, strictly
     increasing, within the layers' channels (k = d, or all C channels with a projection); the
     projection, with reduction "semi-orthogonal" only, (C, d) float32 with orthonormal columns;
     thresholds numbers or null.
     """
-    from padim.core.gaussian import FACTOR_DTYPES
 
     def refuse(reason: str):
         raise ModelFileError(f"model file {path}: {reason}")
@@ -280,7 +279,7 @@ def verify(path, tensors: Dict[str, torch.Tensor], metadata: dict):
     n_pos, d = layout.grid[0] * layout.grid[1], config.n_features
     expected = {
         "mean": ((n_pos, d), (torch.float32,)),
-        "precision_factor_packed": ((n_pos, d * (d + 1) // 2), (FACTOR_DTYPES[config.factor_dtype],)),
+        "precision_factor_packed": ((n_pos, d * (d + 1) // 2), (getattr(torch, config.factor_dtype),)),
         "channel_idx": ((layout.channels if config.reduction == "semi-orthogonal" else d,), (torch.int64, torch.int32)),
     }
     for name, (shape, dtypes) in expected.items():

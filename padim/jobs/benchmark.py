@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from padim import __version__
-from padim.core.backbones import is_weights_file
+from padim.version import __version__
+from padim.settings.backbone_table import is_weights_file
 from padim.data.mvtec import MVTEC_CATEGORIES
 from padim.errors import PadimError
 from padim.jobs.report import RESULT_COLUMNS, results_markdown, write_html

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 from tqdm import tqdm
 
+from padim.files.digests import file_sha256
 from padim.errors import PadimError
 
 
@@ -42,20 +43,12 @@ MVTEC_AD = Archive(
 CHUNK = 1 << 20
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(archive: Archive, folder: Path, timeout: float = 30.0) -> Path:
     """Downloads ``archive`` into ``folder`` (resuming a ``.part`` file) and checks its SHA-256."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / archive.filename
     if target.is_file():
-        if sha256_of(target) == archive.sha256:
+        if file_sha256(target) == archive.sha256:
             return target
         target.unlink()  # damaged: fetch again
     partial = folder / (archive.filename + ".part")
@@ -84,7 +77,7 @@ def fetch(archive: Archive, folder: Path, timeout: float = 30.0) -> Path:
                         bar.update(len(block))
                 except (urllib.error.URLError, OSError) as exc:
                     raise DownloadError(f"download interrupted ({exc}); run the same command again to resume") from None
-    digest = sha256_of(partial)
+    digest = file_sha256(partial)
     if digest != archive.sha256:
         partial.unlink()
         raise DownloadError(f"checksum mismatch for {archive.filename}: got sha256 {digest}, expected "

@@ -74,7 +74,7 @@ def evaluate(model: PaDiM, category: Category, pictures_dir: Optional[Path] = No
     Holds the maps of the category at the model's input size: N * H * W float32 (150 MB for 600
     images at 256 x 256), needed for pixel metrics over all thresholds.
     iter_predict: what scores the images (default ``model.iter_predict``; an engine's, see
-    ``padim.pipeline.engines.as_torch``).
+    ``padim.deploy.engines.as_torch``).
     """
     samples = category.test
     scores, maps, masks = [], [], []

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from padim.files.atomic import atomic_write
-from padim.jobs.visualize import heatmap_overlay
+from padim.render.visualize import heatmap_overlay
 
 # the seed's columns, then the figures at the calibrated thresholds (n/a for a model without calibration)
 RESULT_COLUMNS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "fit_s", "ms_per_image",

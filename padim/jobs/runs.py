@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from padim import __version__
+from padim.version import __version__
 from padim.files.atomic import atomic_write, write_together
 from padim.errors import RANDOM_WEIGHTS_WARNING, PadimError  # noqa: F401 (RANDOM_WEIGHTS_WARNING: re-exported)
 from padim.data.mvtec import find_category
-from padim.core.calibration import SOURCE_TEST_SET
-from padim.core.memory import tune_malloc_for_scoring
+from padim.settings.calibration import SOURCE_TEST_SET
+from padim.files.memory import tune_malloc_for_scoring
 from padim.core.estimator import PaDiM
 
 
@@ -73,11 +73,11 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
     The model file is left as it is unless ``store_oracle_thresholds``.
 
     weights: where a model fitted with a weights file finds it now (see ``PaDiM.load``).
-    tune_malloc: call ``padim.core.memory.tune_malloc_for_scoring`` before scoring on the CPU (the
+    tune_malloc: call ``padim.files.memory.tune_malloc_for_scoring`` before scoring on the CPU (the
     ``padim`` command does; a library caller decides for its own process).
-    engine, precision, export: score with an exported graph (see ``padim.pipeline.engines.open_engine``)."""
+    engine, precision, export: score with an exported graph (see ``padim.deploy.engines.open_engine``)."""
     from padim.jobs.evaluate import CALIBRATED_KEYS, METRIC_KEYS, THRESHOLDS_NOTE, evaluate  # scikit-learn, scipy
-    from padim.pipeline.engines import thresholds_from
+    from padim.deploy.engines import thresholds_from
 
     if store_oracle_thresholds and precision == "int8":
         raise PadimError("`store_oracle_thresholds` would store thresholds of int8 scores in the model file, whose "
@@ -86,7 +86,7 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
     found = find_category(data_root, category, need_test=True, note=note)
     scorer = None
     if engine != "torch":  # int8 without an export: the cached int8 export calibrated on this training folder
-        from padim.pipeline.engines import open_engine
+        from padim.deploy.engines import open_engine
 
         scorer = open_engine(engine, precision, model_path, export, weights, batch_size, progress=None,
                              model=model if model.device_.type == "cpu" else None,
@@ -115,7 +115,7 @@ def test_category(model_path: Path, data_root, category: str, output: Path, pict
 
     iter_predict = None
     if scorer is not None:
-        from padim.pipeline.engines import as_torch
+        from padim.deploy.engines import as_torch
 
         iter_predict = as_torch(scorer.iter_predict)
     result = evaluate(model, found, output if pictures else None, max_images, calibrated,

@@ -74,7 +74,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from padim.core.calibration import DEFAULT_TARGET_FPR
+from padim.settings.calibration import DEFAULT_TARGET_FPR
 from padim.errors import PadimError
 
 DEFAULT_DELTA = 0.01

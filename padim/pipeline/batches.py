@@ -4,7 +4,7 @@ batch surface runs (``PaDiM.predict``, ``ExportedModel``, ``padim predict``, Ray
 A file that cannot be read becomes a ``Scored`` item with its ``error`` (one line, naming the
 file) and the rest of its batch is still scored: the step never ends a run, its caller decides
 (``errors="raise"`` or ``"record"``). Torch-free: an engine is anything with ``config_`` and
-``score_pixels`` (see ``padim.pipeline.engines``).
+``score_pixels`` (see ``padim.deploy.engines``).
 
 Shapes: B images per batch, (H, W) the model's input size.
 """

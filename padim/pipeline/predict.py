@@ -10,7 +10,7 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from padim.core import calibration as cal
+from padim.settings import calibration as cal
 from padim.errors import DataError, PadimError
 from padim.pipeline.batches import score_sources
 from padim.pipeline.sources import as_sources
@@ -43,7 +43,7 @@ def iter_scored(model, images: Sequence, desc: str = "predict", errors: str = "r
 
 def predict(model, images: Sequence, point: cal.OperatingPoint, original_resolution: bool, resize,
             errors: str = "raise", ahead: int = 0) -> cal.PadimResult:
-    """Scores ``images`` with ``model`` (an engine, see ``padim.pipeline.engines``) and decides at
+    """Scores ``images`` with ``model`` (an engine, see ``padim.deploy.engines``) and decides at
     ``point``. With ``errors="record"`` the result holds the images that could be read, in input
     order, ``index`` saying which input each is, and ``errors`` the others as (index, name, message)."""
     if original_resolution and model.config_.crop is not None:

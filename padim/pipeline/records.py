@@ -12,7 +12,7 @@ import json
 import math
 from typing import Optional
 
-from padim.core.calibration import OperatingPoint, labels_at
+from padim.settings.calibration import OperatingPoint, labels_at
 
 ANOMALOUS, GOOD = "anomalous", "good"
 

@@ -19,7 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from padim import __version__
+from padim.version import __version__
 from padim.serve.metrics import MetricsMiddleware
 from padim.serve.registry import ServedModel
 from padim.serve.routes_admin import add_admin_routes

@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
 
-from padim import __version__
-from padim.core.calibration import DEFAULT_TARGET_FPR
+from padim.version import __version__
+from padim.settings.calibration import DEFAULT_TARGET_FPR
 from padim.monitor import STREAM_MEANING, DecisionLog, DecisionLogError, DriftMonitor, FlaggedStore, OverrideCounter
 from padim.monitor.drift import STREAMS
 

@@ -22,14 +22,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from padim.errors import PadimError
-from padim.pipeline.engines import open_scoring_model, thresholds_from
+from padim.deploy.engines import open_scoring_model, thresholds_from
 
 MODEL_SUFFIX = ".safetensors"
 
 
 @dataclass
 class ServedModel:
-    """A loaded model (any engine: ``padim.pipeline.engines.ScoringModel``) and the names it answers to.
+    """A loaded model (any engine: ``padim.deploy.engines.ScoringModel``) and the names it answers to.
 
     sha256: of the model file (of an export folder's padim.json, which holds its graph files' SHA-256)
     as it was loaded; signature: that file's (device, inode, size, mtime) then (``file_signature``)."""

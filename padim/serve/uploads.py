@@ -32,7 +32,7 @@ from typing import AsyncIterator, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from padim.core.config import PadimConfig
+from padim.settings.config import PadimConfig
 from padim.files.decode import read_image
 from padim.errors import DataError
 from padim.files.images import load_pixels
@@ -195,7 +195,7 @@ def decode_upload(upload: Upload, config: PadimConfig,
 def _display(source, original: Tuple[int, int], display_size: Optional[int]) -> Optional[Image.Image]:
     if display_size is None:
         return None
-    from padim.jobs.visualize import overlay_size
+    from padim.render.visualize import overlay_size
 
     return read_image(source, overlay_size(original, display_size), 1, 1)[0]
 

@@ -107,7 +107,7 @@ def save_prediction_pictures(path: Path, anomaly_map: torch.Tensor, size: Tuple[
     image is read again for the overlay. ``ignore``: the model's ignore mask, hatched on the overlay."""
     from padim.files.decode import read_image
     from padim.files.images import load_pixels
-    from padim.core.memory import release_free_memory
+    from padim.files.memory import release_free_memory
     from padim.core.scoring import to_original_resolution
 
     path = Path(path)

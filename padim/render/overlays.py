@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from padim.core.scoring import to_original_resolution
-from padim.jobs.visualize import heatmap_overlay, mask_at_size, overlay_size
+from padim.render.visualize import heatmap_overlay, mask_at_size, overlay_size
 
 OVERLAY_MAX_SIDE = 1024
 

@@ -1,4 +1,4 @@
-"""Scoring with an exported graph (``padim.pipeline.export``), without PyTorch: ONNX Runtime or OpenVINO.
+"""Scoring with an exported graph (``padim.deploy.export``), without PyTorch: ONNX Runtime or OpenVINO.
 
 Why a separate module: line PCs and edge boxes should not need PyTorch (hundreds of MB) to score.
 This module imports only NumPy, Pillow, padim's torch-free modules (``config``, ``errors``,
@@ -8,7 +8,7 @@ This module imports only NumPy, Pillow, padim's torch-free modules (``config``, 
 Everything but the graph happens here exactly as in the PyTorch path: images are decoded by
 ``padim.files.images.load_pixels`` (the same pixels for every engine), fed in batches, and the decisions
 (labels, masks) are taken outside the graph with the thresholds of the export's ``padim.json`` (or
-of the current model file, see ``padim.pipeline.engines``), as ``padim.core.scoring.labels_at`` / ``masks_at`` do.
+of the current model file, see ``padim.deploy.engines``), as ``padim.core.scoring.labels_at`` / ``masks_at`` do.
 
 Shapes: B images per batch, (H, W) the model's input size.
 """
@@ -20,12 +20,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from padim.core import calibration as cal
+from padim.settings import calibration as cal
 from padim.errors import PadimError
-from padim.pipeline.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES,  # noqa: F401
+from padim.deploy.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES,  # noqa: F401
                                           INPUT_NAME, METADATA_FILE, OUTPUT_NAMES, EngineError, check_model_record,
-                                          checksummed_json, declared_io, file_sha256, read_export)
-from padim.pipeline.sessions import ENGINES, PRECISIONS, check_signature, open_session  # noqa: F401
+                                          checksummed_json, declared_io, read_export)
+from padim.deploy.sessions import ENGINES, PRECISIONS, check_signature, open_session  # noqa: F401
 
 RuntimeResult = cal.PadimResult  # what ExportedModel.predict returns: the same fields as PaDiM.predict's
 

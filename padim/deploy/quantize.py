@@ -8,7 +8,7 @@ export carries its own thresholds and calibration scores, computed from *int8* s
 held-out images the fit calibrated on (the seeded split of the training folder is reproducible:
 ``core.calibration.split_indices`` with ``calibration_size``, as ``core.fitting.fit_model``), and
 its header says so (``thresholds_from``: "int8 graph, 20 held-out images"). It never decides with
-a model file's f32 thresholds (``padim.pipeline.sessions`` and ``exported`` refuse the pairing).
+a model file's f32 thresholds (``padim.deploy.sessions`` and ``exported`` refuse the pairing).
 
 What is quantised: the backbone's convolutions (int8 weights per output channel, activations per
 tensor; NNCF's MIXED preset). What stays f32 (NNCF's ignored scope): every node outside the
@@ -33,12 +33,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from padim.core import calibration as cal
+from padim.files.digests import file_sha256
+from padim.settings import calibration as cal
 from padim.errors import PadimError
 from padim.files.images import load_pixels, prefetched
-from padim.pipeline.export import ExportError, calibration_record
-from padim.pipeline.export_folder import GRAPH_FILES, file_sha256
-from padim.pipeline.sessions import open_session
+from padim.deploy.export import ExportError, calibration_record
+from padim.deploy.export_folder import GRAPH_FILES
+from padim.deploy.sessions import open_session
 
 QUANTIZATION_IMAGES = 300  # training images NNCF calibrates its ranges on, at most (its own default subset)
 SCORING_BATCH = 8  # held-out images per int8 batch (OpenVINO's kernels, chosen by shape, move the last bits with it)
@@ -177,8 +178,8 @@ def refit_gaussians(model, fit_images: Sequence, pixels: Sequence[np.ndarray], w
     import torch
 
     from padim.core.gaussian import GaussianAccumulator, store_factor, unpack_lower
-    from padim.pipeline.export import export_onnx
-    from padim.pipeline.sessions import openvino_config
+    from padim.deploy.export import export_onnx
+    from padim.deploy.sessions import openvino_config
 
     config = model.config_
     onnx_path = export_onnx(model.scorer_, work / "deltas.onnx", deltas=True)[0]
@@ -239,7 +240,7 @@ def export_int8(model_path, train_images: Sequence, output, weights: Optional[st
     all found in ``train_images`` (the training folder it was fitted on, sorted). Returns the folder."""
     from padim.core.estimator import PaDiM
     from padim.core.scorer import PatchScorer
-    from padim.pipeline.export import export_model, file_metadata, graph_key
+    from padim.deploy.export import export_model, file_metadata, graph_key
 
     if int(n_images) < 1:
         raise PadimError(f"`quantization_images` must be at least 1, got {n_images}")

@@ -32,11 +32,12 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from padim import __version__
+from padim.files.digests import file_sha256
+from padim.version import __version__
 from padim.errors import PadimError
-# the format of export folders, shared with their torch-free reader (padim.pipeline.exported.read_export)
-from padim.pipeline.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES, INPUT_NAME, METADATA_FILE,
-                      OUTPUT_NAMES, EngineError, check_model_record, checksummed_json, declared_io, file_sha256)
+# the format of export folders, shared with their torch-free reader (padim.deploy.exported.read_export)
+from padim.deploy.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES, INPUT_NAME, METADATA_FILE,
+                      OUTPUT_NAMES, EngineError, check_model_record, checksummed_json, declared_io)
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf stops at 2 GB)
 GRAPH_TENSORS = ("mean", "precision_factor_packed", "channel_idx", "projection")  # what the graph is built from
@@ -116,7 +117,7 @@ def onnx_to_openvino(onnx_path: Path, xml_path: Path) -> List[Path]:
 
 
 def calibration_record(calibration) -> Optional[dict]:
-    """A ``padim.core.calibration.Calibration`` as JSON (float64 values round-trip exactly), or None."""
+    """A ``padim.settings.calibration.Calibration`` as JSON (float64 values round-trip exactly), or None."""
     if calibration is None:
         return None
     return {"method": calibration.method, "image_scores": [float(v) for v in calibration.image_scores],
@@ -189,7 +190,7 @@ def write_metadata(folder: Path, fmt: str, graph, metadata: dict, key: Optional[
         "graph_key": key,
         **declared_io(height, width),
         "exported_by": {"padim": __version__, "torch": torch.__version__},
-        **(extra or {}),  # an int8 export's "precision" and "quantization" (padim.pipeline.quantize)
+        **(extra or {}),  # an int8 export's "precision" and "quantization" (padim.deploy.quantize)
         "model": metadata,
     }
     try:
@@ -211,7 +212,7 @@ def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = No
     ``padim export`` passes the model file's own). The files appear whole or not at all: they are
     written to a temporary folder next to ``folder`` and moved in.
     graph_step: for "openvino", instead of the plain conversion, (ONNX file, work folder, header) ->
-    (graph files, header, extra padim.json fields): how an int8 export (``padim.pipeline.quantize``)
+    (graph files, header, extra padim.json fields): how an int8 export (``padim.deploy.quantize``)
     quantises the graph and recomputes the thresholds with it before anything is written.
     scorer: the ``PatchScorer`` to trace (default: the model's own; an int8 export's Gaussians
     are refitted on int8 features).

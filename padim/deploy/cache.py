@@ -1,12 +1,12 @@
 """The exported graphs of model files, made on first use and cached (what ``--engine onnxruntime|
 openvino`` runs when given a model file), and ``export_file`` behind ``padim export``.
 
-The cache (``cache_dir``): one folder per (graph, format), named by ``padim.pipeline.export.graph_key``: the
+The cache (``cache_dir``): one folder per (graph, format), named by ``padim.deploy.export.graph_key``: the
 SHA-256 of the model file's tensors, configuration and backbone identity. Not the whole file's hash:
 ``padim test`` rewrites the thresholds into the model file, and the graph does not depend on them.
 The thresholds used to decide are always the model file's current ones. Folders appear whole (built
 aside, then renamed), so concurrent first uses at worst both build it. A cached folder is verified on
-every use like any export folder (checksums and header, ``padim.pipeline.exported.read_export``); a
+every use like any export folder (checksums and header, ``padim.deploy.exported.read_export``); a
 damaged one is rebuilt, with one line saying so.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
 from padim.errors import PadimError
-from padim.pipeline.exported import EngineError, read_export
+from padim.deploy.exported import EngineError, read_export
 
 ENGINE_FORMATS = {"onnxruntime": "onnx", "openvino": "openvino"}
 CACHE_ENV = "PADIM_CACHE_DIR"
@@ -38,7 +38,7 @@ def export_file(model_path, fmt: str, output, weights: Optional[str] = None, mod
     """Exports the model file ``model_path`` to the folder ``output`` (see ``padim export``): the
     graph, and beside it the file's header verbatim, with the graph's key. ``model``: the same file
     already loaded (saves rebuilding its backbone)."""
-    from padim.pipeline.export import export_model, file_metadata, graph_key
+    from padim.deploy.export import export_model, file_metadata, graph_key
     from padim.core.estimator import PaDiM
 
     metadata, key = file_metadata(model_path), graph_key(model_path)  # both before the slow part
@@ -60,7 +60,7 @@ def cached_export(model_path, fmt: str, weights: Optional[str] = None, model=Non
 
 def cached_export_record(model_path, fmt: str, weights: Optional[str], model, note) -> Tuple[Path, dict]:
     """``cached_export``, with the folder's verified ``padim.json`` record (hashed once per use)."""
-    from padim.pipeline.export import graph_key
+    from padim.deploy.export import graph_key
 
     key = graph_key(model_path)
     return _cached(model_path, key, fmt, "f32", lambda work: export_file(model_path, fmt, work, weights, model), note)
@@ -68,11 +68,11 @@ def cached_export_record(model_path, fmt: str, weights: Optional[str], model, no
 
 def cached_int8_record(model_path, weights: Optional[str], model, note,
                        train_images: Optional[Sequence]) -> Tuple[Path, dict]:
-    """The cached int8 export of ``model_path`` (``padim.pipeline.quantize``; keyed by its graph and
+    """The cached int8 export of ``model_path`` (``padim.deploy.quantize``; keyed by its graph and
     the precision) and its record. With ``train_images`` (the model's training folder), one
     calibrated on other images is remade on these; without them, one must be cached already."""
-    from padim.pipeline.export import graph_key
-    from padim.pipeline.quantize import QUANTIZATION_KEY, export_int8, images_digest, int8_graph_key
+    from padim.deploy.export import graph_key
+    from padim.deploy.quantize import QUANTIZATION_KEY, export_int8, images_digest, int8_graph_key
 
     key = int8_graph_key(graph_key(model_path))
     digest = None if train_images is None else images_digest(train_images)

@@ -10,10 +10,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from padim.pipeline.export_folder import INPUT_NAME, OUTPUT_NAMES, EngineError, one_line
+from padim.deploy.export_folder import INPUT_NAME, OUTPUT_NAMES, EngineError, one_line
 
 ENGINES = ("torch", "onnxruntime", "openvino")
-PRECISIONS = ("f32", "bf16", "int8")  # int8: an int8 export (padim.pipeline.quantize), OpenVINO only
+PRECISIONS = ("f32", "bf16", "int8")  # int8: an int8 export (padim.deploy.quantize), OpenVINO only
 RUNTIME_INSTALL_HINT = {"onnxruntime": 'pip install onnxruntime (with padim and torch: pip install "padim[runtime]")',
                         "openvino": 'pip install openvino (with padim and torch: pip install "padim[openvino]")'}
 

@@ -5,22 +5,8 @@ model made of it (an unknown layer, d larger than the layers' channels, a NaN si
 
 from __future__ import annotations
 
-from padim.core.config import COVARIANCES, REDUCTIONS, PadimConfig
-
-def _backbone_names(name) -> tuple:
-    """The registered backbones' names (``padim.core.backbones.BACKBONES``), without importing torch
-    when ``name`` is one whose layout ``padim.core.options.STAGES`` tabulates: the torch-free runtime
-    checks export folders with ``validate_config_dict`` too."""
-    from padim.core.options import STAGES
-
-    if isinstance(name, str) and name in STAGES:
-        return tuple(STAGES)
-    try:
-        from padim.core.backbones import BACKBONES
-    except ImportError:  # no torch: the tabulated ones are all that can be checked
-        return tuple(STAGES)
-    return tuple(BACKBONES)
-
+from padim.settings.backbone_table import BACKBONE_NAMES
+from padim.settings.config import COVARIANCES, REDUCTIONS, PadimConfig
 
 _REQUIRED = ("backbone", "weights", "layers", "n_features", "image_size", "crop", "seed", "sigma", "mean", "std")
 
@@ -35,7 +21,7 @@ def validate_config_dict(data, where: str = "model file") -> PadimConfig:
     """
     import math
 
-    from padim.core.options import MAX_IMAGE_SIDE, SEED_MAX, SEED_MIN, check_blur, feature_layout
+    from padim.settings.options import MAX_IMAGE_SIDE, SEED_MAX, SEED_MIN, check_blur, feature_layout
     from padim.errors import ModelFileError, PadimError
 
     def refuse(reason: str):
@@ -63,7 +49,7 @@ def validate_config_dict(data, where: str = "model file") -> PadimConfig:
     if missing:
         refuse(f"lacks {', '.join(missing)}")
     fields = {**PadimConfig().to_dict(), **data}
-    backbones = _backbone_names(fields["backbone"])
+    backbones = BACKBONE_NAMES
     if not isinstance(fields["backbone"], str) or fields["backbone"] not in backbones:
         refuse(f"backbone {fields['backbone']!r} is not one of {', '.join(backbones)}")
     if not isinstance(fields["weights"], str) or not fields["weights"]:

@@ -5,10 +5,10 @@ Every engine has one interface (``ScoringModel``): ``config_`` (the model's ``Pa
 decisions' data (``operating_point``, ``p_values``, ``uses_random_weights``), and ``engine`` /
 ``precision`` naming it. The torch engine is ``PaDiM`` itself (``padim.core.scorer.PatchScorer``
 on CPU or CUDA); ``onnxruntime`` and ``openvino`` run that module's exported graph
-(``padim.pipeline.exported.ExportedModel``, torch-free). ``open_scoring_model`` is how every
+(``padim.deploy.exported.ExportedModel``, torch-free). ``open_scoring_model`` is how every
 surface gets one: the CLI, the service and Ray's actors.
 
-A new engine plugs in as another ``ExportedModel`` session (``padim.pipeline.sessions``) or another
+A new engine plugs in as another ``ExportedModel`` session (``padim.deploy.sessions``) or another
 class with this interface.
 """
 
@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-from padim.pipeline.exported import ENGINES, PRECISIONS, EngineError, ExportedModel
+from padim.deploy.exported import ENGINES, PRECISIONS, EngineError, ExportedModel
 
 
 class ScoringModel(Protocol):
@@ -58,16 +58,16 @@ def open_engine(engine: str, precision: str = "f32", model_path=None, export=Non
     held-out images), never the model file's f32 ones. ``train_images``: the training folder the model
     was fitted on; with it, the cached int8 export is made (or remade) calibrated on those images;
     without it, one must be cached already (``padim test --precision int8`` makes one)."""
-    from padim.pipeline.exported import read_export
-    from padim.pipeline.sessions import check_precision
+    from padim.deploy.exported import read_export
+    from padim.deploy.sessions import check_precision
 
     check_engine_options(engine, precision)
     if engine == "torch":
         raise EngineError("the torch engine is PaDiM itself, not an export")
     metadata = record = None
     if model_path is not None:
-        from padim.pipeline.cache import ENGINE_FORMATS, cached_export_record, cached_int8_record
-        from padim.pipeline.export import file_metadata, graph_key
+        from padim.deploy.cache import ENGINE_FORMATS, cached_export_record, cached_int8_record
+        from padim.deploy.export import file_metadata, graph_key
 
         if export is None and precision == "int8":
             export, record = cached_int8_record(model_path, weights, model, note, train_images)
@@ -78,7 +78,7 @@ def open_engine(engine: str, precision: str = "f32", model_path=None, export=Non
             check_precision(export, record, precision)
             made_from, key = record.get("graph_key"), graph_key(model_path)
             if precision == "int8":
-                from padim.pipeline.quantize import int8_graph_key
+                from padim.deploy.quantize import int8_graph_key
 
                 key = int8_graph_key(key)
             if made_from is not None and made_from != key:

@@ -1,7 +1,7 @@
 """Parameter checks that run before any work: a mistake in an option costs one line and no time.
 
 Arithmetic on the options only (no image read, no network built): the known backbones' channels and
-strides are a table (``STAGES``, checked against the real networks in the tests), so ``n_features``
+strides are a table (``padim.settings.backbone_table``, checked against the real networks in the tests), so ``n_features``
 5000 or statistics beyond the free memory are refused in milliseconds, not after minutes of work.
 """
 
@@ -13,26 +13,15 @@ import os
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from padim.core.config import COVARIANCES, REDUCTIONS, PadimConfig
-from padim.core.tile_geometry import embed_size, fitted_grid, tile_boxes
+from padim.settings.config import COVARIANCES, REDUCTIONS, PadimConfig
+from padim.settings.backbone_table import entry, is_weights_file
+from padim.settings.tile_geometry import embed_size, fitted_grid, tile_boxes
 from padim.errors import PadimError
 
 # Seeds torch's generators accept (torch.Generator().manual_seed, torch.manual_seed).
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
 MIN_IMAGE_SIDE = 32
 MAX_IMAGE_SIDE = 1 << 16
-
-# name -> [(stage, output channels, stride as a number of halvings)]; every halving is ceil(n / 2).
-_RESNET_BASIC = [("stem", 64, 2), ("layer1", 64, 2), ("layer2", 128, 3), ("layer3", 256, 4), ("layer4", 512, 5)]
-_RESNET_BOTTLENECK = [("stem", 64, 2), ("layer1", 256, 2), ("layer2", 512, 3), ("layer3", 1024, 4), ("layer4", 2048, 5)]
-STAGES: Dict[str, List[Tuple[str, int, int]]] = {
-    "resnet18": _RESNET_BASIC,
-    "resnet50": _RESNET_BOTTLENECK,
-    "wide_resnet50_2": _RESNET_BOTTLENECK,
-    "efficientnet_lite0": [("stem", 32, 1), ("blocks.0", 16, 1), ("blocks.1", 24, 2), ("blocks.2", 40, 3),
-                           ("blocks.3", 80, 4), ("blocks.4", 112, 4), ("blocks.5", 192, 5), ("blocks.6", 320, 5)],
-}
-
 
 class Layout(NamedTuple):
     """What the chosen layers produce for one input size."""
@@ -49,28 +38,7 @@ def _halve(n: int, times: int) -> int:
 
 
 def _stages(backbone: str) -> List[Tuple[str, int, int]]:
-    if backbone in STAGES:
-        return STAGES[backbone]
-    return _measured_stages(backbone)
-
-
-def _measured_stages(backbone: str) -> List[Tuple[str, int, int]]:
-    """For a backbone missing from the table: one forward pass on the meta device (shapes only, no
-    memory, no weights) at a power-of-two size, from which channels and strides are read."""
-    import torch
-
-    from padim.core.backbones import get_spec
-
-    spec = get_spec(backbone)
-    side = 1024
-    with torch.device("meta"):
-        x = torch.empty(1, 3, side, side)
-        rows = []
-        for name, stage in spec.stages(spec.build()):
-            x = stage(x)
-            rows.append((name, int(x.shape[1]), int(round(math.log2(side / x.shape[2])))))
-    STAGES[backbone] = rows
-    return rows
+    return entry(backbone).stages
 
 
 def feature_layout(backbone: str, layers: Sequence[str], input_size: Tuple[int, int]) -> Layout:
@@ -266,9 +234,7 @@ def check_fit_options(backbone: str, layers: Optional[Sequence[str]], n_features
                       tile=None, tile_overlap=None, tile_statistics: str = "position") -> None:
     """Every option of a fit, before anything is read or built. ``layers``/``n_features`` None take
     the backbone's defaults; ``device`` None is the default device (cuda when available)."""
-    from padim.core.backbones import get_spec
-
-    spec = get_spec(backbone)
+    spec = entry(backbone)
     check_choice(reduction, "`reduction`", REDUCTIONS)
     check_choice(covariance, "`covariance`", COVARIANCES)
     check_batch_size(batch_size)
@@ -323,10 +289,8 @@ def check_estimator(model) -> None:
 def config_from_parameters(model) -> "PadimConfig":
     """An estimator's parameters -> its ``PadimConfig``, after ``check_estimator`` (every parameter
     checked before any work)."""
-    from padim.core.backbones import get_spec, is_weights_file
-
     check_estimator(model)  # every parameter (d, seed, batch size, sizes, sigma, memory) before any work
-    spec = get_spec(model.backbone)
+    spec = entry(model.backbone)
     image_size, crop = pair(model.image_size, "image_size"), pair(model.crop, "crop")
     weights = str(model.weights)
     if is_weights_file(weights):

@@ -14,7 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from padim.core import calibration as cal
+from padim.files.digests import file_sha256
+from padim.settings import calibration as cal
 from padim.errors import PadimError
 
 METADATA_FILE = "padim.json"
@@ -34,7 +35,6 @@ _CHECKSUM_PLACEHOLDER = _CHECKSUM_PREFIX + "0" * 64
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 MAX_METADATA_BYTES = 100 << 20  # padim.json: a few kB (calibration quantiles); more is not ours
-_BLOCK = 16 << 20
 
 
 class EngineError(PadimError):
@@ -48,15 +48,6 @@ def declared_io(height: int, width: int) -> dict:
                       "layout": "RGB, resized and cropped by padim.images.load_pixels"},
             "outputs": {"maps": {"shape": ["batch", height, width], "dtype": "float32"},
                         "scores": {"shape": ["batch"], "dtype": "float32"}}}
-
-
-def file_sha256(path) -> str:
-    """SHA-256 (hex) of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checksummed_json(record: dict) -> bytes:
