@@ -57,7 +57,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from padim.core import calibration as cal  # noqa: E402
+from padim.settings import calibration as cal  # noqa: E402
 from padim.core.backbones import build_extractor  # noqa: E402
 from padim.settings.backbone_table import entry  # noqa: E402
 from padim.settings.config import COVARIANCES, REDUCTIONS, PadimConfig  # noqa: E402

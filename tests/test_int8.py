@@ -24,7 +24,7 @@ pytest.importorskip("nncf", reason="pip install nncf")
 
 from padim import PaDiM  # noqa: E402
 from padim.cli import main  # noqa: E402
-from padim.core import calibration as cal  # noqa: E402
+from padim.settings import calibration as cal  # noqa: E402
 from padim.data import find_category  # noqa: E402
 from padim.data.synthetic import make_synthetic_category  # noqa: E402
 from padim.deploy.cache import export_file  # noqa: E402
