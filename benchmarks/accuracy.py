@@ -64,10 +64,10 @@ from padim.settings.config import COVARIANCES, REDUCTIONS, PadimConfig  # noqa: 
 from padim.data.mvtec import find_category  # noqa: E402
 from padim.core.features import embed, make_reduction  # noqa: E402
 from padim.core.gaussian import GaussianAccumulator, store_factor, unpack_lower  # noqa: E402
-from padim.files.images import input_batches, load_mask  # noqa: E402
-from padim.files.memory import Workspace  # noqa: E402
+from padim.core.embedding import PatchEmbedder  # noqa: E402
+from padim.core.scorer import PatchScorer  # noqa: E402
+from padim.files.images import load_mask, pixel_batches  # noqa: E402
 from padim.jobs.metrics import image_metrics, pixel_metrics  # noqa: E402
-from padim.core.scoring import score_embeddings  # noqa: E402
 
 BATCH = 32  # the fit's and test's default batch size
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
@@ -134,13 +134,15 @@ class FeatureCache:
 
 
 def build_cache(data_root, dataset: str, config: PadimConfig, folder: Path, workers: int = 2) -> FeatureCache:
-    """Runs every train and test image of ``dataset`` through the backbone once (``input_batches``,
-    the fit's own decoding and normalisation) and stores the layer maps; reuses a complete cache."""
+    """Runs every train and test image of ``dataset`` through the backbone once (``pixel_batches`` and
+    ``PatchEmbedder``: the fit's and the scorer's own decoding and normalisation) and stores the layer
+    maps; reuses a complete cache."""
     if (folder / "index.json").is_file():
         return FeatureCache(folder)
     found = find_category(data_root, dataset, need_test=True)
     extractor, source, _ = build_extractor(config.backbone, config.weights, config.layers, config.seed)
     extractor = extractor.to("cpu", memory_format=torch.channels_last)
+    embedder = PatchEmbedder(extractor, torch.arange(1), None, config.input_size, config.mean, config.std)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -150,8 +152,9 @@ def build_cache(data_root, dataset: str, config: PadimConfig, folder: Path, work
             memmaps = [np.memmap(folder / f"{which}_{i}.f32", dtype=np.float32, mode="w+", shape=(len(items), *s))
                        for i, s in enumerate(shapes)]
             done = 0
-            for batch, sizes in input_batches(items, config, BATCH, torch.device("cpu"), workers, None, which):
-                for start in range(0, len(batch), 8):  # as Embedder: 8 images per CPU forward
+            for pixels, sizes in pixel_batches(items, config, BATCH, torch.device("cpu"), workers, None, which):
+                batch = embedder.normalise(pixels).contiguous(memory_format=torch.channels_last)
+                for start in range(0, len(batch), 8):  # as PatchEmbedder: 8 images per CPU forward
                     for memmap, fmap in zip(memmaps, extractor(batch[start : start + 8])):
                         memmap[done + start : done + start + len(fmap)] = fmap.contiguous().numpy()
                 if which == "test":
@@ -211,14 +214,16 @@ def run_cells(cache: FeatureCache, config: PadimConfig, covariances: Sequence[st
             mean = mean.float()
             finalize_s = time.perf_counter() - started
             started = time.perf_counter()
-            scores, maps, workspace = [], [], Workspace()
+            scores, maps = [], []
+            embedder = PatchEmbedder(torch.nn.Identity(), channel_idx, projection, config.input_size, config.mean,
+                                     config.std)  # the cached maps stand for the backbone's
+            scorer = PatchScorer(embedder, mean, factor, feature_hw, config.sigma)  # the torch engine's steps
             for start in range(0, cache.n_test, BATCH):
                 emb = embed(cache.maps("test", range(start, min(start + BATCH, cache.n_test))), channel_idx,
                             projection=projection)
-                batch_scores, batch_maps = score_embeddings(emb, mean, factor, feature_hw, config.input_size,
-                                                            config.sigma, workspace)
-                scores.append(batch_scores)
-                maps.append(batch_maps)
+                batch_maps, batch_scores = scorer.score_embeddings(emb)
+                scores.append(batch_scores.clone())
+                maps.append(batch_maps.clone())
             score_s = time.perf_counter() - started
             scores = torch.cat(scores).numpy()
             record = {"image_AUROC": image_metrics(cache.labels, scores)["image_AUROC"], "pixel_AUROC": None,

@@ -194,7 +194,13 @@ def phase_floor(args):
     """
     torch.set_num_threads(args.threads)
     from padim import PaDiM
-    from padim.files.images import load_image
+    from padim.files.images import load_pixels
+
+    def load_image(item, config):  # an independent normalisation: torchvision's, on padim's decoded pixels
+        from torchvision.transforms.v2 import functional as TF
+
+        pixels = torch.from_numpy(load_pixels(item, config)[0]).permute(2, 0, 1)
+        return TF.normalize(pixels.float() / 255.0, list(config.mean), list(config.std)), None
     from padim.core.features import CPU_FORWARD_CHUNK
     from padim.files.memory import tune_malloc_for_scoring
 
@@ -237,7 +243,13 @@ def phase_equivalence(args):
     given the same total regularisation here, so that only the two implementations differ."""
     torch.set_num_threads(args.threads)
     from padim import PaDiM
-    from padim.files.images import load_image
+    from padim.files.images import load_pixels
+
+    def load_image(item, config):  # an independent normalisation: torchvision's, on padim's decoded pixels
+        from torchvision.transforms.v2 import functional as TF
+
+        pixels = torch.from_numpy(load_pixels(item, config)[0]).permute(2, 0, 1)
+        return TF.normalize(pixels.float() / 255.0, list(config.mean), list(config.std)), None
 
     category = load_category(args)
     train = category.train[: args.equivalence_images]

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from padim import PaDiM  # noqa: E402
 from padim.files.memory import tune_malloc_for_scoring  # noqa: E402
 from padim.data import find_category  # noqa: E402
-from padim.files.images import load_pixels, prefetched, to_input  # noqa: E402
+from padim.files.images import load_pixels, prefetched  # noqa: E402
 from padim.jobs.evaluate import METRIC_KEYS, evaluate  # noqa: E402
 from padim.deploy.cache import export_file  # noqa: E402
 from padim.deploy.engines import as_torch  # noqa: E402
@@ -202,9 +202,9 @@ def run(args, category_name: str, backbone: str, threads: int) -> dict:
     paths = [s.path for s in category.test]
     n = len(paths)
     pixels = np.stack(decoded(paths, model.config_))
-    floor_inputs = to_input(pixels[:FLOOR_IMAGES], model.config_).contiguous().numpy()
+    floor_inputs = model.embedder_.normalise(torch.as_tensor(pixels[:FLOOR_IMAGES])).contiguous().numpy()
     chosen = subset(train, min(args.quantization_images, len(train)))
-    calibration_inputs = to_input(np.stack(decoded(chosen, model.config_)), model.config_).contiguous().numpy()
+    calibration_inputs = model.embedder_.normalise(torch.as_tensor(np.stack(decoded(chosen, model.config_)))).contiguous().numpy()
     floors = backbone_floors(model, work, list(engines), threads, calibration_inputs)
     del calibration_inputs
 

@@ -5,4 +5,5 @@
 """
 
 from padim.deploy.exported import (  # noqa: F401
-    ENGINES, PRECISIONS, EngineError, ExportedModel, RuntimeResult, read_export, to_original_resolution)
+    ENGINES, PRECISIONS, EngineError, ExportedModel, RuntimeResult, read_export)
+from padim.pipeline.resolution import map_at as to_original_resolution  # noqa: F401

@@ -223,7 +223,7 @@ def test_a_float32_score_equal_to_the_cut_order_statistic_is_not_flagged():
     threshold = calibration.image_threshold(0.2)  # k = ceil(21 * 0.8) = 17: s_(17) = 9.9 (float32)
     at_cut = np.float32(9.9)
     assert float(at_cut) == calibration.image_scores[16] < threshold
-    from padim.core.scoring import labels_at, masks_at
+    from padim.settings.calibration import labels_at, masks_at
 
     assert not labels_at(np.array([at_cut]), threshold)[0] and labels_at(np.array([np.float32(10.1)]), threshold)[0]
     assert not masks_at(np.full((2, 2), at_cut), threshold).any()

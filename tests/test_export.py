@@ -26,7 +26,7 @@ from padim.deploy.cache import export_file  # noqa: E402
 from padim.deploy.engines import open_engine  # noqa: E402
 from padim.errors import PadimError  # noqa: E402
 from padim.runtime import EngineError, ExportedModel  # noqa: E402
-from padim.core.scoring import labels_at, masks_at  # noqa: E402
+from padim.settings.calibration import labels_at, masks_at  # noqa: E402
 
 from conftest import FAST  # noqa: E402
 
@@ -148,7 +148,10 @@ def test_a_numpy_resize_to_the_original_resolution_equals_torchs():
     import torch
 
     from padim.runtime import to_original_resolution as numpy_resize
-    from padim.core.scoring import to_original_resolution as torch_resize
+
+    def torch_resize(anomaly_map, size):  # the reference: PyTorch's own bilinear resize
+        return torch.nn.functional.interpolate(anomaly_map[None, None], size=size, mode="bilinear",
+                                               align_corners=False)[0, 0].numpy()
 
     rng = np.random.default_rng(0)
     for shape, size in [((64, 64), (48, 96)), ((64, 48), (333, 17)), ((32, 32), (32, 32)), ((20, 30), (7, 200))]:

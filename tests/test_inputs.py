@@ -21,12 +21,18 @@ from padim.settings.config import PadimConfig
 from padim.data.mvtec import find_category, list_images
 from padim.files.decode import read_image, read_mask
 from padim.errors import DataError
-from padim.files.images import load_mask, load_pixels, open_image
+from padim.files.decode import read_image
+from padim.files.images import load_mask, load_pixels
 
 from conftest import FAST
 from imagefiles import png16_rgb, save, to8, upright
 
 RNG = np.random.default_rng(10)
+
+
+def open_image(item):
+    """The decoded, upright 8-bit picture (``read_image`` at the picture's own size)."""
+    return read_image(item)[0]
 
 
 # ------------------------------------------------------------------------------------ bit depths

@@ -188,7 +188,13 @@ def test_maps_equal_anomalib_padim_with_real_batchnorm_statistics(realistic_resn
     pytest.importorskip("anomalib", reason="anomalib is not installed (pip install anomalib==2.7.0)")
     from anomalib.models.image.padim.torch_model import PadimModel
 
-    from padim.files.images import load_image
+    from padim.files.images import load_pixels
+
+    def load_image(item, config):  # an independent normalisation: torchvision's, on padim's decoded pixels
+        from torchvision.transforms.v2 import functional as TF
+
+        pixels = torch.from_numpy(load_pixels(item, config)[0]).permute(2, 0, 1)
+        return TF.normalize(pixels.float() / 255.0, list(config.mean), list(config.std)), None
 
     path, state = realistic_resnet18
     train, test = _textures(40, seed=1), _textures(4, seed=2)

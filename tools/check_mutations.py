@@ -41,11 +41,9 @@ MUTATIONS = {
     "predict().labels inverted": ("padim/settings/calibration.py", [
         ("return None if threshold is None else at_least(scores, threshold)",
          "return None if threshold is None else ~at_least(scores, threshold)")]),
-    "original-resolution maps resized with nearest": ("padim/core/scoring.py", [
-        ('size=tuple(size), mode="bilinear", align_corners=False)', 'size=tuple(size), mode="nearest")')]),
-    "no ImageNet normalisation": ("padim/files/images.py", [
-        ("return x.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))", "return x.div_(255.0)")]),
-    "no ImageNet normalisation when scoring": ("padim/core/scorer.py", [
+    "original-resolution maps resized with nearest": ("padim/pipeline/resolution.py", [
+        ("return values[low] * (1 - frac)[:, None] + values[high] * frac[:, None]", "return values[low]")]),
+    "no ImageNet normalisation": ("padim/core/embedding.py", [
         ("x = (pixels.to(torch.float32) * self.scale + self.shift).permute(0, 3, 1, 2)",
          "x = (pixels.to(torch.float32) / 255.0).permute(0, 3, 1, 2)")]),
     "tile maps stitched without their weights": ("padim/core/tiling.py", [

@@ -143,10 +143,8 @@ def cmd_predict(args) -> int:
             record["drift_log10"] = _drift_step(drift, item.score, item.index, item.source.name)
             if model.uses_random_weights:
                 record["warning"] = "random backbone weights"
-            if args.output is not None:
-                import torch  # pictures and masks (padim.render.visualize) need torch, whatever the engine
-
-                save_prediction_pictures(item.source.item, torch.as_tensor(item.map), item.original_hw, model.config_,
+            if args.output is not None:  # pictures and masks need no torch (NumPy, Pillow, matplotlib)
+                save_prediction_pictures(item.source.item, item.map, item.original_hw, model.config_,
                                          point.pixel_threshold, args.output, common, ignore)
             print(json_line(record), flush=True)
     stderr(f"scored {counts['scored']}, {counts['errors']} errors")

@@ -128,7 +128,7 @@ class Scorer:
             from padim.render.visualize import save_prediction_pictures
 
             def pictures(file, anomaly_map, size):
-                save_prediction_pictures(Path(file), torch.as_tensor(anomaly_map), size, self.model.config_, point.pixel_threshold,
+                save_prediction_pictures(Path(file), anomaly_map, size, self.model.config_, point.pixel_threshold,
                                          Path(heatmaps), Path(common))
 
             self.pictures = pictures

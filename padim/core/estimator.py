@@ -19,16 +19,15 @@ from padim.settings import calibration as cal
 from padim.files import modelfile
 from padim.settings.config import COVARIANCE_EPSILON, PadimConfig
 from padim.errors import NotFittedError, PadimError
-from padim.core.features import Embedder
+from padim.core.embedding import PatchEmbedder
 from padim.core.gaussian import unpack_lower
 from padim.files.images import ImageInput
 from padim.settings.options import config_from_parameters
 from padim.core.params import Parameters
-from padim.core.scorer import PatchScorer
-from padim.core.tiling import layout_of
-from padim.core.scoring import PadimResult, to_original_resolution
+from padim.core.scorer import PatchScorer, score_pixels
+from padim.settings.calibration import PadimResult
 
-__all__ = ["PaDiM", "PadimResult", "to_original_resolution", "default_device"]
+__all__ = ["PaDiM", "PadimResult", "default_device"]
 
 
 def default_device() -> str:
@@ -132,7 +131,7 @@ class PaDiM(Parameters):
         if not hasattr(self, "mean_"):
             raise NotFittedError("this PaDiM model is not fitted yet: call fit() or PaDiM.load() first")
 
-    def _set_fitted(self, content: modelfile.ModelContent, embedder: Embedder) -> None:
+    def _set_fitted(self, content: modelfile.ModelContent, embedder: PatchEmbedder) -> None:
         """Swaps in a whole fitted state (nothing here can fail half-way)."""
         info = {**modelfile.INFO_DEFAULTS, **content.info}
         self.config_ = content.config
@@ -247,10 +246,8 @@ class PaDiM(Parameters):
         runs and what ``padim export`` traces. Built on first use (it holds the unpacked factor)."""
         self._check_fitted()
         if self._scorer is None:
-            config = self.config_
-            self._scorer = PatchScorer(self.embedder_.extractor, self.channel_idx_, self.projection_, self.mean_,
-                                       self.precision_factor_, self.feature_hw_, config.input_size, config.sigma,
-                                       config.mean, config.std, layout_of(config), self.ignore_mask_).eval()
+            self._scorer = PatchScorer(self.embedder_, self.mean_, self.precision_factor_, self.feature_hw_,
+                                       self.config_.sigma).eval()
         return self._scorer
 
     def iter_predict(self, images: Sequence[ImageInput], desc: str = "predict") -> Iterator[Tuple[torch.Tensor, torch.Tensor, List]]:
@@ -274,9 +271,7 @@ class PaDiM(Parameters):
         if len(pixels) == 0 or tuple(pixels[0].shape) != (*config.input_size, 3):
             raise PadimError(f"pixels must be (B, {config.input_size[0]}, {config.input_size[1]}, 3) uint8 with "
                              f"B >= 1, got {tuple(np.shape(pixels))}")
-        with torch.inference_mode():
-            maps, scores = self.scorer_(torch.as_tensor(np.asarray(pixels, dtype=np.uint8)).to(self.device_))
-            return scores.cpu().numpy(), maps.cpu().numpy()
+        return score_pixels(self.scorer_, pixels)
 
     def operating_point(self, target_fpr: Optional[float] = None, image_threshold: Optional[float] = None,
                         pixel_threshold: Optional[float] = None,
@@ -315,7 +310,7 @@ class PaDiM(Parameters):
         self._check_fitted()
         check_errors_policy(errors)
         point = self.operating_point(target_fpr, image_threshold, pixel_threshold, target_pixel_fpr)
-        return predict(self, images, point, original_resolution, to_original_resolution, errors, self._ahead())
+        return predict(self, images, point, original_resolution, errors, self._ahead())
 
     def p_values(self, scores) -> Optional[np.ndarray]:
         """(N,) conformal p-values of image scores against the calibration images; None without them."""

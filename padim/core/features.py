@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from padim.files.memory import Workspace
 
-CPU_FORWARD_CHUNK = 8  # images per backbone forward on the CPU (see ``Embedder``), at 256 x 256 or more
+CPU_FORWARD_CHUNK = 8  # images per backbone forward on the CPU (see ``core.embedding``), at 256 x 256 or more
 
 
 def cpu_chunk(height: int, width: int) -> int:
@@ -165,45 +164,3 @@ def count_channels(extractor: nn.Module, input_size: Tuple[int, int], device) ->
     with torch.inference_mode():
         dummy = torch.zeros(1, 3, *input_size, device=device)
         return sum(fmap.shape[1] for fmap in extractor(dummy))
-
-
-class Embedder:
-    """A frozen feature extractor and its reduction: normalised images -> PaDiM embeddings.
-
-    extractor:   (B, 3, H, W) -> list of (B, C_l, h_l, w_l), already on ``device`` (channels_last)
-    channel_idx: (k,) int64 on ``device``, sorted indices into the concatenated C_l channels
-    projection:  None (the channels are the embedding, d = k), or (k, d) float32 on ``device``
-    """
-
-    def __init__(self, extractor: nn.Module, channel_idx: torch.Tensor, device: torch.device,
-                 projection: Optional[torch.Tensor] = None):
-        self.extractor = extractor
-        self.channel_idx = channel_idx
-        self.projection = projection
-        self.device = torch.device(device)
-
-    @property
-    def n_features(self) -> int:
-        """d, the embedding's channels."""
-        return len(self.channel_idx) if self.projection is None else self.projection.shape[1]
-
-    def __call__(self, batch: torch.Tensor, workspace: Optional[Workspace] = None,
-                 chunk: Optional[int] = None) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, h, w, d) PaDiM embeddings (channels last).
-
-        On the CPU the backbone sees at most ``CPU_FORWARD_CHUNK`` images at a time: per image it is
-        as fast as a batch of 32, and its activations (the largest buffers of a fit) take a quarter
-        of the memory. The result still holds the whole batch, in ``workspace``'s buffer when given.
-        """
-        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        chunk = (chunk or CPU_FORWARD_CHUNK) if self.device.type == "cpu" else len(batch)
-        workspace = workspace if workspace is not None else Workspace()
-        out = None
-        for start in range(0, len(batch), chunk):
-            feature_maps = self.extractor(batch[start : start + chunk])
-            if out is None:
-                shape = (len(batch), *feature_maps[0].shape[-2:], self.n_features)
-                out = workspace.get("embeddings", shape, feature_maps[0].dtype, feature_maps[0].device)
-            embed(feature_maps, self.channel_idx, out=out[start : start + chunk], projection=self.projection)
-            del feature_maps
-        return out

@@ -18,21 +18,23 @@ import torch
 from padim.settings import calibration as cal
 from padim.core.backbones import build_extractor
 from padim.settings.config import PadimConfig
-from padim.core.features import CPU_FORWARD_CHUNK, Embedder, count_channels, make_reduction
+from padim.core.embedding import PatchEmbedder
+from padim.core.features import CPU_FORWARD_CHUNK, count_channels, make_reduction
 from padim.core.gaussian import GaussianAccumulator, store_factor
-from padim.files.memory import release_free_memory
-from padim.core.scoring import score_batches, score_embeddings
+from padim.core.scorer import PatchScorer, score_pixels
 from padim.core.statistics import FitStatistics, now
 from padim.core.tiling import embed_size, layout_of
 from padim.errors import DataError, PadimError
 from padim.files import modelfile
-from padim.files.images import ImageInput, input_batches, load_ignore_mask
+from padim.files.images import ImageInput, load_ignore_mask, pixel_batches
+from padim.files.memory import release_free_memory
+from padim.pipeline.predict import iter_scored
 
 
 class LocalFit:
     """Runs a fit's two heavy steps in this process, on the estimator's device."""
 
-    def __init__(self, embedder: Embedder):
+    def __init__(self, embedder: PatchEmbedder):
         self.embedder = embedder
 
     def statistics_and_factors(self, model, config: PadimConfig, images: Sequence, source: str,
@@ -63,7 +65,7 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
     n_calibration, note = calibration_plan(model, len(images))
     embedder, source, sha256 = build_embedder(model, config)
     runner = runner if runner is not None else LocalFit(embedder)
-    ignore = None if model.ignore_mask is None else load_ignore_mask(model.ignore_mask, config.input_size)
+    ignore = ignored(model, config)
     held_out, fit_images = [], images
     if n_calibration and model.calibration == "holdout":
         fit_indices, calibration_indices = cal.split_indices(len(images), n_calibration, config.seed)
@@ -73,8 +75,6 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
     with torch.inference_mode():
         mean, packed, stats, feature_hw, calibration = runner.statistics_and_factors(
             model, config, fit_images, source, sha256, keep_statistics, cross)
-        if calibration is not None and ignore is not None:
-            raise PadimError("calibration 'cv' with an ignore mask is not built yet: use 'holdout' (the default)")
         kept = fit_statistics(config, embedder, feature_hw, stats, source, sha256, len(fit_images),
                               len(held_out), "fit") if keep_statistics else None
         del stats
@@ -82,11 +82,7 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
         packed = store_factor(packed, config.factor_dtype)
         if held_out:
             scores, maps = runner.held_out_scores(model, held_out, mean.float(), packed, feature_hw)
-            if ignore is not None:  # as the scorer does: ignored pixels count for nothing, not even quantiles
-                maps = maps * ~ignore
-                scores = maps.reshape(len(maps), -1).max(axis=1)
-                maps = maps[:, ~ignore]  # (n, kept pixels): the pixel threshold's quantiles
-            calibration = cal.Calibration.from_scores(scores, maps, "holdout")
+            calibration = cal.Calibration.from_scores(scores, maps, "holdout", ignore)
     info = {"weights_source": source, "weights_sha256": sha256, "n_train_images": len(fit_images),
             "calibration_fraction": float(model.calibration_fraction), "folds": model.folds,
             "target_pixel_fpr": float(model.target_pixel_fpr),
@@ -130,17 +126,16 @@ def calibration_plan(model, n_images: int) -> Tuple[int, Optional[str]]:
     return n_calibration, None
 
 
-def accumulate(model, embedder: Embedder, config: PadimConfig, images, desc: str,
+def accumulate(model, embedder: PatchEmbedder, config: PadimConfig, images, desc: str,
                stats: Optional[GaussianAccumulator] = None, keep: Optional[list] = None):
     """Streams ``images`` through the embedder into ``stats`` (a new accumulator by default);
     with ``keep``, also appends each batch's (B, h, w, d) embeddings to it. -> (stats, (h, w))."""
     stats = stats if stats is not None else GaussianAccumulator()
     feature_hw, tiles = None, layout_of(config)
     desc = desc if tiles is None else f"{desc} ({len(tiles)} tiles per image)"
-    batches = masked(input_batches(images, config, model.batch_size, embedder.device, model.workers, model.progress,
-                                   desc), input_keep(model, config))
-    for batch, _ in batches:
-        emb = embedder(batch) if tiles is None else tiles.embed(embedder, batch)  # (B, h, w, d); tiled: see tiling
+    for pixels, _ in pixel_batches(images, config, model.batch_size, embedder.device, model.workers, model.progress,
+                                   desc):
+        emb = embedder(pixels.to(embedder.device))  # (B, h, w, d); tiled: see PatchEmbedder
         feature_hw = tuple(emb.shape[1:3])
         stats.update(emb.flatten(1, 2))  # (B, P, d)
         if keep is not None:
@@ -150,15 +145,19 @@ def accumulate(model, embedder: Embedder, config: PadimConfig, images, desc: str
     return stats, feature_hw
 
 
-def build_embedder(model, config: Optional[PadimConfig] = None) -> Tuple[Embedder, str, Optional[str]]:
-    """The frozen backbone and channel reduction (subset or projection) of ``config`` (default:
-    the estimator's parameters') on its device -> (embedder, weights source, weights file
-    SHA-256 or None)."""
+def build_embedder(model, config: Optional[PadimConfig] = None) -> Tuple[PatchEmbedder, str, Optional[str]]:
+    """The ``PatchEmbedder`` of a new fit: the frozen backbone and channel reduction (subset or
+    projection) of ``config`` (default: the estimator's parameters'), with its tiles and the
+    estimator's ignore mask, on its device -> (embedder, weights source, weights file SHA-256 or None)."""
     config = config if config is not None else model._make_config()
     device = model._resolve_device()
     extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
     extractor = extractor.to(device, memory_format=torch.channels_last)
-    return make_embedder(extractor, config, device), source, sha256
+    n_channels = count_channels(extractor, embed_size(config), device)
+    channel_idx, projection = make_reduction(n_channels, config.n_features, config.seed, config.reduction)
+    ignore = ignored(model, config)
+    return (make_embedder(extractor, config, channel_idx, projection, None if ignore is None else torch.from_numpy(ignore),
+                          device), source, sha256)
 
 
 def statistics(model, images: Sequence[ImageInput], shift: Optional[torch.Tensor] = None,
@@ -179,30 +178,42 @@ def statistics(model, images: Sequence[ImageInput], shift: Optional[torch.Tensor
 
 
 def held_out_scores(model, images: Sequence[ImageInput], mean: torch.Tensor, packed: torch.Tensor,
-                    feature_hw: Tuple[int, int], embedder: Optional[Embedder] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Scores held-out good images with given Gaussians (what calibration is made of)
-    -> image scores (n,) and anomaly maps (n, H, W), float32.
+                    feature_hw: Tuple[int, int], embedder: Optional[PatchEmbedder] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Scores held-out good images with given Gaussians (what calibration is made of) -> image scores
+    (n,) and anomaly maps (n, H, W), float32: decoded and scored as ``predict`` does (``iter_scored``,
+    ``PatchScorer``), so a threshold is computed by the code that computes the scores it judges.
 
-    mean: (P, d) float32; packed: (P, d (d + 1) / 2) factor; embedder: default ``build_embedder()``.
-    Small batches and the factor unpacked block by block keep this below the fit's own peak memory."""
+    mean: (P, d) float32; packed: (P, d (d + 1) / 2) factor, unpacked block by block (the fit's peak
+    memory is not raised); embedder: default ``build_embedder()``. Small batches on the CPU."""
     config = model._make_config()
     embedder = embedder if embedder is not None else build_embedder(model, config)[0]
     device = embedder.device
-    batch_size = min(model.batch_size, CPU_FORWARD_CHUNK) if device.type == "cpu" else model.batch_size
-    batches = masked(input_batches(images, config, batch_size, device, model.workers, model.progress, "calibrate"),
-                     input_keep(model, config))
+    engine = _HeldOut(config, PatchScorer(embedder, mean.to(device), packed.to(device), feature_hw, config.sigma),
+                      min(model.batch_size, CPU_FORWARD_CHUNK) if device.type == "cpu" else model.batch_size,
+                      model.workers, model.progress)
     scores, maps = [], []
-    for batch_scores, batch_maps, _ in score_batches(embedder, mean.to(device), packed.to(device), feature_hw,
-                                                     config.input_size, config.sigma, batches, layout_of(config)):
+    for batch_scores, batch_maps, _, _ in iter_scored(engine, images, "calibrate", ahead=int(device.type != "cpu")):
         scores.append(batch_scores)
         maps.append(batch_maps)
-    return torch.cat(scores).numpy(), torch.cat(maps).numpy()
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+class _HeldOut:
+    """A fit's Gaussians as an engine (``config_``, ``score_pixels``, batch settings) for ``iter_scored``."""
+
+    def __init__(self, config: PadimConfig, scorer: PatchScorer, batch_size: int, workers: int, progress):
+        self.config_, self.scorer, self.batch_size, self.workers, self.progress = (config, scorer, batch_size,
+                                                                                   workers, progress)
+
+    def score_pixels(self, pixels):
+        return score_pixels(self.scorer, pixels)
 
 
 def cross_fit(model, embedder, config, images, total: GaussianAccumulator, feature_hw) -> cal.Calibration:
     """Scores each of ``folds`` seeded folds with the statistics of the other folds (``total``
     less the fold's own sums) -> the Calibration of all images. One more backbone pass over the
-    training images; a fold's embeddings are held while it is scored (N / folds x P x d floats)."""
+    training images; a fold's embeddings are held while it is scored (N / folds x P x d floats), and
+    scored by ``PatchScorer``'s own steps after the embedding (``score_embeddings``)."""
     order = np.random.default_rng(config.seed).permutation(len(images))
     scores, maps = [], []
     for fold in np.array_split(order, model.folds):
@@ -211,14 +222,14 @@ def cross_fit(model, embedder, config, images, total: GaussianAccumulator, featu
                              GaussianAccumulator(total.chunk, total.shift), kept)
         mean, packed = total.without(part).finalize(config.epsilon, release=release_free_memory,
                                                     covariance=config.covariance)
+        scorer = PatchScorer(embedder, mean.float(), packed, feature_hw, config.sigma)
         for emb in kept:
-            batch_scores, batch_maps = score_embeddings(emb, mean.float(), packed, feature_hw, config.input_size,
-                                                        config.sigma, tiles=layout_of(config))
-            scores.append(batch_scores)
-            maps.append(batch_maps)
-        del kept, part, packed
+            batch_maps, batch_scores = scorer.score_embeddings(emb)
+            scores.append(batch_scores.cpu())
+            maps.append(batch_maps.cpu())
+        del kept, part, packed, scorer
         release_free_memory()
-    return cal.Calibration.from_scores(torch.cat(scores).numpy(), torch.cat(maps).numpy(), "cv")
+    return cal.Calibration.from_scores(torch.cat(scores).numpy(), torch.cat(maps).numpy(), "cv", ignored(model, config))
 
 
 def fit_statistics(config, embedder, feature_hw, stats, source, sha256, n_images: int, n_held_out: int, how: str):
@@ -233,23 +244,16 @@ def fit_statistics(config, embedder, feature_hw, stats, source, sha256, n_images
                          projection)
 
 
-def make_embedder(extractor, config: PadimConfig, device) -> Embedder:
-    """The embedder of a new fit: ``extractor`` (on ``device``) and the configuration's reduction of
-    its channels, drawn from the seed (``padim.core.features.make_reduction``)."""
-    n_channels = count_channels(extractor, embed_size(config), device)
-    channel_idx, projection = make_reduction(n_channels, config.n_features, config.seed, config.reduction)
-    return Embedder(extractor, channel_idx.to(device), device, None if projection is None else projection.to(device))
+def make_embedder(extractor, config: PadimConfig, channel_idx: torch.Tensor, projection: Optional[torch.Tensor],
+                  ignore: Optional[torch.Tensor], device) -> PatchEmbedder:
+    """The ``PatchEmbedder`` of a configuration: every fit, load and statistics file makes its
+    embedder here (the extractor, its reduction, tiles and ignore mask, on ``device``)."""
+    return PatchEmbedder(extractor.to(device, memory_format=torch.channels_last), channel_idx.to(device),
+                         None if projection is None else projection.to(device), config.input_size, config.mean,
+                         config.std, layout_of(config), ignore).eval()
 
 
-def input_keep(model, config) -> Optional[torch.Tensor]:
-    """(H, W) float32, 1 where pixels count and 0 in the estimator's ignore mask; None without one."""
-    if getattr(model, "ignore_mask", None) is None:
-        return None
-    return torch.from_numpy(~load_ignore_mask(model.ignore_mask, config.input_size)).float()
-
-
-def masked(batches, keep: Optional[torch.Tensor]):
-    """Normalised (B, 3, H, W) batches with the ignored pixels set to 0, as ``PatchScorer.normalise``
-    does: the backbone never sees what is inside the region, at fit as at test."""
-    for batch, sizes in batches:
-        yield (batch if keep is None else batch * keep.to(batch.device)), sizes
+def ignored(model, config) -> Optional[np.ndarray]:
+    """(H, W) bool, the estimator's ignore mask at the model's input size; None without one."""
+    mask = getattr(model, "ignore_mask", None)
+    return None if mask is None else load_ignore_mask(mask, config.input_size)

@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from padim.core.backbones import build_extractor
-from padim.core.features import Embedder
-from padim.core.fitting import accumulate, build_embedder, fit_statistics
+from padim.core.embedding import PatchEmbedder
+from padim.core.fitting import accumulate, build_embedder, fit_statistics, make_embedder
 from padim.core.gaussian import GaussianAccumulator, store_factor
 from padim.files.memory import release_free_memory
 from padim.core.statistics import FitStatistics, StatisticsMismatchError, statistics_like
@@ -97,14 +97,12 @@ def from_statistics(cls, statistics, device: Optional[str] = None, batch_size: i
             not statistics.weights_sha256 and source != statistics.weights_source:
         raise ModelFileError(f"the statistics were computed with backbone weights '{statistics.weights_source}' "
                              f"but they now resolve to '{source}'")
-    projection = None if statistics.projection is None else statistics.projection.to(device)
-    embedder = Embedder(extractor.to(device, memory_format=torch.channels_last),
-                        statistics.channel_idx.to(device), device, projection)
+    embedder = make_embedder(extractor, config, statistics.channel_idx, statistics.projection, None, device)
     fit_from_statistics(model, statistics, embedder, time.perf_counter(), 0)
     return model
 
 
-def fit_from_statistics(model, statistics, embedder: Embedder, started: float, n_added: int) -> None:
+def fit_from_statistics(model, statistics, embedder: PatchEmbedder, started: float, n_added: int) -> None:
     """Finalises ``statistics`` (as ``fit`` does: Cholesky per block of positions, then the
     factor in its storage dtype) and swaps the result in whole, keeping the statistics.
     ``n_added``: images added to an already fitted model, whose thresholds become stale."""

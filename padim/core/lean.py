@@ -82,30 +82,28 @@ def _reduction_conv(local: Optional[torch.Tensor], rows: Optional[torch.Tensor],
 
 
 class LeanGraph(nn.Module):
-    """pixels (B, H, W, 3) uint8 -> (maps (B, H, W), scores (B,)), what ``PatchScorer`` computes,
-    as plain operations for torch.export (see the module's docstring).
+    """pixels (B, H, W, 3) uint8 -> (maps (B, H, W) before the ignore mask, embeddings minus the mean
+    (P, B, d)), what ``PatchScorer`` computes, as plain operations for torch.export (see the module's
+    docstring). ``PatchScorer.finish`` then applies the ignore mask and takes the maxima, as eagerly.
 
     extractor: the backbone prefix, its first convolution already scaled (``fold_input_scale``) when
-    ``offset`` is given, else the eager normalisation (``scale``, ``shift``) runs first.
-    plan: ``features.layer_plan``; layer_grids: every layer's (h_l, w_l); channels: every C_l;
-    mean: (P, d); factor: (P, d, d); rows (H, h), cols_t (w, W): ``maps.upsample_blur_matrix``;
-    keep: the model's (H, W) ignore mask as 1 / 0 (``PatchScorer.keep``), or None.
+    ``folded``; embedder: the ``PatchEmbedder`` whose normalisation (``centred`` when folded, else
+    ``normalise``: the ignore mask included) runs first and whose ``plan`` reads the layers;
+    layer_grids: every layer's (h_l, w_l); channels: every C_l; mean: (P, d); factor: (P, d, d);
+    rows (H, h), cols_t (w, W): ``maps.upsample_blur_matrix``.
     """
 
-    def __init__(self, extractor: nn.Module, plan, layer_grids: Sequence[Tuple[int, int]],
-                 channels: Sequence[int], grid: Tuple[int, int], mean: torch.Tensor, factor: torch.Tensor,
-                 rows: torch.Tensor, cols_t: torch.Tensor, offset: Optional[torch.Tensor],
-                 scale: torch.Tensor, shift: torch.Tensor, keep: Optional[torch.Tensor] = None):
+    def __init__(self, extractor: nn.Module, embedder: nn.Module, folded: bool,
+                 layer_grids: Sequence[Tuple[int, int]], channels: Sequence[int], grid: Tuple[int, int],
+                 mean: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor, cols_t: torch.Tensor):
         super().__init__()
-        self.extractor, self.grid = extractor, tuple(grid)
+        plan = embedder.plan
+        self.extractor, self.grid, self.folded = extractor, tuple(grid), folded
+        self.normalising = [embedder]  # a plain list: the embedder's modules are not this graph's submodules
         self.projected = plan[0][2] is not None
-        self.register_buffer("offset", offset)  # (1, 1, 1, 3): 255 * the ImageNet mean, or None
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
         self.register_buffer("factor", factor)
         self.register_buffer("rows", rows)
         self.register_buffer("cols_t", cols_t)
-        self.register_buffer("keep", keep)  # (H, W) 1 where pixels count, 0 where they never do; or None
         self.layers: List[Tuple[int, Tuple[int, int]]] = []  # (layer, (s_h, s_w)) per plan entry
         self.reduce = nn.ModuleList()
         d = mean.shape[1]
@@ -143,20 +141,11 @@ class LeanGraph(nn.Module):
             return delta.reshape(self.grid[0] * self.grid[1], delta.shape[2], delta.shape[3])
         return torch.cat(parts, dim=2)
 
-    def scored(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> maps (B, H, W), scores (B,) and the embeddings minus the mean, (P, B, d)."""
-        x = pixels.to(torch.float32)
-        x = (x - self.offset if self.offset is not None else x * self.scale + self.shift).permute(0, 3, 1, 2)
-        if self.keep is not None:
-            x = x * self.keep  # ignored pixels: normalised 0, as the eager path's (the folded scale keeps 0 at 0)
+    def scored(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> maps (B, H, W), before the ignore mask, and the embeddings minus the mean, (P, B, d)."""
+        embedder = self.normalising[0]
+        x = embedder.centred(pixels) if self.folded else embedder.normalise(pixels)  # (B, 3, H, W)
         delta = self.deltas(self.extractor(x))  # (P, B, d)
         whitened = torch.matmul(delta, self.factor.transpose(1, 2))  # (P, B, d): W (x - mean) per patch
         distances = torch.linalg.vector_norm(whitened, dim=2).T  # (B, P)
-        maps = self.rows @ distances.unflatten(1, self.grid) @ self.cols_t  # (B, H, W)
-        if self.keep is not None:
-            maps = maps * self.keep  # ignored pixels are 0
-        return maps, maps.amax(dim=(1, 2)), delta
-
-    def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        maps, scores, _ = self.scored(pixels)
-        return maps, scores
+        return self.rows @ distances.unflatten(1, self.grid) @ self.cols_t, delta  # (B, H, W)

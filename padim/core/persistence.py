@@ -15,7 +15,7 @@ from padim.settings import calibration as cal
 from padim.core.backbones import build_extractor
 from padim.files.digests import file_sha256
 from padim.settings.backbone_table import is_weights_file
-from padim.core.features import Embedder
+from padim.core.fitting import make_embedder
 from padim.settings.options import check_batch_size
 from padim.errors import ModelFileError, PadimError, WeightsUnavailableError
 from padim.files import modelfile
@@ -61,9 +61,7 @@ def load_model(cls, path, device: Optional[str] = None, batch_size: int = 32, wo
             f"model file {path} was fitted with backbone weights '{content.info.get('weights_source')}' "
             f"but they now resolve to '{source}'"
         )
-    projection = None if content.projection is None else content.projection.to(device)
-    embedder = Embedder(extractor.to(device, memory_format=torch.channels_last), content.channel_idx.to(device), device,
-                        projection)
+    embedder = make_embedder(extractor, config, content.channel_idx, content.projection, content.ignore_mask, device)
     content.config = config
     model._set_fitted(content, embedder)
     return model

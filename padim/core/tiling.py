@@ -57,23 +57,6 @@ class TileLayout:
         """A tile's (h, w) from the fitted grid (``fitted_grid``'s inverse)."""
         return tuple(feature_hw) if self.shared else (feature_hw[0] // len(self.boxes), feature_hw[1])
 
-    def embed(self, embedder, batch: torch.Tensor, workspace=None) -> torch.Tensor:
-        """(B, 3, H, W) normalised pictures -> their tiles' embeddings as the statistics see them."""
-        from padim.core.features import cpu_chunk
-
-        return self.embeddings_per_image(embedder(cut(batch, self.boxes, self.tile), workspace,
-                                                  cpu_chunk(self.tile, self.tile)))
-
-    def maps(self, distances: torch.Tensor, feature_hw: Tuple[int, int], sigma: float) -> torch.Tensor:
-        """Patch distances ((B T, P) shared, (B, T P) per position) -> stitched maps (B, H, W): each
-        tile's upsampled and blurred at tile size, then ``stitch``."""
-        from padim.core.maps import anomaly_maps
-
-        tile_maps = anomaly_maps(self.tile_distances(distances, self.tile_grid(feature_hw)), (self.tile, self.tile),
-                                 sigma)  # (B T, S, S)
-        return stitch(tile_maps, self.boxes, self.size, self.window.to(tile_maps.device),
-                      self.inverse_total.to(tile_maps.device))
-
 
 def layout_of(config) -> Optional[TileLayout]:
     return None if config.tile is None else TileLayout(config)

@@ -6,7 +6,7 @@ what it must not: it is a pure function of the model's *tensors* (backbone weigh
 means, precision factors, the blur) from pixels to maps. Decisions are not in it: thresholds,
 calibration data and the configuration travel beside it in ``padim.json`` (the model file's header,
 verbatim), so changing a threshold never changes the graph's bytes, and the runtime decides outside
-the graph exactly as ``padim.core.scoring.labels_at`` / ``masks_at`` do.
+the graph exactly as ``padim.settings.calibration.labels_at`` / ``masks_at`` do.
 
 The graph is the model's ``scorer_`` (``padim.core.scorer.PatchScorer``) traced by torch.export:
 the very module the torch engine runs, so there is no second scoring path to keep equal. Shapes

@@ -8,7 +8,7 @@ This module imports only NumPy, Pillow, padim's torch-free modules (``config``, 
 Everything but the graph happens here exactly as in the PyTorch path: images are decoded by
 ``padim.files.images.load_pixels`` (the same pixels for every engine), fed in batches, and the decisions
 (labels, masks) are taken outside the graph with the thresholds of the export's ``padim.json`` (or
-of the current model file, see ``padim.deploy.engines``), as ``padim.core.scoring.labels_at`` / ``masks_at`` do.
+of the current model file, see ``padim.deploy.engines``), as ``padim.settings.calibration.labels_at`` / ``masks_at`` do.
 
 Shapes: B images per batch, (H, W) the model's input size.
 """
@@ -28,31 +28,6 @@ from padim.deploy.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA
 from padim.deploy.sessions import ENGINES, PRECISIONS, check_signature, open_session  # noqa: F401
 
 RuntimeResult = cal.PadimResult  # what ExportedModel.predict returns: the same fields as PaDiM.predict's
-
-
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float32 R with R @ v = linear resampling of v as PyTorch's
-    ``F.interpolate(mode="bilinear", align_corners=False)`` does it per axis (half-pixel centres,
-    negative source coordinates clamped to 0, no antialiasing). Source coordinates are computed in
-    float32 as PyTorch's CPU kernel does, so that the weights round the same way."""
-    scale = np.float32(n_in) / np.float32(n_out)
-    source = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
-    low = np.minimum(source.astype(np.int64), n_in - 1)
-    high = np.minimum(low + 1, n_in - 1)
-    frac = (source - low.astype(np.float32)).astype(np.float64)
-    matrix = np.zeros((n_out, n_in), dtype=np.float64)
-    np.add.at(matrix, (np.arange(n_out), low), 1.0 - frac)
-    np.add.at(matrix, (np.arange(n_out), high), frac)
-    return matrix.astype(np.float32)
-
-
-def to_original_resolution(anomaly_map, size: Tuple[int, int]) -> np.ndarray:
-    """(H, W) map -> (h0, w0) map at the image's original size, as ``padim.core.scoring``'s (bilinear,
-    half-pixel centres), in NumPy: two matrix products."""
-    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
-    rows = bilinear_matrix(anomaly_map.shape[0], int(size[0]))
-    cols = bilinear_matrix(anomaly_map.shape[1], int(size[1]))
-    return rows @ anomaly_map @ cols.T
 
 
 class ExportedModel:
@@ -139,4 +114,4 @@ class ExportedModel:
 
         check_errors_policy(errors)
         point = self.operating_point(target_fpr, image_threshold, pixel_threshold, target_pixel_fpr)
-        return predict(self, images, point, original_resolution, to_original_resolution, errors)
+        return predict(self, images, point, original_resolution, errors)

@@ -1,4 +1,5 @@
-"""Image and mask I/O: decode with Pillow, resize/crop/normalise to the backbone's input.
+"""Image and mask I/O: decode with Pillow, resize/crop to the model's input (normalising is the
+embedding step's, ``padim.core.embedding``).
 
 Decoding runs in a small thread pool (Pillow releases the GIL while it decodes and resizes): a batch's
 images in parallel, and on a GPU one batch ahead, so that reading files overlaps with the network.
@@ -32,12 +33,6 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 T = TypeVar("T")
 
 
-def open_image(item: ImageInput) -> Image.Image:
-    """A fully decoded, upright (EXIF), 8-bit "L" or "RGB" picture from a path, PIL image or array
-    ((H, W[, 3|4]) uint8, uint16, bool, or float in [0, 1]); see ``padim.files.decode`` for the rules."""
-    return read_image(item)[0]
-
-
 def resize_crop(img: Image.Image, config: PadimConfig, resample: int) -> Image.Image:
     height, width = config.image_size
     img = img.resize((width, height), resample)
@@ -55,8 +50,8 @@ def load_pixels(item: ImageInput, config: PadimConfig) -> Tuple[np.ndarray, Tupl
     Read by ``padim.files.decode.read_image``: upright, 8 bits by a fixed rule, and a picture more than 4
     times the input size decoded or box-reduced early (bounded memory for 12000 x 12000 pictures).
     The resize is bilinear (antialiased by Pillow); greyscale pictures are resized before they are
-    made RGB (the same pixels, a third of the work). Kept as uint8 until a whole batch is normalised
-    by ``to_input``: a quarter of the memory while batches wait in the prefetch queue.
+    made RGB (the same pixels, a third of the work). Kept as uint8 until the embedding step
+    normalises a whole batch (``padim.core.embedding``): a quarter of the memory while batches wait.
     """
     img, original = read_image(item, config.image_size)  # resized (bilinear), crop below
     if config.crop is not None:
@@ -64,24 +59,6 @@ def load_pixels(item: ImageInput, config: PadimConfig) -> Tuple[np.ndarray, Tupl
     if img.mode == "L":
         img = img.convert("RGB")
     return np.array(img), original  # a writable copy: torch warns about read-only arrays
-
-
-def to_input(pixels: Union[np.ndarray, torch.Tensor], config: PadimConfig) -> torch.Tensor:
-    """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 normalised with the ImageNet mean/std, in the
-    channels_last memory layout the backbone runs in (a view of the HWC pixels, no transposing copy)."""
-    import torch  # here, not at the top: decoding (load_pixels) must work without torch (padim.runtime)
-
-    pixels = torch.as_tensor(pixels)
-    scale = 1.0 / (255.0 * torch.tensor(config.std, dtype=torch.float32))
-    shift = -torch.tensor(config.mean, dtype=torch.float32) / torch.tensor(config.std, dtype=torch.float32)
-    x = pixels.permute(0, 3, 1, 2).to(torch.float32, copy=True)  # keeps the channels_last strides
-    return x.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))
-
-
-def load_image(item: ImageInput, config: PadimConfig) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """-> one normalised (3, H, W) float32 input and the original (height, width)."""
-    pixels, original = load_pixels(item, config)
-    return to_input(pixels[None], config)[0], original
 
 
 def load_mask(path: Union[str, os.PathLike], config: PadimConfig, image_hw: Tuple[int, int]) -> torch.Tensor:
@@ -127,21 +104,22 @@ def prefetched(items: Sequence[T], batch_size: int, load: Callable[[T], object],
                     future.cancel()
 
 
-def input_batches(images: Sequence[ImageInput], config: PadimConfig, batch_size: int, device: torch.device,
+def pixel_batches(images: Sequence[ImageInput], config: PadimConfig, batch_size: int, device: torch.device,
                   workers: int = 2, progress: Optional[bool] = False,
                   desc: str = "") -> Iterator[Tuple[torch.Tensor, List[Tuple[int, int]]]]:
-    """Yields (B, 3, H, W) normalised channels_last inputs (on the CPU) and their images' original
-    (height, width); files are decoded to uint8 in ``workers`` threads, a batch ahead when ``device``
-    is a GPU (see ``prefetched``). progress: False never, None on a terminal only, True always."""
-    import torch
+    """Yields (B, H, W, 3) uint8 CPU tensors at the model's input (``load_pixels``) and their images'
+    original (height, width), for a fit: a file that cannot be read raises (``DataError`` naming it).
+    Files are decoded in ``workers`` threads, a batch ahead when ``device`` is a GPU (``prefetched``).
+    progress: False never, None on a terminal only, True always. The embedding step normalises them
+    (``padim.core.embedding``), as when scoring."""
+    import torch  # here, not at the top: decoding (load_pixels) must work without torch (padim.runtime)
 
     ahead = 0 if torch.device(device).type == "cpu" else 1
     batches = prefetched(list(images), batch_size, lambda item: load_pixels(item, config), workers, ahead)
     total = -(-len(images) // batch_size)
     disable = {False: True, None: None, True: False}[progress]
     for loaded in tqdm(batches, total=total, desc=desc, unit="batch", disable=disable):
-        pixels = torch.from_numpy(np.stack([x for x, _ in loaded]))  # (B, H, W, 3) uint8
-        yield to_input(pixels, config), [hw for _, hw in loaded]
+        yield torch.from_numpy(np.stack([x for x, _ in loaded])), [hw for _, hw in loaded]
 
 
 def load_ignore_mask(item, size: Tuple[int, int]) -> np.ndarray:

@@ -13,6 +13,8 @@ import numpy as np
 from padim.settings import calibration as cal
 from padim.errors import DataError, PadimError
 from padim.pipeline.batches import score_sources
+from padim.pipeline.records import ignored_pixels
+from padim.pipeline.resolution import map_at
 from padim.pipeline.sources import as_sources
 
 ERROR_POLICIES = ("raise", "record")
@@ -41,11 +43,13 @@ def iter_scored(model, images: Sequence, desc: str = "predict", errors: str = "r
         yield scores, maps, [item.original_hw for item in read], failed
 
 
-def predict(model, images: Sequence, point: cal.OperatingPoint, original_resolution: bool, resize,
+def predict(model, images: Sequence, point: cal.OperatingPoint, original_resolution: bool,
             errors: str = "raise", ahead: int = 0) -> cal.PadimResult:
     """Scores ``images`` with ``model`` (an engine, see ``padim.deploy.engines``) and decides at
-    ``point``. With ``errors="record"`` the result holds the images that could be read, in input
-    order, ``index`` saying which input each is, and ``errors`` the others as (index, name, message)."""
+    ``point``; with ``original_resolution`` each map at its picture's size (``resolution.map_at``,
+    the model's ignore region 0). With ``errors="record"`` the result holds the images that could be
+    read, in input order, ``index`` saying which input each is, and ``errors`` the others as
+    (index, name, message)."""
     if original_resolution and model.config_.crop is not None:
         raise PadimError("maps at the original resolution need a model fitted without a crop")
     failed = []
@@ -55,7 +59,9 @@ def predict(model, images: Sequence, point: cal.OperatingPoint, original_resolut
             failed.extend(batch_failed)
             yield scores, maps, sizes
 
-    result = cal.decide(batches(), point, model.p_values, resize if original_resolution else None)
+    ignore = ignored_pixels(model)
+    resize = (lambda anomaly_map, size: map_at(anomaly_map, size, ignore)) if original_resolution else None
+    result = cal.decide(batches(), point, model.p_values, resize)
     result.errors = [(item.index, item.source.name, item.error) for item in failed]
     bad = {item.index for item in failed}
     result.index = np.array([i for i in range(len(images)) if i not in bad], dtype=np.int64)

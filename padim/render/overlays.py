@@ -20,11 +20,9 @@ import io
 from typing import Optional, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
 
-from padim.core.scoring import to_original_resolution
-from padim.render.visualize import heatmap_overlay, mask_at_size, overlay_size
+from padim.render.visualize import draw
 
 OVERLAY_MAX_SIDE = 1024
 
@@ -46,23 +44,14 @@ def heatmap(anomaly_map, original: Tuple[int, int], picture: Optional[Image.Imag
             pixels: np.ndarray, cropped: bool, pixel_threshold: Optional[float], ignore=None) -> dict:
     """anomaly_map: (H, W) at the model's input size; original: the picture's (height, width);
     picture: the picture at ``overlay_size(original, OVERLAY_MAX_SIDE)`` (None for a cropped
-    model); pixels: the model's (H, W, 3) input. -> the ``schemas.Heatmap`` fields."""
-    anomaly_map = torch.as_tensor(anomaly_map)  # every engine's maps: NumPy or torch
-    if not cropped:
-        drawn = to_original_resolution(anomaly_map, overlay_size(original, OVERLAY_MAX_SIDE))
-    else:
-        drawn, picture = anomaly_map.numpy(), Image.fromarray(pixels)
-    if pixel_threshold is not None:
-        vmin, vmax = 0.0, 2 * pixel_threshold
-    else:
-        vmin, vmax = float(drawn.min()), float(drawn.max())
-    overlay = heatmap_overlay(picture, drawn, vmin, vmax, ignore=ignore)  # the ignore mask hatched
-    mask = None
-    if pixel_threshold is not None:
-        full = original if not cropped else tuple(anomaly_map.shape)
-        mask = png_base64(Image.fromarray(mask_at_size(anomaly_map, full, pixel_threshold)).convert("1"))
-    encoded, lo, hi = map_png(anomaly_map.numpy())
-    return {"covers": "crop" if cropped else "image", "overlay_png": png_base64(overlay),
-            "overlay_width": overlay.width, "overlay_height": overlay.height, "mask_png": mask,
+    model); pixels: the model's (H, W, 3) input. -> the ``schemas.Heatmap`` fields, drawn by
+    ``visualize.draw`` (the renderer of ``padim predict``'s files)."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)  # every engine's maps: NumPy or torch
+    drawn = draw(anomaly_map, original, Image.fromarray(pixels) if cropped else picture, cropped, pixel_threshold,
+                 ignore, OVERLAY_MAX_SIDE)
+    mask = None if drawn.mask is None else png_base64(Image.fromarray(drawn.mask).convert("1"))
+    encoded, lo, hi = map_png(anomaly_map)
+    return {"covers": "crop" if cropped else "image", "overlay_png": png_base64(drawn.overlay),
+            "overlay_width": drawn.overlay.width, "overlay_height": drawn.overlay.height, "mask_png": mask,
             "map_png": encoded, "map_min": lo, "map_max": hi,
             "map_width": int(anomaly_map.shape[1]), "map_height": int(anomaly_map.shape[0])}

@@ -1,8 +1,10 @@
-"""Pictures of anomaly maps: a heatmap blended over the image, and binary masks as PNGs.
+"""The one renderer of anomaly maps: a heatmap blended over the picture, and the defect mask.
 
-Heatmaps are pictures for people: ``padim predict`` draws them with the long side at most
-``OVERLAY_MAX_SIDE`` pixels (a 12000 x 12000 input gets a 4096 x 4096 heatmap), while masks are data
-and keep the input's full resolution, computed in strips of rows (``mask_at_size``).
+``draw`` makes both for every surface (``padim predict``'s PNG files, the service's base64 PNGs,
+Ray's pictures). Heatmaps are pictures for people, drawn with the long side at most ``max_side``
+pixels (a 12000 x 12000 input gets a 4096 x 4096 heatmap file); masks are data and keep the
+picture's full resolution (``pipeline.resolution.mask_at``: the one decision rule, the ignore region
+never marked). The ignore region is hatched on the heatmap.
 """
 
 from __future__ import annotations
@@ -11,14 +13,45 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
+from dataclasses import dataclass
+
 import numpy as np
 from matplotlib import colormaps
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-OVERLAY_MAX_SIDE = 4096  # long side of a heatmap overlay, in pixels
-_STRIP_PIXELS = 1 << 22  # output pixels per strip in ``mask_at_size``
+from padim.pipeline.resolution import map_at, mask_at
+
+OVERLAY_MAX_SIDE = 4096  # long side of a heatmap overlay file, in pixels
+
+
+@dataclass
+class Drawn:
+    """What ``draw`` makes of one scored picture: the heatmap overlay (RGB) and the defect mask
+    ((h0, w0) bool at the picture's size, or at the crop; None without a pixel threshold)."""
+
+    overlay: Image.Image
+    mask: Optional[np.ndarray]
+
+
+def draw(anomaly_map, original: Tuple[int, int], picture: Image.Image, cropped: bool,
+         pixel_threshold: Optional[float], ignore: Optional[np.ndarray] = None,
+         max_side: int = OVERLAY_MAX_SIDE) -> Drawn:
+    """anomaly_map: (H, W) at the model's input size (any engine's: NumPy or torch); original: the
+    picture's upright (height, width); picture: the picture at ``overlay_size(original, max_side)``,
+    or for a model fitted with a crop the (H, W) crop the model saw; ignore: the model's (H, W) ignore
+    mask or None. The heatmap's colours run from 0 to 2 x the pixel threshold (the map's own range
+    without one)."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    drawn = anomaly_map if cropped else map_at(anomaly_map, overlay_size(original, max_side), ignore)
+    if pixel_threshold is not None:
+        vmin, vmax = 0.0, 2 * pixel_threshold
+    else:
+        vmin, vmax = float(drawn.min()), float(drawn.max())
+    overlay = heatmap_overlay(picture, drawn, vmin, vmax, ignore=ignore)
+    mask = None
+    if pixel_threshold is not None:
+        mask = mask_at(anomaly_map, anomaly_map.shape if cropped else original, pixel_threshold, ignore)
+    return Drawn(overlay, mask)
 
 
 def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5,
@@ -71,32 +104,13 @@ def overlay_size(size: Tuple[int, int], max_side: int = OVERLAY_MAX_SIDE) -> Tup
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _linear_weights(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in): rows of 1-D linear interpolation weights (align_corners=False), so that
-    R_h @ map @ R_w^T equals F.interpolate(map, mode="bilinear", align_corners=False)."""
-    eye = torch.eye(n_in, dtype=torch.float32).unsqueeze(1)  # (n_in, 1, n_in)
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0].T.contiguous()
-
-
-def mask_at_size(anomaly_map: torch.Tensor, size: Tuple[int, int], threshold: float) -> np.ndarray:
-    """(H, W) map -> (h0, w0) bool: the bilinearly upsampled map >= threshold, computed a strip of
-    rows at a time (a 12000 x 12000 mask needs its 144 MB of bools, not a 576 MB float map)."""
-    rows = _linear_weights(anomaly_map.shape[0], size[0])  # (h0, H)
-    across = anomaly_map.float() @ _linear_weights(anomaly_map.shape[1], size[1]).T  # (H, w0)
-    out = np.empty(size, dtype=bool)
-    step = max(1, _STRIP_PIXELS // size[1])
-    for start in range(0, size[0], step):
-        out[start : start + step] = (rows[start : start + step] @ across >= threshold).numpy()
-    return out
-
-
 def common_parent(paths: Sequence[Path]) -> Path:
     """The deepest folder holding every one of ``paths`` (resolved): ``save_prediction_pictures``
     mirrors the inputs' folders below it, so that equal file names in two folders never collide."""
     return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
 
 
-def save_prediction_pictures(path: Path, anomaly_map: torch.Tensor, size: Tuple[int, int], config,
+def save_prediction_pictures(path: Path, anomaly_map, size: Tuple[int, int], config,
                              pixel_threshold: Optional[float], folder: Path, common: Path,
                              ignore: Optional[np.ndarray] = None) -> None:
     """``padim predict``'s pictures of one image ``path`` (scored to ``anomaly_map`` (H, W); ``size``
@@ -104,27 +118,19 @@ def save_prediction_pictures(path: Path, anomaly_map: torch.Tensor, size: Tuple[
     to ``common``: NAME.EXT_heatmap.png, an overlay with its long side <= ``OVERLAY_MAX_SIDE``, and
     with a pixel threshold NAME.EXT_mask.png, the mask at the image's full resolution. For a model
     fitted with a crop both are at the crop, over the resized and cropped image the model saw. The
-    image is read again for the overlay. ``ignore``: the model's ignore mask, hatched on the overlay."""
+    image is read again for the overlay. ``ignore``: the model's ignore mask (see ``draw``)."""
     from padim.files.decode import read_image
     from padim.files.images import load_pixels
     from padim.files.memory import release_free_memory
-    from padim.core.scoring import to_original_resolution
 
     path = Path(path)
     stem = Path(folder) / path.resolve().parent.relative_to(common) / path.name
-    if config.crop is None:  # the map and the picture at the image's own size
-        draw = overlay_size(size)  # the heatmap: long side <= 4096 px
-        drawn, picture = to_original_resolution(anomaly_map, draw), read_image(path, draw, 1, 1)[0]
-    else:  # a crop has no full-size map: both at the crop the model saw
-        drawn, picture = anomaly_map.numpy(), Image.fromarray(load_pixels(path, config)[0])
-    if pixel_threshold is not None:
-        vmin, vmax = 0.0, 2 * pixel_threshold
-        full_size = size if config.crop is None else tuple(anomaly_map.shape)
-        mask = mask_image(mask_at_size(anomaly_map, full_size, pixel_threshold))
-        save_png(mask, stem.with_name(stem.name + "_mask.png"))
-        del mask
-    else:
-        vmin, vmax = float(drawn.min()), float(drawn.max())
-    save_png(heatmap_overlay(picture, drawn, vmin, vmax, ignore=ignore), stem.with_name(stem.name + "_heatmap.png"))
-    del picture, drawn
+    cropped = config.crop is not None
+    picture = Image.fromarray(load_pixels(path, config)[0]) if cropped else read_image(path, overlay_size(size), 1, 1)[0]
+    drawn = draw(anomaly_map, size, picture, cropped, pixel_threshold, ignore)
+    del picture
+    if drawn.mask is not None:
+        save_png(mask_image(drawn.mask), stem.with_name(stem.name + "_mask.png"))
+    save_png(drawn.overlay, stem.with_name(stem.name + "_heatmap.png"))
+    del drawn
     release_free_memory()  # a big picture's buffers, kept by glibc otherwise

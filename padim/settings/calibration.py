@@ -84,9 +84,12 @@ class Calibration:
     method: str = "holdout"
 
     @classmethod
-    def from_scores(cls, image_scores: Sequence[float], pixel_scores: np.ndarray, method: str = "holdout") -> "Calibration":
-        """image_scores: (n,); pixel_scores: every pixel of the calibration maps, any shape."""
-        pixels = np.asarray(pixel_scores).ravel()  # float32 maps stay float32: no 8-byte copy of every pixel
+    def from_scores(cls, image_scores: Sequence[float], pixel_scores: np.ndarray, method: str = "holdout",
+                    ignore: Optional[np.ndarray] = None) -> "Calibration":
+        """image_scores: (n,); pixel_scores: the calibration maps (n, H, W), or any shape without ``ignore``;
+        ignore: (H, W) bool, pixels that never count: left out of the quantiles (their map is 0)."""
+        pixels = np.asarray(pixel_scores)
+        pixels = (pixels if ignore is None else pixels[:, ~np.asarray(ignore, dtype=bool)]).ravel()  # float32 stays
         return cls(np.sort(np.asarray(image_scores, dtype=np.float64)), PIXEL_LEVELS.copy(),
                    np.quantile(pixels, PIXEL_LEVELS).astype(np.float64), method)
 
