@@ -26,3 +26,16 @@ class ModelFileError(PadimError):
 class NotFittedError(PadimError, AttributeError):
     """The model was asked to score before ``fit`` (or ``load``). An AttributeError too, as in
     scikit-learn, so that ``hasattr(model, "mean_")`` is False before fit."""
+
+
+def one_line(exc: BaseException, last: bool = False, typed: bool = True, limit: int = 300) -> str:
+    """An exception as one line for a user: its first non-empty line, or with ``last`` its last (where
+    OpenVINO and ONNX Runtime say what failed, after where in their sources the check was), whitespace
+    collapsed and clipped to ``limit`` characters; prefixed with its type when ``typed`` and it is not
+    a ``PadimError`` (whose messages are written for users already). The one helper every surface uses
+    to keep a file's, an engine's or a cluster's error to one line."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    text = (lines[-1] if last else lines[0])[:limit] if lines else ""
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if typed and not isinstance(exc, PadimError) else text

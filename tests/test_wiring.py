@@ -75,7 +75,7 @@ def test_every_default_is_the_papers(backbone):
     layers, d = PAPER_BACKBONES[backbone]
     spec = entry(backbone)
     assert (spec.default_layers, spec.default_d) == (layers, d)
-    config = PaDiM(backbone=backbone)._make_config()
+    config = PaDiM(backbone=backbone).make_config()
     expected = {**PAPER_SETTINGS, "backbone": backbone, "layers": layers, "n_features": d}
     assert dataclasses.asdict(config) == expected
     # the bare configuration's defaults are the same ones (it is what old model files fall back to)

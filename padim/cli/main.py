@@ -20,12 +20,11 @@ def as_flags(message: str, parser) -> str:
     """The library names parameters in backticks (`n_features`); the command shows its own flags
     (--n-features): the one place parameter names become flags."""
     flags = {}
-    for action in parser._subparsers._group_actions:  # argparse keeps its subcommands here
-        for command in action.choices.values():
-            for option in command._actions:
-                long = [flag for flag in option.option_strings if flag.startswith("--")]
-                if long:
-                    flags.setdefault(option.dest, long[0])
+    for command in parser.commands.values():
+        for option in command.options:
+            long = [flag for flag in option.option_strings if flag.startswith("--")]
+            if long:
+                flags.setdefault(option.dest, long[0])
     return re.sub(r"`(\w+)`", lambda found: flags.get(found.group(1), found.group(1)), message)
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from padim.cli.one_line_parser import OneLineParser  # noqa: F401  (also imported from here)
 from padim.version import __version__
 
 # the command's top-level imports stay torch-free, so that the runtime's predict runs without torch
@@ -16,15 +17,6 @@ ENGINE_NAMES, PRECISION_NAMES = ("torch", "onnxruntime", "openvino"), ("f32", "b
 REDUCTION_NAMES, COVARIANCE_NAMES = ("random", "semi-orthogonal"), ("fixed", "oas", "ledoit-wolf")  # = padim.settings.config's
 # what a command that needs PyTorch imports: its absence is a one-line error, not a traceback
 TORCH_STACK = ("torch", "torchvision", "timm", "scipy", "sklearn", "matplotlib", "tqdm")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line on stderr and exit status 1 with a pointer to ``--help``
-    (argparse prints its whole usage and exits 2)."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-        sys.exit(1)
 
 
 def _size(text: str):

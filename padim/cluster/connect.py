@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from padim.errors import PadimError
+from padim.errors import PadimError, one_line
 
 INSTALL_HINT = "pip install 'padim[ray]'"
 
@@ -78,8 +78,7 @@ def connect(address: Optional[str], num_cpus: Optional[int] = None):
         else:
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PadimError(f"cannot connect to the Ray cluster at {address}: {first}") from None
+        raise PadimError(f"cannot connect to the Ray cluster at {address}: {one_line(exc, typed=False)}") from None
     return ray
 
 
@@ -126,14 +125,6 @@ def get(ray, refs):
         raise PadimError(f"on a Ray worker: {one_line(cause if cause is not None else exc)}") from None
     except RayError as exc:
         raise PadimError(f"the Ray job failed: {one_line(exc)}") from None
-
-
-def one_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception (with its type unless it is a PadimError)."""
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    if isinstance(exc, PadimError):
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:

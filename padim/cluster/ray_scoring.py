@@ -39,9 +39,9 @@ import pyarrow as pa
 
 from padim.cluster.results_folder import SCHEMA, ResultsFolder, path_key
 from padim.settings.calibration import OperatingPoint
-from padim.errors import PadimError
-from padim.pipeline.batches import decode_source, describe_error
-from padim.pipeline.records import label
+from padim.errors import PadimError, one_line
+from padim.pipeline.batches import decode_source
+from padim.pipeline.records import decision, failure
 from padim.pipeline.sources import Source
 
 ROWS_PER_PART = 256  # rows the driver holds before it writes a part ...
@@ -79,24 +79,16 @@ def score_files(model, paths: Sequence[str], files: Sequence[str], point: Operat
                 try:
                     pictures(files[i], anomaly_map, size)
                 except Exception as exc:
-                    errors[i] = f"heatmap not written: {describe_error(exc)}"
+                    errors[i] = f"heatmap not written: {one_line(exc)}"
     scored = np.zeros(n, dtype=bool)
     scored[where] = True
     p_values = np.full(n, np.nan)
     if scored.any() and model.calibration_ is not None:
         p_values[scored] = model.p_values(scores[scored])
-    label_column: List[Optional[str]] = [None] * n
-    for i in where:
-        label_column[i] = label(float(scores[i]), point.image_threshold)
-    return pa.table({
-        "path": list(paths),
-        "score": pa.array(scores, mask=~scored),
-        "p_value": pa.array(p_values, mask=np.isnan(p_values)),
-        "label": label_column,
-        "threshold": [point.image_threshold] * n,
-        "threshold_source": [point.source] * n,
-        "error": errors,
-    }, schema=SCHEMA)
+    rows = [failure(path, errors[i]) if not scored[i] else
+            {**decision(path, scores[i], None if np.isnan(p_values[i]) else p_values[i], point), "error": errors[i]}
+            for i, path in enumerate(paths)]  # the records of padim predict's JSON lines, as columns
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 class Scorer:
@@ -285,7 +277,6 @@ def _one_line_errors(batches):
     PadimError line instead of Ray's traceback."""
     from ray.exceptions import RayError
 
-    from padim.cluster.connect import one_line
 
     try:
         yield from batches

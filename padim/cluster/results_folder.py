@@ -18,9 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from padim.version import __version__
-from padim.errors import PadimError
+from padim.errors import PadimError, one_line
 from padim.files.atomic import atomic_write, is_stale
-from padim.pipeline.batches import describe_error
 
 SCHEMA = pa.schema([("path", pa.string()), ("score", pa.float64()), ("p_value", pa.float64()),
                     ("label", pa.string()), ("threshold", pa.float64()), ("threshold_source", pa.string()),
@@ -95,7 +94,7 @@ class ResultsFolder:
             try:
                 stored = json.loads(manifest.read_text())
             except (OSError, ValueError) as exc:
-                raise PadimError(f"cannot read {manifest}: {describe_error(exc)}") from None
+                raise PadimError(f"cannot read {manifest}: {one_line(exc)}") from None
             before = stored.get("identity", {}) if isinstance(stored, dict) else {}
             changed = [key for key in identity  # heatmaps may be asked for on a rerun, not at another threshold
                        if (key in before or key != "pixel threshold") and before.get(key) != identity[key]]
@@ -117,7 +116,7 @@ class ResultsFolder:
                 written = pq.read_table(part, columns=["path"]).column("path").to_pylist()
             except (OSError, pa.ArrowException) as exc:
                 raise PadimError(f"cannot read {part} (remove it to score its images again): "
-                                 f"{describe_error(exc)}") from None
+                                 f"{one_line(exc)}") from None
             if base and os.path.realpath(base) != os.path.realpath(os.getcwd()) and \
                     any(not os.path.isabs(p) for p in written):
                 # relative paths name other files from here: matching them would score everything twice

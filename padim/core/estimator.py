@@ -116,22 +116,22 @@ class PaDiM(Parameters):
         self.workers = workers
         self.progress = progress  # False: never; None: only on a terminal; True: always
 
-    def _make_config(self) -> PadimConfig:
+    def make_config(self) -> PadimConfig:
         """The frozen configuration these parameters make, every one checked first (one line, no work)."""
         return config_from_parameters(self)
 
-    def _resolve_device(self) -> torch.device:
+    def resolve_device(self) -> torch.device:
         device = torch.device(self.device or default_device())
         if device.type == "cuda" and not torch.cuda.is_available():
             raise PadimError("`device` cuda was asked for but CUDA is not available here")
         return device
 
     # ----------------------------------------------------------------------------- fitted state
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
         if not hasattr(self, "mean_"):
             raise NotFittedError("this PaDiM model is not fitted yet: call fit() or PaDiM.load() first")
 
-    def _set_fitted(self, content: modelfile.ModelContent, embedder: PatchEmbedder) -> None:
+    def set_fitted(self, content: modelfile.ModelContent, embedder: PatchEmbedder) -> None:
         """Swaps in a whole fitted state (nothing here can fail half-way)."""
         info = {**modelfile.INFO_DEFAULTS, **content.info}
         self.config_ = content.config
@@ -154,14 +154,14 @@ class PaDiM(Parameters):
     @property
     def extractor_(self) -> torch.nn.Module:
         """The frozen backbone prefix: (B, 3, H, W) -> list of (B, C_l, h_l, w_l)."""
-        self._check_fitted()
+        self.check_fitted()
         return self.embedder_.extractor
 
     @property
     def precision_factor_(self) -> torch.Tensor:
         """(P, d, d) lower-triangular float32 factor, unpacked on first use (scoring) and kept. A fit
         never needs it whole, so fitting wide backbones (d = 550) holds only the packed half."""
-        self._check_fitted()
+        self.check_fitted()
         if self._precision_factor is None:
             self._precision_factor = unpack_lower(self.precision_factor_packed_, self.config_.n_features, torch.float32)
         return self._precision_factor
@@ -185,7 +185,7 @@ class PaDiM(Parameters):
         from padim.core.fitting import fit_model
 
         content, embedder, kept = fit_model(self, images, keep_statistics, cluster)
-        self._set_fitted(content, embedder)
+        self.set_fitted(content, embedder)
         self.statistics_ = kept
         return self
 
@@ -244,7 +244,7 @@ class PaDiM(Parameters):
     def scorer_(self) -> PatchScorer:
         """The scoring path as one torch module (``padim.core.scorer.PatchScorer``): what ``predict``
         runs and what ``padim export`` traces. Built on first use (it holds the unpacked factor)."""
-        self._check_fitted()
+        self.check_fitted()
         if self._scorer is None:
             self._scorer = PatchScorer(self.embedder_, self.mean_, self.precision_factor_, self.feature_hw_,
                                        self.config_.sigma).eval()
@@ -255,7 +255,7 @@ class PaDiM(Parameters):
         a file that cannot be read raises DataError naming it."""
         from padim.pipeline.predict import iter_scored
 
-        self._check_fitted()
+        self.check_fitted()
         for scores, maps, sizes, _ in iter_scored(self, images, desc, ahead=self._ahead()):
             yield torch.from_numpy(scores), torch.from_numpy(maps), sizes
 
@@ -266,7 +266,7 @@ class PaDiM(Parameters):
         """(B, H, W, 3) uint8 pixels decoded by ``images.load_pixels`` -> scores (B,), maps (B, H, W)
         float32 NumPy arrays: the torch engine (``scorer_``), for callers that decode each file
         alone so that a corrupt one fails alone (the pipeline, the service, Ray's actors)."""
-        self._check_fitted()
+        self.check_fitted()
         config = self.config_
         if len(pixels) == 0 or tuple(pixels[0].shape) != (*config.input_size, 3):
             raise PadimError(f"pixels must be (B, {config.input_size[0]}, {config.input_size[1]}, 3) uint8 with "
@@ -280,7 +280,7 @@ class PaDiM(Parameters):
         threshold given by hand wins, then a target false-positive rate (from the calibration
         scores, no refit). A target the calibration set is too small for uses its highest score and
         says so in ``warning`` and the source; without calibration a target raises CalibrationError."""
-        self._check_fitted()
+        self.check_fitted()
         stored = cal.OperatingPoint(self.image_threshold_, self.pixel_threshold_, self.threshold_source_,
                                     self.pixel_threshold_source_, self.target_fpr_)
         return cal.operating_point(self.calibration_, stored, target_fpr, image_threshold, pixel_threshold,
@@ -307,7 +307,7 @@ class PaDiM(Parameters):
         (the others are scored; ``result.errors`` lists the failures, ``result.index`` the rows)."""
         from padim.pipeline.predict import check_errors_policy, predict
 
-        self._check_fitted()
+        self.check_fitted()
         check_errors_policy(errors)
         point = self.operating_point(target_fpr, image_threshold, pixel_threshold, target_pixel_fpr)
         return predict(self, images, point, original_resolution, errors, self._ahead())

@@ -61,7 +61,7 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
     if len(images) < 2:
         raise DataError(f"PaDiM needs at least 2 training images, got {len(images)}")
     started = time.perf_counter()
-    config = model._make_config()
+    config = model.make_config()
     n_calibration, note = calibration_plan(model, len(images))
     embedder, source, sha256 = build_embedder(model, config)
     runner = runner if runner is not None else LocalFit(embedder)
@@ -149,8 +149,8 @@ def build_embedder(model, config: Optional[PadimConfig] = None) -> Tuple[PatchEm
     """The ``PatchEmbedder`` of a new fit: the frozen backbone and channel reduction (subset or
     projection) of ``config`` (default: the estimator's parameters'), with its tiles and the
     estimator's ignore mask, on its device -> (embedder, weights source, weights file SHA-256 or None)."""
-    config = config if config is not None else model._make_config()
-    device = model._resolve_device()
+    config = config if config is not None else model.make_config()
+    device = model.resolve_device()
     extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
     extractor = extractor.to(device, memory_format=torch.channels_last)
     n_channels = count_channels(extractor, embed_size(config), device)
@@ -170,7 +170,7 @@ def statistics(model, images: Sequence[ImageInput], shift: Optional[torch.Tensor
     images = list(images)
     if not images:
         raise DataError("statistics need at least 1 image")
-    config = model._make_config()
+    config = model.make_config()
     embedder, source, sha256 = build_embedder(model, config)
     with torch.inference_mode():
         stats, feature_hw = accumulate(model, embedder, config, images, desc, GaussianAccumulator(shift=shift))
@@ -185,7 +185,7 @@ def held_out_scores(model, images: Sequence[ImageInput], mean: torch.Tensor, pac
 
     mean: (P, d) float32; packed: (P, d (d + 1) / 2) factor, unpacked block by block (the fit's peak
     memory is not raised); embedder: default ``build_embedder()``. Small batches on the CPU."""
-    config = model._make_config()
+    config = model.make_config()
     embedder = embedder if embedder is not None else build_embedder(model, config)[0]
     device = embedder.device
     engine = _HeldOut(config, PatchScorer(embedder, mean.to(device), packed.to(device), feature_hw, config.sigma),

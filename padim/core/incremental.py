@@ -50,7 +50,7 @@ def partial_fit(model, images: Sequence[ImageInput]):
         raise DataError(f"the first partial_fit needs at least 2 images, got {len(images)}")
     with torch.inference_mode():
         if previous is None:
-            config = model._make_config()
+            config = model.make_config()
             embedder, source, sha256 = build_embedder(model, config)
             stats = GaussianAccumulator()
         else:
@@ -69,7 +69,7 @@ def attach_statistics(model, statistics):
     """Gives a fitted (e.g. loaded) model the statistics it was fitted from, so that
     ``partial_fit`` can add images. Refused (one line) when they belong to another configuration
     or other images: their count and mean must be the model's (to float32 precision)."""
-    model._check_fitted()
+    model.check_fitted()
     mine = statistics_like(model)
     mine.check_compatible(statistics, "these statistics with this model")
     if model.n_train_images_ is not None and statistics.count != model.n_train_images_:
@@ -91,7 +91,7 @@ def from_statistics(cls, statistics, device: Optional[str] = None, batch_size: i
     params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in cls._param_names()}
     model = cls(**params, batch_size=batch_size, device=device, workers=workers, progress=progress)
     model.calibration_fraction = 0.0
-    device = model._resolve_device()
+    device = model.resolve_device()
     extractor, source, sha256 = build_extractor(config.backbone, config.weights, config.layers, config.seed)
     if (statistics.weights_sha256 or sha256) and sha256 != statistics.weights_sha256 or \
             not statistics.weights_sha256 and source != statistics.weights_source:
@@ -123,7 +123,7 @@ def fit_from_statistics(model, statistics, embedder: PatchEmbedder, started: flo
             info.update(stale)
     content = modelfile.ModelContent(config, mean.float(), packed, embedder.channel_idx, statistics.feature_hw,
                                      info, None, embedder.projection, getattr(model, "ignore_mask_", None))
-    model._set_fitted(content, embedder)
+    model.set_fitted(content, embedder)
     model.statistics_ = statistics
 
 

@@ -23,7 +23,7 @@ from padim.files import modelfile
 
 def save_model(model, path) -> None:
     """Writes ``model``'s fitted state atomically (see ``padim.files.modelfile``)."""
-    model._check_fitted()
+    model.check_fitted()
     info = {key: getattr(model, f"{key}_", None) for key in modelfile.INFO_DEFAULTS}
     modelfile.write(path, modelfile.ModelContent(model.config_, model.mean_, model.precision_factor_packed_,
                                                  model.channel_idx_, model.feature_hw_, info, model.calibration_,
@@ -54,7 +54,7 @@ def load_model(cls, path, device: Optional[str] = None, batch_size: int = 32, wo
     if content.calibration is not None:  # what it was fitted with, so that clone() refits alike
         model.set_params(calibration=content.calibration.method,
                          target_fpr=content.info.get("target_fpr") or cal.DEFAULT_TARGET_FPR)
-    device = model._resolve_device()
+    device = model.resolve_device()
     extractor, source, _ = build_extractor(config.backbone, config.weights, config.layers, config.seed)
     if not is_weights_file(config.weights) and source != content.info.get("weights_source"):
         raise ModelFileError(
@@ -63,7 +63,7 @@ def load_model(cls, path, device: Optional[str] = None, batch_size: int = 32, wo
         )
     embedder = make_embedder(extractor, config, content.channel_idx, content.projection, content.ignore_mask, device)
     content.config = config
-    model._set_fitted(content, embedder)
+    model.set_fitted(content, embedder)
     return model
 
 

@@ -47,19 +47,14 @@ def export_file(model_path, fmt: str, output, weights: Optional[str] = None, mod
     return export_model(model, output, fmt, metadata=metadata, key=key)
 
 
-def cached_export(model_path, fmt: str, weights: Optional[str] = None, model=None,
-                  note: Optional[Callable[[str], None]] = None) -> Path:
-    """The cached export of ``model_path`` in ``fmt``, made now if there is none; returns its folder.
+def cached_export_record(model_path, fmt: str, weights: Optional[str], model, note) -> Tuple[Path, dict]:
+    """The cached export of ``model_path`` in ``fmt``, made now if there is none -> its folder and its
+    verified ``padim.json`` record (hashed once per use).
 
     The cached folder is verified on every use as any export is (``read_export``: checksums of
     padim.json and of every graph file, the header's checks) and must be of this model's graph (its
     ``graph_key``); one that is not (damaged, edited, replaced) is rebuilt, and ``note`` (default:
     stderr) is told so in one line."""
-    return cached_export_record(model_path, fmt, weights, model, note)[0]
-
-
-def cached_export_record(model_path, fmt: str, weights: Optional[str], model, note) -> Tuple[Path, dict]:
-    """``cached_export``, with the folder's verified ``padim.json`` record (hashed once per use)."""
     from padim.deploy.export import graph_key
 
     key = graph_key(model_path)

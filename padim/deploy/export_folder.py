@@ -16,7 +16,7 @@ import numpy as np
 
 from padim.files.digests import file_sha256
 from padim.settings import calibration as cal
-from padim.errors import PadimError
+from padim.errors import PadimError, one_line
 
 METADATA_FILE = "padim.json"
 # 2: padim.json carries the SHA-256 of every graph file and its own checksum, and is validated like a
@@ -96,7 +96,7 @@ def read_export(folder) -> dict:
     try:
         record = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise EngineError(f"export {folder}: {METADATA_FILE} is damaged (not JSON: {one_line(exc)}); {again}") from None
+        raise EngineError(f"export {folder}: {METADATA_FILE} is damaged (not JSON: {one_line(exc, last=True, typed=False)}); {again}") from None
     if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
         raise EngineError(f"{path} is not a padim export description")
     version, stored = record.get("export_version"), record.get(CHECKSUM_KEY)
@@ -188,8 +188,3 @@ def _is_number(value) -> bool:
     return type(value) is float or (type(value) is int and abs(value) < 1e300)
 
 
-def one_line(exc: BaseException) -> str:
-    """An engine's (or a reader's) message in one line: its last non-empty line (OpenVINO's start with
-    where in its sources the check failed), else the exception's type."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__

@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from padim.deploy.export_folder import INPUT_NAME, OUTPUT_NAMES, EngineError, one_line
+from padim.deploy.export_folder import INPUT_NAME, OUTPUT_NAMES, EngineError
+from padim.errors import one_line
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16", "int8")  # int8: an int8 export (padim.deploy.quantize), OpenVINO only
@@ -45,7 +46,7 @@ class _OnnxRuntimeSession:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise EngineError(f"onnxruntime cannot load {path}: {one_line(exc)}") from None
+            raise EngineError(f"onnxruntime cannot load {path}: {one_line(exc, last=True, typed=False)}") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def signature(self):
@@ -60,7 +61,7 @@ class _OnnxRuntimeSession:
         try:
             maps, scores = self.session.run(list(OUTPUT_NAMES), {self.input_name: pixels})
         except Exception as exc:  # a graph that takes the declared input but cannot run on it
-            raise EngineError(f"onnxruntime cannot score with {self.path}: {one_line(exc)}") from None
+            raise EngineError(f"onnxruntime cannot score with {self.path}: {one_line(exc, last=True, typed=False)}") from None
         return maps, scores
 
 
@@ -85,7 +86,7 @@ class _OpenVinoSession:
             self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
             self.request = self.compiled.create_infer_request()
         except Exception as exc:  # e.g. a truncated model.bin: "Incorrect weights in bin file!"
-            raise EngineError(f"openvino cannot load {path}: {one_line(exc)}") from None
+            raise EngineError(f"openvino cannot load {path}: {one_line(exc, last=True, typed=False)}") from None
 
     def signature(self):
         """[(name, dims, dtype)] of the inputs and of the outputs; None for a dynamic dimension."""
@@ -105,7 +106,7 @@ class _OpenVinoSession:
         try:
             results = self.request.infer({0: pixels})
         except Exception as exc:  # a graph that takes the declared input but cannot run on it
-            raise EngineError(f"openvino cannot score with {self.path}: {one_line(exc)}") from None
+            raise EngineError(f"openvino cannot score with {self.path}: {one_line(exc, last=True, typed=False)}") from None
         outputs = {output.get_any_name(): value for output, value in results.items()}
         return np.array(outputs["maps"]), np.array(outputs["scores"])  # copies: the request reuses its buffers
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from padim.settings.calibration import labels_at, masks_at
 from padim.data.mvtec import Category
 from padim.files.images import load_mask, load_pixels
 from padim.pipeline.records import ignored_pixels
@@ -45,13 +46,13 @@ def calibrated_metrics(labels: np.ndarray, scores: np.ndarray, image_threshold: 
     labels: (N,) bool; scores: (N,); masks, maps: (M, H, W). None where a threshold is missing."""
     out = dict.fromkeys(CALIBRATED_KEYS)
     if image_threshold is not None:
-        flagged = np.asarray(scores) >= image_threshold
+        flagged = labels_at(scores, image_threshold)  # the one decision rule (a float32 score at the cut too)
         labels = np.asarray(labels, dtype=bool)
         out["image_F1_calibrated"] = _f1(flagged, labels)
         out["image_recall_calibrated"] = float(flagged[labels].mean()) if labels.any() else None
         out["good_FPR_calibrated"] = float(flagged[~labels].mean()) if (~labels).any() else None
     if pixel_threshold is not None and masks is not None and len(masks):
-        out["pixel_F1_calibrated"] = _f1(np.asarray(maps) >= pixel_threshold, np.asarray(masks, dtype=bool))
+        out["pixel_F1_calibrated"] = _f1(masks_at(np.asarray(maps), pixel_threshold), np.asarray(masks, dtype=bool))
     return out
 
 

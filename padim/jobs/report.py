@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from padim.settings.calibration import masks_at
 from padim.files.atomic import atomic_write
 from padim.render.visualize import heatmap_overlay
 
@@ -41,7 +42,7 @@ def defect_panel(image, gt_mask: Optional[np.ndarray], anomaly_map: np.ndarray, 
     axes[2].imshow(np.asarray(heatmap_overlay(image, anomaly_map, 0.0, vmax)))
     axes[2].set_title("anomaly map")
     axes[3].imshow(rgb)
-    predicted = anomaly_map >= threshold
+    predicted = masks_at(anomaly_map, threshold)  # the one decision rule
     if predicted.any():
         axes[3].contour(predicted, levels=[0.5], colors="red", linewidths=1.5)
     axes[3].set_title("predicted mask")

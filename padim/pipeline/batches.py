@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from padim.errors import PadimError
+from padim.errors import one_line
 from padim.files.images import load_pixels, prefetched
 from padim.pipeline.sources import Source
 
@@ -45,15 +45,6 @@ class Scored:
     error: Optional[str] = None
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for a file's error: padim's own message (it names the file), else the type and the
-    first line of the exception."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, PadimError):
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def decode_source(source: Source, config) -> Decoded:
     """Reads one source (``padim.files.images.load_pixels``); whatever stops one file from being
     read (a corrupt, truncated, huge or missing file, a name the file system refuses) is kept as its
@@ -61,7 +52,7 @@ def decode_source(source: Source, config) -> Decoded:
     try:
         pixels, original = load_pixels(source.item, config)
     except Exception as exc:
-        return Decoded(source, error=describe_error(exc))
+        return Decoded(source, error=one_line(exc))
     return Decoded(source, pixels, original)
 
 

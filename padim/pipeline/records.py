@@ -24,11 +24,20 @@ def label(score: float, threshold: Optional[float]) -> Optional[str]:
     return None if labels is None else (ANOMALOUS if bool(labels[0]) else GOOD)
 
 
-def decision(name: str, score: float, p_value: Optional[float], point: OperatingPoint) -> dict:
-    """The record of one scored image at ``point``."""
-    return {"path": name, "score": float(score), "p_value": None if p_value is None else float(p_value),
+DECISION_FIELDS = ("score", "p_value", "threshold", "threshold_source", "label")
+
+
+def decided(score: float, p_value: Optional[float], point: OperatingPoint) -> dict:
+    """The decision about one scored image at ``point``: ``DECISION_FIELDS``, the same names and values
+    in every record (JSON lines, Parquet rows, API answers, decision-log lines)."""
+    return {"score": float(score), "p_value": None if p_value is None else float(p_value),
             "threshold": point.image_threshold, "threshold_source": point.source,
             "label": label(score, point.image_threshold)}
+
+
+def decision(name: str, score: float, p_value: Optional[float], point: OperatingPoint) -> dict:
+    """The record of one scored image at ``point``: its ``path`` (the name it was given by) and ``decided``."""
+    return {"path": name, **decided(score, p_value, point)}
 
 
 def failure(name: str, message: str) -> dict:

@@ -280,7 +280,7 @@ def check_tiles(tile, tile_overlap, tile_statistics: str, size: Tuple[int, int],
 
 
 def check_estimator(model) -> None:
-    """``check_fit_options`` for a ``PaDiM`` estimator's parameters (called by its ``_make_config``)."""
+    """``check_fit_options`` for a ``PaDiM`` estimator's parameters (called by its ``make_config``)."""
     check_fit_options(model.backbone, model.layers, model.n_features, model.image_size, model.crop, model.seed,
                       model.batch_size, model.factor_dtype, model.device, model.sigma, model.epsilon,
                       model.reduction, model.covariance, model.tile, model.tile_overlap, model.tile_statistics)
