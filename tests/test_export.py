@@ -364,7 +364,7 @@ def test_the_folded_normalisation_keeps_the_first_convolutions_zero_border(resne
     scorer = resnet["model"].scorer_
     pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
-        eager = scorer.extractor.stages[0][0](scorer.normalise(pixels))
+        eager = scorer.extractor.stages[0][0](scorer.embedder.normalise(pixels))
         folded = fold_input_scale(scorer.extractor, scorer.scale.view(3))
         lean = folded.stages[0][0]((pixels.float() - (-scorer.shift / scorer.scale)).permute(0, 3, 1, 2))
     border = torch.ones(32, 32, dtype=torch.bool)
