@@ -1,4 +1,5 @@
-"""Scoring an export without PyTorch: the public name of ``padim.pipeline.exported``.
+"""Scoring an export without PyTorch: the public names of ``padim.pipeline.exported`` (documented in
+docs/python-api.md).
 
     from padim.runtime import ExportedModel
     model = ExportedModel("bottle-onnx", engine="onnxruntime")
@@ -6,3 +7,6 @@
 
 from padim.pipeline.exported import (  # noqa: F401
     ENGINES, PRECISIONS, EngineError, ExportedModel, RuntimeResult, read_export, to_original_resolution)
+
+__all__ = ["ExportedModel", "RuntimeResult", "EngineError", "read_export", "to_original_resolution", "ENGINES",
+           "PRECISIONS"]
