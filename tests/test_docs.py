@@ -222,13 +222,16 @@ def test_relative_links_and_their_anchors_resolve():
 
 # ------------------------------------------------------------------------------------ running the blocks
 
-# what makes a block offline and fast, and nothing else: the backbone's weights and the image size
+# what makes a block offline and fast, and nothing else: the backbone's weights, the image size, Ray's shards
 PYTHON_FAST = [(r"\bimage_size=256\b", "image_size=64"), (r'\bbackbone="(\w+)"', r'backbone="\1", weights="random"'),
                (r"\bshards=8\b", "shards=2")]
 SHELL_FAST = {"--weights": "random", "--image-size": "64"}
 # what the pages' own comments promise, checked after the page ran
 PROMISES = {"README.md": lambda scope: scope["result"].index.tolist() == [0, 1]
-            and scope["result"].errors[0][:2] == (2, "missing.png")}
+            and scope["result"].errors[0][:2] == (2, "missing.png"),
+            "model-files.md": lambda scope: "checksum does not match" in scope["message"],
+            "thresholds.md": lambda scope: scope["strict"].threshold_source == "manual"
+            and scope["model"].threshold_source_.startswith("calibration: target FPR 10%")}
 
 
 @pytest.fixture(scope="module")
@@ -260,11 +263,6 @@ def _export(base: Path) -> None:
         assert main(["export", "--model", str(base / "bottle.safetensors"), "--output", str(base / "bottle-onnx")]) == 0
 
 
-def _copy(workspace: Path, into: Path) -> Path:
-    shutil.copytree(workspace, into)
-    return into
-
-
 PYTHON_PAGES = sorted({b.page for b in ALL_BLOCKS if b.language == "python"}, key=PAGES.index)
 
 
@@ -283,7 +281,7 @@ def test_the_python_blocks_run(page, workspace, tmp_path, monkeypatch, request):
         _export(workspace)
     if any("ray" in b.needs for b in runnable):
         request.getfixturevalue("ray_connected_docs")
-    monkeypatch.chdir(_copy(workspace, tmp_path / "run"))
+    monkeypatch.chdir(shutil.copytree(workspace, tmp_path / "run"))
     for block in runnable:
         code = block.code
         for pattern, replacement in PYTHON_FAST:
@@ -307,10 +305,8 @@ def ray_connected_docs(ray_address):
     """This process connected to the tests' loopback Ray cluster (RayFit("local") then uses it), shut down after."""
     import ray
 
-    from padim import loopback_environment
     from padim.cluster.connect import connect
 
-    loopback_environment()
     connect(ray_address)
     yield
     ray.shutdown()
@@ -353,7 +349,7 @@ def shell_runs(workspace, tmp_path_factory):
     subprocess (one import of torch): {block name: [(command, status, stderr)]}."""
     plan, names, lines = [], [], []
     for block in SHELL_BLOCKS:
-        folder = _copy(workspace, tmp_path_factory.mktemp("shell") / "run")
+        folder = shutil.copytree(workspace, tmp_path_factory.mktemp("shell") / "run")
         for argv in commands(block.code):
             if argv[0] != "padim":
                 pytest.fail(f"{block.name}: {' '.join(argv)!r} is not a padim command: mark the block "
