@@ -1,18 +1,33 @@
 """padim: PaDiM anomaly detection and localization (Defard et al. 2020).
 
-``import padim`` does not import PyTorch: ``PaDiM`` and ``PadimResult`` are imported on first use
-(module ``__getattr__``), so the torch-free runtime (``padim.runtime``, ``padim predict --engine
-onnxruntime --export DIR``) works where torch is not installed.
+The public Python API is this module's ``__all__`` and ``padim.runtime``'s (scoring an export
+without PyTorch), each name documented in docs/python-api.md; examples import from these two only.
+
+``import padim`` imports neither PyTorch nor NumPy: every name but the errors is imported on first
+use (module ``__getattr__``), so the torch-free runtime (``padim.runtime``, ``padim predict --engine
+onnxruntime --export DIR``) works where torch is not installed, and ``RayFit`` needs Ray only once a
+fit uses it.
 """
 
 from padim.version import __version__  # noqa: E402,F401
 
 from padim.errors import DataError, ModelFileError, NotFittedError, PadimError, WeightsUnavailableError  # noqa: E402
 
-__all__ = ["PaDiM", "PadimResult", "PadimError", "DataError", "ModelFileError", "NotFittedError",
-           "WeightsUnavailableError", "__version__"]
+# name -> the module (under padim) that defines it
+_LAZY = {
+    "PaDiM": "core.estimator",
+    "PadimResult": "core.estimator",
+    "find_category": "data.mvtec",
+    "make_synthetic_category": "data.synthetic",
+    "evaluate": "jobs.evaluate",
+    "FitStatistics": "core.statistics",
+    "RayFit": "cluster.ray_fit",
+    "loopback_environment": "cluster.connect",
+    "tune_malloc_for_scoring": "files.memory",
+}
 
-_LAZY = {"PaDiM": "core.estimator", "PadimResult": "core.estimator"}
+__all__ = [*_LAZY, "PadimError", "DataError", "ModelFileError", "NotFittedError", "WeightsUnavailableError",
+           "__version__"]
 
 
 def __getattr__(name):

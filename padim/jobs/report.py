@@ -116,6 +116,9 @@ def results_markdown(rows: Sequence[Dict]) -> str:
 def write_html(path: Path, title: str, rows: Sequence[Dict], info: Dict, sections: Dict[str, List[str]]) -> None:
     """report.html: the results table, then per category its curves and a gallery of panels.
 
+    The table sits in its own box that scrolls sideways (``overflow-x: auto``): its twelve columns
+    are wider than a laptop's page, and the page itself keeps the window's width.
+
     sections: category -> image paths relative to the report's folder (curves first, then panels).
     A small inline script counts images that failed to load and marks the page (data-broken-images),
     so a headless browser check can tell that every picture showed.
@@ -141,12 +144,13 @@ def write_html(path: Path, title: str, rows: Sequence[Dict], info: Dict, section
 body {{ font-family: sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #bbb; padding: 4px 10px; text-align: right; }}
 th:first-child {{ text-align: left; }} td.error {{ color: #b00; text-align: left; }}
+.table-box {{ overflow-x: auto; max-width: 100%; }}
 .gallery img {{ max-width: 100%; margin: 6px 0; display: block; }}
 </style></head>
 <body data-broken-images="unknown">
 <h1>{html.escape(title)}</h1>
 <ul>{info_items}</ul>
-<table id="results"><thead><tr>{head_cells}</tr></thead><tbody>{''.join(body_rows)}</tbody></table>
+<div class="table-box"><table id="results"><thead><tr>{head_cells}</tr></thead><tbody>{''.join(body_rows)}</tbody></table></div>
 <p>Metrics are in [0, 1]; fit_s is the fit time in seconds, ms_per_image the test time per image, decoding
 included. Oracle and calibrated side by side: image_F1Score and pixel_F1Score use the best threshold for
 this very test set, which no production line has; the <code>*_calibrated</code> columns use the thresholds
