@@ -113,8 +113,7 @@ def test_the_refitted_gaussians_are_those_of_the_shipped_graphs_own_features(int
     mean, factor = refit_gaussians(model, train, pixels, tmp_path)
     assert not torch.allclose(mean, model.mean_, rtol=1e-3)  # int8 features are not f32 ones
     c = model.config_
-    scorer = PatchScorer(model.extractor_, model.channel_idx_, model.projection_, mean, factor, model.feature_hw_,
-                         c.input_size, c.sigma, c.mean, c.std).eval()
+    scorer = PatchScorer(model.embedder_, mean, factor, model.feature_hw_, c.sigma).eval()
     core, test = ov.Core(), np.stack(decoded([s.path for s in int8["category"].test], c))
     outputs = []
     for onnx_path in (tmp_path / "deltas.onnx", export_onnx(scorer, tmp_path / "shipped.onnx")[0]):

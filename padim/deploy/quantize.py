@@ -258,8 +258,7 @@ def export_int8(model_path, train_images: Sequence, output, weights: Optional[st
         if refit:
             config = model.config_
             mean, factor = refit_gaussians(model, fit_images, pixels, Path(work))
-            scorer = PatchScorer(model.extractor_, model.channel_idx_, model.projection_, mean, factor,
-                                 model.feature_hw_, config.input_size, config.sigma, config.mean, config.std).eval()
+            scorer = PatchScorer(model.embedder_, mean, factor, model.feature_hw_, config.sigma).eval()
 
         def step(onnx_path: Path, folder: Path, header: dict):
             import openvino as ov

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from padim.errors import DataError, PadimError
 from padim.pipeline.records import ignored_pixels, label as decided_label
-from padim.render import overlays
+from padim.render import overlays as render
 from padim.serve.batcher import BatcherClosed, QueueFull
 from padim.serve.monitoring import LogUnavailable, brief
 from padim.serve.schemas import ImageResult, Prediction, Problem
