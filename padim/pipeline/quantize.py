@@ -195,6 +195,18 @@ def refit_gaussians(model, fit_images: Sequence, pixels: Sequence[np.ndarray], w
     return mean8.float(), unpack_lower(packed, mean8.shape[1], torch.float32)
 
 
+def with_gaussians(model, mean, factor):
+    """The model's own ``PatchScorer`` (the same backbone, channels, tiles and ignore mask: what the
+    f32 graph computes) with other Gaussians: mean (P, d), factor (P, d, d)."""
+    from padim.core.scorer import PatchScorer
+    from padim.core.tiling import layout_of
+
+    config = model.config_
+    return PatchScorer(model.extractor_, model.channel_idx_, model.projection_, mean, factor, model.feature_hw_,
+                       config.input_size, config.sigma, config.mean, config.std, layout_of(config),
+                       getattr(model, "ignore_mask_", None)).eval()
+
+
 def score_pixels_with(session, pixels: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """An engine session over ``pixels`` in batches of ``SCORING_BATCH`` -> scores (n,), maps (n, H, W)."""
     scores, maps = [], []
@@ -238,7 +250,6 @@ def export_int8(model_path, train_images: Sequence, output, weights: Optional[st
     ``refit_gaussians``) and its thresholds recomputed with the int8 graph on its held-out images,
     all found in ``train_images`` (the training folder it was fitted on, sorted). Returns the folder."""
     from padim.core.estimator import PaDiM
-    from padim.core.scorer import PatchScorer
     from padim.pipeline.export import export_model, file_metadata, graph_key
 
     if int(n_images) < 1:
@@ -255,10 +266,8 @@ def export_int8(model_path, train_images: Sequence, output, weights: Optional[st
     Path(output).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=output) as work:  # the refit's graph (GBs at d = 550)
         if refit:
-            config = model.config_
             mean, factor = refit_gaussians(model, fit_images, pixels, Path(work))
-            scorer = PatchScorer(model.extractor_, model.channel_idx_, model.projection_, mean, factor,
-                                 model.feature_hw_, config.input_size, config.sigma, config.mean, config.std).eval()
+            scorer = with_gaussians(model, mean, factor)
 
         def step(onnx_path: Path, folder: Path, header: dict):
             import openvino as ov
