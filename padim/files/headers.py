@@ -32,10 +32,14 @@ def content_sha256(path) -> str:
 
 def calibration_image_hashes(images: Sequence) -> Optional[List[str]]:
     """``CALIBRATION_HASHES_KEY`` of a fit: the SHA-256 of each held-out image's file bytes, in order;
-    None when one of them is not a file (pixels given in memory: nothing could later prove which)."""
+    None when one of them is not a file (pixels given in memory: nothing could later prove which) or
+    cannot be read here (a cluster's fit whose images only its nodes see): never a failed fit."""
     if not all(isinstance(image, (str, os.PathLike)) for image in images):
         return None
-    return [content_sha256(image) for image in images]
+    try:
+        return [content_sha256(image) for image in images]
+    except OSError:
+        return None
 
 
 def number_or_none(value) -> bool:
