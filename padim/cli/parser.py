@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", choices=("f32", "int8"), default="f32",
                         help="int8: the backbone quantised (OpenVINO, NNCF) on the model's training images, the "
                              "Gaussian part f32, and the thresholds recomputed from int8 scores of the model's "
-                             "held-out images (needs --data-root and --category: the folder it was fitted on; "
-                             "pip install nncf) (default: f32)")
+                             "held-out images (needs --data-root and --category: the folder it was fitted on, found "
+                             "by the SHA-256 the model records; a model without: refit it; pip install nncf; default f32)")
     export.add_argument("--data-root", type=Path, default=None, help="with --precision int8: the model's data root")
     export.add_argument("--category", default=None, help="with --precision int8: the model's category folder")
     export.add_argument("--quantization-images", type=int, default=300, metavar="N",

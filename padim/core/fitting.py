@@ -26,6 +26,7 @@ from padim.core.statistics import FitStatistics, now
 from padim.core.tiling import embed_size, layout_of
 from padim.errors import DataError, PadimError
 from padim.files import modelfile
+from padim.files.headers import CALIBRATION_HASHES_KEY, calibration_image_hashes
 from padim.files.images import ImageInput, load_ignore_mask, pixel_batches
 from padim.files.memory import release_free_memory
 from padim.pipeline.predict import iter_scored
@@ -87,6 +88,7 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
             "calibration_fraction": float(model.calibration_fraction), "folds": model.folds,
             "target_pixel_fpr": float(model.target_pixel_fpr),
             "n_calibration_images": calibration.n if calibration else 0, "calibration_note": note,
+            CALIBRATION_HASHES_KEY: calibration_image_hashes(held_out),  # what an int8 export must find again
             "fit_seconds": time.perf_counter() - started,
             "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if calibration is not None:

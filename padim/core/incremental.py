@@ -72,8 +72,8 @@ def attach_statistics(model, statistics):
     model.check_fitted()
     mine = statistics_like(model)
     mine.check_compatible(statistics, "these statistics with this model")
-    if model.n_train_images_ is not None and statistics.count != model.n_train_images_:
-        raise StatisticsMismatchError(f"these statistics cover {statistics.count} images, the model was fitted "
+    if model.n_train_images_ is not None and statistics.n_images != model.n_train_images_:  # tiles counted apart
+        raise StatisticsMismatchError(f"these statistics cover {statistics.n_images} images, the model was fitted "
                                       f"on {model.n_train_images_}: they are not this model's")
     mean = statistics.mean().to(model.mean_.device)
     if not torch.allclose(mean.float(), model.mean_.float(), rtol=1e-5, atol=1e-5):
@@ -111,7 +111,7 @@ def fit_from_statistics(model, statistics, embedder: PatchEmbedder, started: flo
     packed = store_factor(packed, config.factor_dtype)
     fitted = hasattr(model, "mean_")
     info = {"weights_source": statistics.weights_source, "weights_sha256": statistics.weights_sha256,
-            "n_train_images": statistics.count, "fit_seconds": time.perf_counter() - started,
+            "n_train_images": statistics.n_images, "fit_seconds": time.perf_counter() - started,
             "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "calibration_note": "no calibration: fitted incrementally (partial_fit)", "n_calibration_images": 0}
     if fitted:

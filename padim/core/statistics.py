@@ -73,8 +73,15 @@ class FitStatistics:
 
     @property
     def count(self) -> int:
-        """Number of images the sums are over."""
+        """Number of samples the sums are over: images, or tiles with shared tile statistics (every
+        tile of every image is a sample of the same Gaussians; see ``n_images``)."""
         return self.accumulator.count
+
+    @property
+    def n_images(self) -> int:
+        """Number of images the sums are over: ``count`` / the tiles per image with shared tile
+        statistics (``samples_per_image``), else ``count``."""
+        return self.accumulator.count // samples_per_image(self.config)
 
     def mean(self) -> torch.Tensor:
         """(P, d) float64 mean embedding per position (cheap: no covariance)."""
@@ -198,8 +205,9 @@ class FitStatistics:
                    f"{config.input_size[0]}x{config.input_size[1]} ({layout.grid[0]}x{layout.grid[1]})")
         n_pos, d = layout.grid[0] * layout.grid[1], config.n_features
         count = meta.get("count")
-        if type(count) is not int or count < 1:
-            refuse(f"count must be a whole number >= 1, got {count!r}")
+        if type(count) is not int or count < 1 or count % samples_per_image(config):
+            refuse(f"count must be a whole number >= 1 (a multiple of the {samples_per_image(config)} tiles per "
+                   f"image with shared tile statistics), got {count!r}")
         for name in ("shift", "sum"):
             if tuple(tensors[name].shape) != (n_pos, d) or tensors[name].dtype != torch.float64:
                 refuse(f"tensor {name!r} is {tensors[name].dtype} {tuple(tensors[name].shape)}, expected float64 "
@@ -248,6 +256,16 @@ class FitStatistics:
                                                     *[None if t is None else t.to(device) for t in fourth])
         return cls(config, idx, tuple(layout.grid), accumulator, meta.get("weights_source"), sha,
                    meta.get("covers") or "", list(meta.get("history", [])), projection)
+
+
+def samples_per_image(config) -> int:
+    """What one image adds to a ``FitStatistics``' count: its T tiles with shared tile statistics
+    (``padim.settings.tile_geometry.n_tiles``), else 1 (per-position tiles are stacked into one sample)."""
+    if config.tile is None or config.tile_statistics != "shared":
+        return 1
+    from padim.settings.tile_geometry import n_tiles
+
+    return n_tiles(config)
 
 
 def _fourth(accumulator: GaussianAccumulator, apply) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

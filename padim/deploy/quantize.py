@@ -36,6 +36,7 @@ import numpy as np
 from padim.files.digests import file_sha256
 from padim.settings import calibration as cal
 from padim.errors import PadimError
+from padim.files.headers import CALIBRATION_HASHES_KEY
 from padim.files.images import load_pixels, prefetched
 from padim.deploy.export import ExportError, calibration_record
 from padim.deploy.export_folder import GRAPH_FILES
@@ -56,18 +57,24 @@ def int8_graph_key(key: str) -> str:
     return hashlib.sha256(f"{INT8_REVISION}:{key}".encode()).hexdigest()
 
 
-def images_digest(images: Sequence) -> str:
-    """SHA-256 over the bytes of ``images`` in order: which training folder calibrated an export."""
+def images_digest(images: Sequence, hashes: Optional[Sequence[str]] = None) -> str:
+    """SHA-256 over the bytes of ``images`` in order: which training folder calibrated an export.
+    hashes: each image's ``file_sha256``, when already computed."""
     digest = hashlib.sha256(str(len(images)).encode())
-    for image in images:
-        digest.update(file_sha256(image).encode())
+    for image, sha in zip(images, hashes if hashes is not None else [None] * len(images)):
+        digest.update((sha or file_sha256(image)).encode())
     return digest.hexdigest()
 
 
-def held_out_split(metadata: dict, images: Sequence) -> Tuple[list, list]:
+def held_out_split(metadata: dict, images: Sequence, hashes: Optional[Sequence[str]] = None) -> Tuple[list, list]:
     """(the fit's images, its held-out calibration images) of the training folder ``images`` (sorted,
-    as ``data.mvtec.find_category`` lists them), as the model's own fit split them. Refuses a folder
-    that is not the one the model was fitted on (other counts), and models without a hold-out."""
+    as ``data.mvtec.find_category`` lists them), as the model's own fit split them. The held-out
+    images are found by their content (the SHA-256 of their bytes, ``hashes``: computed here when not
+    given) against those the model file records (``CALIBRATION_HASHES_KEY``, written by the fit), in
+    the fit's order. Refuses, in one line and before any work: a folder that is not the one the
+    model was fitted on (other counts, or one of the held-out images missing), models without a
+    hold-out (cross-fitted), and models that record no hashes (older files, or fitted from pixels
+    in memory: refit them from image files)."""
     images = list(images)
     n_fit, n_held = metadata.get("n_train_images"), metadata.get("n_calibration_images") or 0
     if metadata.get("calibration_method") == "cv":
@@ -79,8 +86,25 @@ def held_out_split(metadata: dict, images: Sequence) -> Tuple[list, list]:
         raise PadimError(f"`data_root`/`category`: its {len(images)} training images are not the ones the model was "
                          f"fitted on ({n_fit} fitted + {n_held} held out); int8 thresholds need the same held-out "
                          "images")
-    fit, held = cal.split_indices(len(images), n_held, int(metadata["config"]["seed"]))
-    return [images[i] for i in fit], [images[i] for i in held]
+    if not n_held:
+        fit, _ = cal.split_indices(len(images), 0, int(metadata["config"]["seed"]))
+        return [images[i] for i in fit], []
+    recorded = metadata.get(CALIBRATION_HASHES_KEY)
+    if not isinstance(recorded, list) or len(recorded) != n_held:
+        raise PadimError(f"`precision` int8: the model file records no SHA-256 of its {n_held} held-out calibration "
+                         "images (fitted by an older padim, or from pixels in memory), so nothing proves which images "
+                         "would calibrate the int8 thresholds: refit it from the image files")
+    hashes = [file_sha256(image) for image in images] if hashes is None else list(hashes)
+    where: dict = {}
+    for index, sha in enumerate(hashes):
+        where.setdefault(sha, []).append(index)
+    held = [where[sha].pop(0) for sha in recorded if where.get(sha)]
+    if len(held) != n_held:
+        raise PadimError(f"`data_root`/`category`: {n_held - len(held)} of the model's {n_held} held-out calibration "
+                         "images are not in it (found by their SHA-256): not the folder the model was fitted on; int8 "
+                         "thresholds need the model's own held-out images")
+    chosen = set(held)
+    return [image for i, image in enumerate(images) if i not in chosen], [images[i] for i in held]
 
 
 def _nncf():
@@ -196,6 +220,14 @@ def refit_gaussians(model, fit_images: Sequence, pixels: Sequence[np.ndarray], w
     return mean8.float(), unpack_lower(packed, mean8.shape[1], torch.float32)
 
 
+def with_gaussians(model, mean, factor):
+    """The model's own ``PatchScorer`` (the same backbone, channels, tiles and ignore mask: what the
+    f32 graph computes) with other Gaussians: mean (P, d), factor (P, d, d)."""
+    from padim.core.scorer import PatchScorer
+
+    return PatchScorer(model.embedder_, mean, factor, model.feature_hw_, model.config_.sigma).eval()
+
+
 def score_pixels_with(session, pixels: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """An engine session over ``pixels`` in batches of ``SCORING_BATCH`` -> scores (n,), maps (n, H, W)."""
     scores, maps = [], []
@@ -207,14 +239,17 @@ def score_pixels_with(session, pixels: Sequence[np.ndarray]) -> Tuple[np.ndarray
 
 
 def int8_header(metadata: dict, scores: Optional[np.ndarray], maps: Optional[np.ndarray],
-                pixel_target: float = cal.DEFAULT_TARGET_PIXEL_FPR, keep: Optional[np.ndarray] = None) -> dict:
+                pixel_target: float = cal.DEFAULT_TARGET_PIXEL_FPR, keep: Optional[np.ndarray] = None,
+                held_out_sha256: Optional[Sequence[str]] = None) -> dict:
     """The model header of an int8 export: ``metadata`` (the model file's) with every threshold,
     source and calibration score replaced by those of the int8 scores of the held-out images
     (``scores`` (n,), ``maps`` (n, H, W)), at the model's target FPR and ``pixel_target`` (the
     header's, else the loaded model's); none when the model has no calibration images. keep:
     (H, W) bool, the pixels that count (a model with an ignore mask: the others are not in the
-    pixel quantiles, as in its fit)."""
-    header = {**metadata, "stale_images": None, "calibrated_sources": None, "thresholds_note": None}
+    pixel quantiles, as in its fit). held_out_sha256: the SHA-256 of the images ``scores`` are of,
+    recorded as the header's ``CALIBRATION_HASHES_KEY``: which images calibrated this export."""
+    header = {**metadata, "stale_images": None, "calibrated_sources": None, "thresholds_note": None,
+              CALIBRATION_HASHES_KEY: None if held_out_sha256 is None else list(held_out_sha256)}
     thresholds = dict.fromkeys(("image_threshold", "pixel_threshold", "threshold_source", "pixel_threshold_source"))
     if scores is None or not len(scores):
         return {**header, **thresholds, "calibration": None,
@@ -239,26 +274,26 @@ def export_int8(model_path, train_images: Sequence, output, weights: Optional[st
     ``refit_gaussians``) and its thresholds recomputed with the int8 graph on its held-out images,
     all found in ``train_images`` (the training folder it was fitted on, sorted). Returns the folder."""
     from padim.core.estimator import PaDiM
-    from padim.core.scorer import PatchScorer
     from padim.deploy.export import export_model, file_metadata, graph_key
 
     if int(n_images) < 1:
         raise PadimError(f"`quantization_images` must be at least 1, got {n_images}")
     _nncf()
     metadata, key = file_metadata(model_path), graph_key(model_path)
-    fit_images, held_out = held_out_split(metadata, train_images)
+    hashes = [file_sha256(image) for image in train_images]  # every image read once, before any other work
+    fit_images, held_out = held_out_split(metadata, train_images, hashes)
+    sha_of = dict(zip(map(str, train_images), hashes))
     if model is None:
         model = PaDiM.load(model_path, device="cpu", weights=weights)
     chosen = sorted(set(np.linspace(0, len(fit_images) - 1, min(int(n_images), len(fit_images))).round().astype(int)))
     pixels = decoded([fit_images[i] for i in chosen], model.config_)
-    digest = images_digest(train_images)
+    digest = images_digest(train_images, hashes)
     scorer = None
     Path(output).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=output) as work:  # the refit's graph (GBs at d = 550)
         if refit:
-            config = model.config_
             mean, factor = refit_gaussians(model, fit_images, pixels, Path(work))
-            scorer = PatchScorer(model.embedder_, mean, factor, model.feature_hw_, config.sigma).eval()
+            scorer = with_gaussians(model, mean, factor)
 
         def step(onnx_path: Path, folder: Path, header: dict):
             import openvino as ov
@@ -277,7 +312,8 @@ def export_int8(model_path, train_images: Sequence, output, weights: Optional[st
                                    else "the model file's (fitted on f32 features)"))
             keep = model.scorer_.keep
             header = int8_header(header, scores, maps, model.target_pixel_fpr,
-                                 None if keep is None else keep.bool().cpu().numpy())
+                                 None if keep is None else keep.bool().cpu().numpy(),
+                                 [sha_of[str(image)] for image in held_out])
             return [xml, xml.with_suffix(".bin")], header, {PRECISION_KEY: "int8", QUANTIZATION_KEY: done}
 
         return export_model(model, output, "openvino", metadata=metadata, key=int8_graph_key(key), graph_step=step,

@@ -9,10 +9,29 @@ Each check gets ``refuse(reason)``, which raises the caller's error naming its f
 from __future__ import annotations
 
 import math
+import os
 import re
-from typing import Callable
+from typing import Callable, List, Optional, Sequence
+
+from padim.files.digests import file_sha256
 
 LAYOUT_KEY = "layout"  # see padim.io
+# SHA-256 of the bytes of each held-out calibration image, in the fit's order (None: they were not
+# files); an int8 export finds them by these in the folder it is given (padim.deploy.quantize)
+CALIBRATION_HASHES_KEY = "calibration_images_sha256"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def calibration_image_hashes(images: Sequence) -> Optional[List[str]]:
+    """``CALIBRATION_HASHES_KEY`` of a fit: the SHA-256 of each held-out image's file bytes, in order;
+    None when one of them is not a file (pixels given in memory: nothing could later prove which) or
+    cannot be read here (a cluster's fit whose images only its nodes see): never a failed fit."""
+    if not all(isinstance(image, (str, os.PathLike)) for image in images):
+        return None
+    try:
+        return [file_sha256(image) for image in images]
+    except OSError:
+        return None
 
 
 def number_or_none(value) -> bool:
@@ -83,6 +102,10 @@ def check_fields(metadata: dict, refuse: Callable[[str], None]) -> None:
         value = metadata.get(key)
         if value is not None and not (number_or_none(value) and 0 <= value < 1):
             refuse(f"{key} must be a number in [0, 1), got {value!r}")
+    hashes = metadata.get(CALIBRATION_HASHES_KEY)
+    if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, str) and _SHA256.fullmatch(h)
+                                                                    for h in hashes)):
+        refuse(f"{CALIBRATION_HASHES_KEY} must be a list of SHA-256 digests (64 hexadecimal digits) or null")
     sha = metadata.get("weights_sha256")
     if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
         refuse(f"weights_sha256 must be 64 hexadecimal digits, got {sha!r}")

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from padim.settings.config import COVARIANCES, REDUCTIONS, PadimConfig
 from padim.settings.backbone_table import entry, is_weights_file
-from padim.settings.tile_geometry import embed_size, fitted_grid, tile_boxes
+from padim.settings.config import COVARIANCES, REDUCTIONS, PadimConfig
+from padim.settings.tile_geometry import count_tiles, embed_size, fitted_grid, tile_count_problem
 from padim.errors import PadimError
 
 # Seeds torch's generators accept (torch.Generator().manual_seed, torch.manual_seed).
@@ -149,13 +149,11 @@ def fit_memory_estimate(layout: Layout, d: int, input_size: Tuple[int, int], bat
                         factor_bytes: int = 4, tiles: int = 1, shared: bool = False) -> int:
     """A lower bound of the bytes a fit needs at its peak.
 
-    The float64 running sums hold P x d (d + 1) / 2 lower triangles (x 8 bytes; the covariance itself
-    would be P x d^2 x 8) and P x (d + 1) fourth-moment sums, the factor as many entries in its storage
-    dtype, plus the backbone's stage
-    outputs for the images of one forward pass (8 at a time on the CPU, the batch on a GPU) in float32
-    and the batch's (B, P, d) embeddings. With T ``tiles`` (``layout`` and ``input_size`` then a
-    tile's) a forward pass sees tiles, and the statistics cover T P positions unless ``shared``.
-    """
+    The running sums hold P x d (d + 1) / 2 lower triangles and P x (d + 1) fourth-moment sums in
+    float64, the factor as many entries in its storage dtype, plus the backbone's stage outputs for
+    one forward pass (8 images at a time on the CPU, the batch on a GPU) in float32 and the batch's
+    (B, P, d) embeddings. With T ``tiles`` (``layout``, ``input_size``: a tile's) a forward pass
+    sees tiles, and the statistics cover T P positions unless ``shared``."""
     tile_positions = layout.grid[0] * layout.grid[1]
     positions = tile_positions * (1 if shared else tiles)
     triangle = d * (d + 1) // 2
@@ -179,7 +177,7 @@ def check_fit_memory(backbone: str, layers: Sequence[str], d: int, image_size: T
     input_size = crop or image_size
     available = available_memory(device) if available is None else available
     if tile is not None:
-        tiles = len(tile_boxes(input_size, tile, tile_overlap))
+        tiles = count_tiles(input_size, tile, tile_overlap)  # counted, never listed
         layout = feature_layout(backbone, layers, (tile, tile))
         needed = fit_memory_estimate(layout, d, (tile, tile), batch_size, device, factor_bytes, tiles, shared)
         if available is not None and needed > available:
@@ -276,6 +274,8 @@ def check_tiles(tile, tile_overlap, tile_statistics: str, size: Tuple[int, int],
         raise PadimError(f"`tile_overlap` must be a whole number from 0 to {tile - 1}, got {overlap!r}")
     if tile_statistics not in ("position", "shared"):
         raise PadimError(f"`tile_statistics` must be position or shared, got {tile_statistics!r}")
+    if (problem := tile_count_problem(size, tile, overlap)) is not None:  # arithmetic: nothing listed first
+        raise PadimError(f"`tile`/`tile_overlap`: {problem}")
     return int(overlap)
 
 

@@ -1,13 +1,45 @@
 """The geometry of tiles, as arithmetic (torch-free: the runtime and the option checks use it):
 where tiles start, how many a picture has, the size a backbone pass sees and the fitted grid.
 See ``padim.core.tiling`` for what tiles are for and how their maps are stitched.
+
+How many tiles a geometry makes is counted (``count_tiles``), never listed, and refused above
+``MAX_TILES`` (``tile_count_problem``) before anything is built from it: 8192 px pictures in tiles
+of 32 px that overlap by 31 are 66 million tiles (5 GB of box tuples before a single pixel).
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 TILE_STATISTICS = ("position", "shared")
+# tiles per picture at most: 4096 is 64 x 64 tiles (a 14000 px side in tiles of 256 with the default
+# overlap); each is a backbone pass per picture, and per-position statistics hold T x P Gaussians
+MAX_TILES = 4096
+
+
+def tiles_along(length: int, tile: int, overlap: int) -> int:
+    """``len(tile_starts(length, tile, overlap))``, by arithmetic: the starts 0, S - O, ... up to
+    length - S, and one more flush with the end when the stride does not land there."""
+    if tile > length:
+        raise ValueError(f"tile {tile} is larger than the picture's side {length}")
+    stride, span = tile - overlap, length - tile
+    return span // stride + 1 + (span % stride != 0)
+
+
+def count_tiles(size: Tuple[int, int], tile: int, overlap: int) -> int:
+    """T, the tiles of a (H, W) picture, counted without listing them."""
+    return tiles_along(size[0], tile, overlap) * tiles_along(size[1], tile, overlap)
+
+
+def tile_count_problem(size: Tuple[int, int], tile: int, overlap: int) -> Optional[str]:
+    """Why a valid tile geometry (tile within the picture, 0 <= overlap < tile) cannot be used: more
+    than ``MAX_TILES`` tiles per picture; None when it can. Arithmetic only."""
+    count = count_tiles(size, tile, overlap)
+    if count <= MAX_TILES:
+        return None
+    return (f"{size[0]}x{size[1]} pictures in tiles of {tile} px overlapping by {overlap} px make {count} tiles per "
+            f"picture, more than padim's limit of {MAX_TILES}: use a larger tile, a smaller overlap or a smaller "
+            "image size")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
@@ -35,7 +67,7 @@ def n_tiles(config) -> int:
     """T for a configuration (1 without tiles)."""
     if config.tile is None:
         return 1
-    return len(tile_boxes(config.input_size, config.tile, config.tile_overlap))
+    return count_tiles(config.input_size, config.tile, config.tile_overlap)
 
 
 def embed_size(config) -> Tuple[int, int]:

@@ -95,6 +95,12 @@ def validate_config_dict(data, where: str = "model file") -> PadimConfig:
         refuse(f"tile_overlap must be a whole number from 0 to {(tile or 1) - 1}, got {overlap!r}")
     if fields["tile_statistics"] not in ("position", "shared"):
         refuse(f"tile_statistics must be position or shared, got {fields['tile_statistics']!r}")
+    if tile is not None:
+        from padim.settings.tile_geometry import tile_count_problem
+
+        problem = tile_count_problem(image_size, tile, overlap)  # counted before any layout is built from it
+        if problem is not None:
+            refuse(f"tile geometry: {problem}")
     try:
         check_blur(fields["sigma"], crop or image_size if tile is None else (tile, tile))
     except PadimError as exc:
