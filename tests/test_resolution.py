@@ -64,3 +64,22 @@ def test_predict_at_original_resolution_keeps_the_ignore_region_out(synthetic_ro
     assert result.maps[0].shape == (110, 150)
     assert not result.maps[0][full_ignore].any() and result.maps[0][~full_ignore].min() > 0
     assert not result.masks[0][full_ignore].any() and result.masks[0][~full_ignore].all()
+
+
+def test_an_export_carries_the_ignore_mask_and_keeps_it_out_at_full_size(synthetic_root, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed (pip install '.[export]')")
+    pytest.importorskip("onnxscript", reason="the export extra is not installed (pip install '.[export]')")
+    from padim.deploy.cache import export_file
+    from padim.runtime import ExportedModel
+
+    train = sorted((synthetic_root / "fabric" / "train" / "good").glob("*.png"))
+    roi = np.zeros((64, 64), dtype=bool)
+    roi[:, 44:] = True
+    model = PaDiM(**FAST, ignore_mask=roi, calibration_fraction=0).fit(train)
+    model.save(tmp_path / "m.safetensors")
+    exported = ExportedModel(export_file(tmp_path / "m.safetensors", "onnx", tmp_path / "export", model=model))
+    np.testing.assert_array_equal(exported.ignore_mask_, roi)
+    picture = np.asarray(Image.open(train[1]).convert("RGB").resize((90, 70)))
+    result = exported.predict([picture], original_resolution=True, pixel_threshold=1e-6)
+    full_ignore = ignore_at(roi, (70, 90))
+    assert not result.masks[0][full_ignore].any() and result.masks[0][~full_ignore].all()

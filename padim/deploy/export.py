@@ -36,13 +36,16 @@ from padim.files.digests import file_sha256
 from padim.version import __version__
 from padim.errors import PadimError
 # the format of export folders, shared with their torch-free reader (padim.deploy.exported.read_export)
-from padim.deploy.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES, INPUT_NAME, METADATA_FILE,
-                      OUTPUT_NAMES, EngineError, check_model_record, checksummed_json, declared_io)
+from padim.deploy.export_folder import (IGNORE_KEY, EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES, INPUT_NAME, METADATA_FILE,
+                      OUTPUT_NAMES, EngineError, check_model_record, checksummed_json, declared_io, ignore_record)
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf stops at 2 GB)
-GRAPH_TENSORS = ("mean", "precision_factor_packed", "channel_idx", "projection")  # what the graph is built from
+# what the graph is built from (the ignore mask too: its region is 0 in the maps, and padim.json carries it)
+GRAPH_TENSORS = ("mean", "precision_factor_packed", "channel_idx", "projection", "ignore_mask")
+OPTIONAL_TENSORS = ("projection", "ignore_mask")  # in the key only when the model has them
 # the graph traced from those tensors (padim.core.lean): a new revision makes cached exports of the old one stale
-GRAPH_REVISION = "lean-1"
+# (lean-2: padim.json carries the ignore mask)
+GRAPH_REVISION = "lean-2"
 
 EXPORT_INSTALL_HINT = 'pip install "padim[export]"'
 OPENVINO_INSTALL_HINT = 'pip install "padim[openvino]"'
@@ -160,7 +163,7 @@ def graph_key(model_path) -> str:
     header, header_bytes = read_header(model_path)
     meta = read_metadata(model_path)
     identity = {key: meta.get(key) for key in ("config", "feature_hw", "weights_source", "weights_sha256")}
-    tensors = {name: header.get(name) for name in GRAPH_TENSORS if name in header or name != "projection"}
+    tensors = {name: header.get(name) for name in GRAPH_TENSORS if name in header or name not in OPTIONAL_TENSORS}
     digest = hashlib.sha256(json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "graph": GRAPH_REVISION,
                                         "model": identity, "tensors": tensors}, sort_keys=True).encode())
     with open(model_path, "rb") as handle:
@@ -243,6 +246,8 @@ def export_model(model, folder, fmt: str = "onnx", metadata: Optional[dict] = No
                 raise ExportError(str(exc)) from None
         elif fmt == "openvino":
             files = onnx_to_openvino(files[0], work / GRAPH_FILES["openvino"])
+        if getattr(model, "ignore_mask_", None) is not None:  # maps at a picture's size keep the region out
+            extra = {**(extra or {}), IGNORE_KEY: ignore_record(model.ignore_mask_.cpu().numpy())}
         files.append(write_metadata(work, fmt, graph, metadata, key, files, extra))
         for stale in list(GRAPH_FILES.values()) + ["model.onnx.data", "model.bin", METADATA_FILE]:
             if (folder / stale).exists():

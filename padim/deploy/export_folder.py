@@ -30,6 +30,7 @@ INPUT_NAME, OUTPUT_NAMES = "pixels", ("maps", "scores")
 EXPORT_PRECISIONS = ("f32", "int8")  # what a graph is ("precision"; absent: f32); int8 graphs are OpenVINO IR
 CHECKSUM_KEY = "checksum"  # padim.json's own: "sha256:<hex>" of its bytes with those 64 digits read as "0"
 FILES_SHA256_KEY = "sha256"  # file name -> SHA-256 (hex) of that file's bytes
+IGNORE_KEY = "ignore_mask"  # the model's ignore mask (ignore_record), for maps and masks at full size
 _CHECKSUM_PREFIX = "sha256:"
 _CHECKSUM_PLACEHOLDER = _CHECKSUM_PREFIX + "0" * 64
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -143,7 +144,29 @@ def read_export(folder) -> dict:
             said = said if len(said) <= 120 else said[:117] + "..."
             raise EngineError(f"export {folder}: {METADATA_FILE} declares the graph's {key} as {said}, not what the "
                               f"graph of a {height}x{width} model has; {again}")
+    if IGNORE_KEY in record and ignore_from_record(record[IGNORE_KEY], (height, width)) is None:
+        raise EngineError(f"export {folder}: {METADATA_FILE}'s {IGNORE_KEY} is not a {height}x{width} mask; {again}")
     return record
+
+
+def ignore_record(ignore) -> dict:
+    """An (H, W) bool ignore mask as JSON: its shape and the lengths of its runs, row by row, the first
+    run of pixels that count (0 when the first pixel is ignored). A few hundred numbers for a region."""
+    flat = np.asarray(ignore, dtype=bool).ravel()
+    edges = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]]))
+    return {"shape": list(np.shape(ignore)), "runs": ([0] if flat[0] else []) + runs.astype(int).tolist()}
+
+
+def ignore_from_record(value, size) -> Optional[np.ndarray]:
+    """``ignore_record``'s inverse -> (H, W) bool; None when ``value`` is not the mask of a picture of
+    ``size`` (a checked file is never trusted: the shape, the runs' types and their sum)."""
+    if not (isinstance(value, dict) and value.get("shape") == list(size) and isinstance(value.get("runs"), list)
+            and all(type(run) is int and run >= 0 for run in value["runs"])
+            and sum(value["runs"]) == size[0] * size[1]):
+        return None
+    values = np.arange(len(value["runs"])) % 2 == 1  # runs alternate: counted, ignored, counted, ...
+    return np.repeat(values, value["runs"]).reshape(size)
 
 
 def check_model_record(metadata: dict, folder):

@@ -22,9 +22,9 @@ import numpy as np
 
 from padim.settings import calibration as cal
 from padim.errors import PadimError
-from padim.deploy.export_folder import (EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES,  # noqa: F401
+from padim.deploy.export_folder import (IGNORE_KEY, EXPORT_FORMAT, EXPORT_VERSION, FILES_SHA256_KEY, GRAPH_FILES,  # noqa: F401
                                           INPUT_NAME, METADATA_FILE, OUTPUT_NAMES, EngineError, check_model_record,
-                                          checksummed_json, declared_io, read_export)
+                                          checksummed_json, declared_io, ignore_from_record, read_export)
 from padim.deploy.sessions import ENGINES, PRECISIONS, check_signature, open_session  # noqa: F401
 
 RuntimeResult = cal.PadimResult  # what ExportedModel.predict returns: the same fields as PaDiM.predict's
@@ -61,6 +61,8 @@ class ExportedModel:
         for key in ("image_threshold", "pixel_threshold", "threshold_source", "pixel_threshold_source", "target_fpr",
                     "weights_source", "category", "thresholds_from"):
             setattr(self, f"{key}_", self.metadata.get(key))
+        # (H, W) bool, the pixels that never count (their maps are 0 in the graph; kept out at full size too)
+        self.ignore_mask_ = ignore_from_record(self.export_record.get(IGNORE_KEY), self.config_.input_size)
         self.engine, self.precision = engine, precision
         self.batch_size, self.workers, self.progress = int(batch_size), workers, progress
         self.session = open_session(folder, self.export_record, engine, precision, threads)

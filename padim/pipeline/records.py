@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+
+import numpy as np
 from typing import Optional
 
 from padim.settings.calibration import OperatingPoint, labels_at
@@ -62,7 +64,8 @@ def json_line(record: dict) -> str:
 
 
 def ignored_pixels(model):
-    """(H, W) bool NumPy array of the pixels ``model`` never counts (its ignore mask), or None: what
-    pictures hatch and pixel metrics leave out. Engines without the mask (an export alone) give None."""
+    """(H, W) bool NumPy array of the pixels ``model`` never counts (its ignore mask: a torch engine's
+    tensor, an export's array from its padim.json), or None: what pictures hatch, pixel metrics and
+    full-size maps leave out."""
     mask = getattr(model, "ignore_mask_", None)
-    return None if mask is None else mask.cpu().numpy()
+    return None if mask is None else np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, dtype=bool)
