@@ -143,7 +143,7 @@ def test_absurd_shapes_are_refused_before_any_tensor_is_read(fitted, tmp_path, m
 
     bad = tmp_path / "huge.safetensors"
     bad.write_bytes(assemble(header, body))
-    monkeypatch.setattr(padim.files.safetensors_io, "safe_open", lambda *a, **k: pytest.fail("tensors were read"))
+    monkeypatch.setattr(padim.files.safetensors_io, "tensors_of", lambda *a, **k: pytest.fail("tensors were read"))
     assert "does not match" in _one_line_refusal(bad)
 
 

@@ -37,6 +37,7 @@ from PIL import Image
 
 from padim.errors import DataError
 from padim.files.memory import release_free_memory
+from padim.files.paths import NotRegularFile, not_regular, open_regular
 
 FAST_RATIO = 4  # reduce early only when the picture is more than this many times the wanted size
 REDUCE_MARGIN = 2  # ... and keep at least this many times the wanted size for the final resize
@@ -82,15 +83,19 @@ def _orientation(img: Image.Image) -> int:
 def _open_file(path) -> Tuple[Image.Image, object]:
     """Image.open (header only, lazy) with padim's size limit in place of Pillow's warning/error.
 
-    Returns the image and the open file, for the caller to close after ``load``. Pillow is given a
+    Returns the image and the open file, for the caller to close after ``load``. Only a regular
+    file is opened (``padim.files.paths.open_regular``): a FIFO, a socket or a device is refused in
+    one line saying what it is, without blocking. Pillow is given a
     file object, not the name: from a name it memory-maps uncompressed TIFFs and (Pillow 13) then
     decodes those with EXIF orientation 5-8 into the wrong shape.
     """
     try:
-        fp = open(path, "rb")
+        fp = open_regular(path)  # a FIFO or a device is refused, never opened (opening a FIFO blocks)
     except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
-    except OSError as exc:  # a folder, no permission, ...
+        raise DataError(f"image {path} {not_regular(path) or 'does not exist'}") from None
+    except NotRegularFile as exc:  # a folder, a FIFO, a socket, a device
+        raise DataError(f"image {path} {exc}") from None
+    except OSError as exc:  # no permission, ...
         raise DataError(f"cannot read image {path}: {exc.strerror or _one_line(exc)}") from None
     try:
         with _OPEN_LOCK, warnings.catch_warnings():

@@ -11,9 +11,12 @@ BLOCK = 1 << 20  # read 1 MiB at a time: any file size in constant memory
 
 
 def file_sha256(path: Union[str, os.PathLike]) -> str:
-    """The hex SHA-256 of a file's bytes, read in blocks."""
+    """The hex SHA-256 of a file's bytes, read in blocks. Raises OSError (``paths.NotRegularFile`` for a
+    FIFO or a device: never opened in a way that blocks)."""
+    from padim.files.paths import open_regular
+
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -96,7 +96,9 @@ def write(path, content: ModelContent) -> None:
 
 
 def read(path) -> ModelContent:
-    """Reads and checks a model file; raises ModelFileError naming the problem."""
+    """Reads and checks a model file (a path, or its bytes already read: ``safetensors_read.ModelBytes``);
+    raises ModelFileError naming the problem. The file is read into memory once and the tensors are
+    made from those bytes (views of them on the CPU): changing the file afterwards changes nothing."""
     tensors, meta = model_io.load(path, TENSOR_RANKS)
     config, feature_hw = model_io.verify(path, tensors, meta)  # contents checked against each other, not trusted
     mean, packed, channel_idx = tensors["mean"], tensors["precision_factor_packed"], tensors["channel_idx"]
@@ -118,7 +120,9 @@ def _calibration(path, tensors: Dict[str, torch.Tensor], info: Dict[str, Any]) -
         return None
     if len(present) != len(CALIBRATION_TENSORS) or info.get("calibration_method") not in CALIBRATION_METHODS:
         raise ModelFileError(f"model file {path}: its calibration data is incomplete")
-    arrays = {attribute: tensors[name].to(torch.float64).numpy() for name, attribute in CALIBRATION_TENSORS.items()}
+    # copies: a view would keep the whole file's bytes alive (padim.files.safetensors_read) on a GPU model
+    arrays = {attribute: tensors[name].to(torch.float64).numpy().copy()
+              for name, attribute in CALIBRATION_TENSORS.items()}
     scores, levels, quantiles = arrays["image_scores"], arrays["pixel_levels"], arrays["pixel_quantiles"]
     if not calibration_is_valid(scores, levels, quantiles):
         raise ModelFileError(f"model file {path}: its calibration data is damaged")

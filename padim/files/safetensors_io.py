@@ -2,13 +2,15 @@
 
 Loading reads raw tensor bytes and JSON, never a pickle, so opening a model file cannot run code.
 
-A model file is checked, not trusted:
-- before any tensor is read, the safetensors header is parsed here and every tensor's dtype, shape
-  and byte range are checked against each other and against the file's size, so a damaged or
-  hostile header can never make padim allocate more than the file holds;
-- the header carries ``checksum``: "sha256:<hex>", the SHA-256 of the whole file with those 64 hex
-  digits read as "0": one flipped bit anywhere in the file is a refusal, not a different model
-  (files written before the checksum existed have none and are loaded without that check);
+A model file is read into memory once (``padim.files.safetensors_read``: never kept open or mapped,
+so a file written or truncated later changes nothing loaded from it), and checked, not trusted:
+- before the file is read, its safetensors header is parsed and every tensor's dtype, shape and
+  byte range are checked against each other and against the file's size, so a damaged or hostile
+  header can never make padim allocate more than the file holds;
+- the header carries ``checksum``: "sha256:<hex>", the SHA-256 of the whole file (the bytes in
+  memory, the ones the tensors are made from) with those 64 hex digits read as "0": one flipped bit
+  anywhere in the file is a refusal, not a different model (files written before the checksum
+  existed have none and are loaded without that check);
 - ``verify`` then checks the contents against each other: the config (``validate_config_dict``),
   the feature grid and tensor shapes the backbone, layers, d and image size imply, the channel
   indices, finiteness, thresholds.
@@ -21,16 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
-from safetensors import safe_open
 
-from padim.files.atomic import atomic_write
 from padim.errors import ModelFileError
+from padim.files.atomic import atomic_write
+from padim.files.safetensors_read import (DTYPES, MAX_HEADER_BYTES, ModelBytes, read_file, read_header,  # noqa: F401
+                                          tensors_of)
 from padim.files.headers import LAYOUT_KEY, check_fields, check_header
 from padim.files.headers import layout_record as _layout_record
 
@@ -44,14 +46,9 @@ CHECKSUM_KEY = "checksum"
 _CHECKSUM_PREFIX = "sha256:"
 _CHECKSUM_PLACEHOLDER = _CHECKSUM_PREFIX + "0" * 64
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 _BLOCK = 16 << 20
 
-# safetensors dtype names <-> torch dtypes (those padim writes, and a few it may meet)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------------------- saving
@@ -100,54 +97,10 @@ def save(path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- loading
-def read_header(path) -> Tuple[dict, int]:
-    """The safetensors header of ``path`` and its length in bytes, after checking that every tensor's
-    dtype, shape and byte range agree and exactly tile the rest of the file. Reads only the header."""
-    path = Path(path)
-    corrupted = f"model file {path} is truncated, corrupted or not a safetensors file"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or n > min(MAX_HEADER_BYTES, size - 8):
-                raise ModelFileError(f"{corrupted} (header length {n} does not fit a {size}-byte file)")
-            header = json.loads(handle.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ModelFileError(f"{corrupted} (its header is not JSON: {exc})") from None
-    except OSError as exc:
-        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from None
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{corrupted} (its header is not a JSON object)")
-    ranges = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
-                raise ModelFileError(f"{corrupted} (its metadata is not a map of strings)")
-            continue
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise ModelFileError(f"{corrupted} (tensor {name!r} has a malformed entry)")
-        shape, offsets = entry["shape"], entry["data_offsets"]
-        if (entry["dtype"] not in _DTYPES or not isinstance(shape, list) or not isinstance(offsets, list)
-                or len(offsets) != 2 or not all(_is_count(v) for v in shape + offsets)):
-            raise ModelFileError(f"{corrupted} (tensor {name!r} has a bad dtype, shape or offsets)")
-        nbytes = math.prod(shape) * _DTYPES[entry["dtype"]].itemsize
-        if offsets[1] - offsets[0] != nbytes:
-            raise ModelFileError(f"{corrupted} (tensor {name!r}: shape {shape} does not match its {offsets[1] - offsets[0]} bytes)")
-        ranges.append(tuple(offsets))
-    position = 0
-    for start, stop in sorted(ranges):
-        if start != position:
-            raise ModelFileError(f"{corrupted} (tensor byte ranges overlap or leave gaps)")
-        position = stop
-    if 8 + n + position != size:
-        raise ModelFileError(f"{corrupted} (its tensors need {8 + n + position} bytes, the file has {size})")
-    return header, n
-
-
 def read_metadata(path) -> dict:
     """A model file's padim metadata (its JSON header) as written, without reading any tensor or
-    verifying the file: for tools that copy it (``padim.deploy.export``); ``load`` is the checked reader."""
+    verifying the file: for tools that copy it (``padim.deploy.export``); ``load`` is the checked reader.
+    ``path``: a path or ``ModelBytes``."""
     header, _ = read_header(path)
     raw = header.get("__metadata__", {}).get(_METADATA_KEY)
     if raw is None:
@@ -158,35 +111,36 @@ def read_metadata(path) -> dict:
         raise ModelFileError(f"model file {path} has corrupted metadata ({exc})") from None
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < (1 << 50)
-
-
-def file_checksum(path, header_bytes: int, stored: str) -> str:
-    """SHA-256 of the file with the stored digest (inside the header) read as zeros."""
-    with open(path, "rb") as handle:
-        head = bytearray(handle.read(8 + header_bytes))
-        where = bytes(head).rfind(stored.encode())
-        if where >= 0:
-            start = where + len(_CHECKSUM_PREFIX)
-            head[start : start + 64] = b"0" * 64
-        digest = hashlib.sha256(head)
-        for block in iter(lambda: handle.read(_BLOCK), b""):
-            digest.update(block)
+def _checksum(data: bytearray, header_bytes: int, stored: str) -> str:
+    """SHA-256 of a file's bytes with the stored digest (inside the header) read as zeros."""
+    view = memoryview(data)
+    where = bytes(view[: 8 + header_bytes]).rfind(stored.encode())
+    digest = hashlib.sha256()
+    if where >= 0:
+        start = where + len(_CHECKSUM_PREFIX)
+        digest.update(view[:start])
+        digest.update(b"0" * 64)
+        digest.update(view[start + 64 :])
+    else:
+        digest.update(view)
     return _CHECKSUM_PREFIX + digest.hexdigest()
 
 
 def load(path, expected_tensors: Dict[str, int]) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Reads a padim model file. ``expected_tensors`` maps each required tensor name to its rank.
+    """Reads a padim model file (a path, or its ``ModelBytes``). ``expected_tensors`` maps each
+    required tensor name to its rank.
 
-    Raises ModelFileError naming the problem: missing, truncated or corrupted file (checksum), not a
-    padim model, a newer format, or tensors missing or of the wrong rank. The header is checked
-    against the file's size before any tensor is read (see ``read_header``).
+    The file is read into memory once (``read_file``); the checksum is of those bytes and the
+    tensors are built from them, so what was checked is what is used, and changing or truncating
+    the file afterwards changes nothing loaded from it.
+
+    Raises ModelFileError naming the problem: missing, not a regular file, truncated or corrupted
+    file (checksum), not a padim model, a newer format, or tensors missing or of the wrong rank. The
+    header is checked against the file's size before the file is read (see ``read_header``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
-    header, header_bytes = read_header(path)
+    source = read_file(path)
+    path, data = source.path, source.data
+    header, header_bytes = read_header(source)
     raw = header.get("__metadata__", {}).get(_METADATA_KEY)
     if raw is None:
         raise ModelFileError(f"{path} is a safetensors file but not a padim model (no padim metadata)")
@@ -200,7 +154,7 @@ def load(path, expected_tensors: Dict[str, int]) -> Tuple[Dict[str, torch.Tensor
     if stored is not None:
         if not isinstance(stored, str) or not _CHECKSUM_RE.fullmatch(stored):
             raise ModelFileError(f"model file {path} is corrupted (its checksum field is damaged)")
-        if file_checksum(path, header_bytes, stored) != stored:
+        if _checksum(data, header_bytes, stored) != stored:
             raise ModelFileError(f"model file {path} is corrupted: its SHA-256 checksum does not match "
                                  "(changed or damaged after it was written)")
     version = metadata.get("format_version")
@@ -215,14 +169,7 @@ def load(path, expected_tensors: Dict[str, int]) -> Tuple[Dict[str, torch.Tensor
             raise ModelFileError(f"model file {path} lacks the tensor {name!r}")
         if len(header[name]["shape"]) != rank:
             raise ModelFileError(f"model file {path}: tensor {name!r} has rank {len(header[name]['shape'])}, expected {rank}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as exc:
-        raise ModelFileError(
-            f"model file {path} is truncated, corrupted or not a safetensors file ({exc})"
-        ) from None
-    return tensors, metadata
+    return tensors_of(data, header, header_bytes), metadata
 
 
 def _no_constant(name: str):

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
 from padim.data.mvtec import list_images
 from padim.errors import DataError
+from padim.files.paths import not_regular
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,10 @@ def find_images(folder: Path, note: Optional[Callable[[str], None]] = None) -> L
 def expand_paths(paths: Iterable[os.PathLike], note: Optional[Callable[[str], None]] = None) -> List[Path]:
     """Files as given, folders -> their images (recursively, see ``find_images``); a file given twice
     (or by name and in a folder, or by another name of the same file) is kept once, with a note.
-    A path that does not exist, or a folder without images, is refused in one line."""
+    A path that does not exist or is not a regular file (a FIFO, a socket, a device: said so by
+    ``padim.files.paths.not_regular``, the words ``PaDiM.predict`` uses too), or a folder without
+    images, is refused in one line. Inside folders, entries that are not regular files are skipped
+    with a note (``padim.data.mvtec.list_images``)."""
     images: List[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -71,10 +75,11 @@ def expand_paths(paths: Iterable[os.PathLike], note: Optional[Callable[[str], No
             if not inside:
                 raise DataError(f"no images in folder {path} (nor in its subfolders)")
             images += inside
-        elif path.is_file():
-            images.append(path)
         else:
-            raise DataError(f"{path} does not exist")
+            why = not_regular(path)  # a FIFO or a device is said so, never opened (a FIFO blocks)
+            if why is not None:
+                raise DataError(f"{path} {why}")
+            images.append(path)
     seen, kept = set(), []
     for path in images:
         key = path.resolve()
@@ -88,7 +93,9 @@ def expand_paths(paths: Iterable[os.PathLike], note: Optional[Callable[[str], No
 
 def as_sources(items: Sequence[object]) -> List[Source]:
     """``PaDiM.predict``'s inputs (paths, PIL images, arrays) -> sources, one per item, in order.
-    Paths are not searched here (a folder is an error when read): the caller chose them."""
+    Paths are not searched here: the caller chose them. One that is not a regular file (a folder, a
+    FIFO, a device) is an error when read, saying what it is, never opened (``padim.files.decode``),
+    so with ``errors="record"`` it is an error row, not a hang."""
     sources = []
     for index, item in enumerate(items):
         if isinstance(item, (str, os.PathLike)):

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
 
+from padim.errors import one_line
 from padim.version import __version__
 from padim.settings.calibration import DEFAULT_TARGET_FPR
 from padim.monitor import STREAM_MEANING, DecisionLog, DecisionLogError, DriftMonitor, FlaggedStore, OverrideCounter
@@ -28,10 +29,6 @@ MEANING = STREAM_MEANING
 
 class LogUnavailable(Exception):
     """The decision log could not be written: the decisions are not given out (answered 503)."""
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def brief(state: Optional[dict]) -> Optional[dict]:
@@ -81,7 +78,7 @@ class Webhook:
                 self.sent += 1
             except Exception as exc:  # noqa: BLE001 - any failure is one line; the service goes on
                 self.failed += 1
-                self.log.warning("padim serve: webhook %s failed: %s", self.shown, one_line(exc))
+                self.log.warning("padim serve: webhook %s failed: %s", self.shown, one_line(exc, typed=False))
 
     def close(self) -> None:
         """Sends what is queued (each within the timeout), then stops."""
@@ -183,7 +180,7 @@ class Monitoring:
                     if self.flagged.add(bytes(upload.data), record, upload.filename) is not None:
                         self.metrics.flagged.inc()
                 except DecisionLogError as exc:
-                    self.log.warning("padim serve: flagged image %s not kept: %s", upload.filename, one_line(exc))
+                    self.log.warning("padim serve: flagged image %s not kept: %s", upload.filename, one_line(exc, typed=False))
         self.counter(name).remember(request_id, [record.get("label") for record in records])
 
     def feedback(self, name: str, request_id: str, index: int, truth: str, sha256: Optional[str]) -> dict:
@@ -208,8 +205,8 @@ class Monitoring:
             self.decisions.write(records)
         except DecisionLogError as exc:
             self.metrics.log_errors.inc()
-            self.log.warning("padim serve: %s", one_line(exc))
-            raise LogUnavailable(one_line(exc)) from None
+            self.log.warning("padim serve: %s", one_line(exc, typed=False))
+            raise LogUnavailable(one_line(exc, typed=False)) from None
         self.metrics.logged.inc(len(records))
 
     def close(self) -> None:

@@ -7,13 +7,12 @@ names a file.
 Scoring starts from decoded pixels (``padim.files.images.load_pixels``' output) rather than from
 ``PaDiM.iter_predict``, which decodes its inputs itself: the service decodes each upload on its own
 first, so that one corrupt image fails alone, and then scores a batch gathered from several
-requests. ``PaDiM.score_pixels`` runs the steps ``iter_predict`` runs after decoding (``to_input``,
-then ``scoring.score_batches`` with the model's fitted state), so scores are the same numbers.
+requests. ``PaDiM.score_pixels`` runs the steps ``iter_predict`` runs after decoding (the model's
+``PatchScorer``), so scores are the same numbers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,9 @@ import numpy as np
 
 from padim.errors import PadimError
 from padim.deploy.engines import open_scoring_model, thresholds_from
+from padim.files import digests
+from padim.files.paths import not_regular
+from padim.files.safetensors_read import ModelBytes, read_file
 
 MODEL_SUFFIX = ".safetensors"
 
@@ -59,32 +61,50 @@ def file_signature(path: os.PathLike) -> Optional[tuple]:
 
 
 def file_sha256(path: os.PathLike) -> str:
-    """SHA-256 (hex) of ``content_file(path)``'s bytes: what ``sha256sum`` prints for a model file."""
-    digest = hashlib.sha256()
-    with open(content_file(path), "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """SHA-256 (hex) of ``content_file(path)``'s bytes: what ``sha256sum`` prints for a model file.
+    Raises OSError (``NotRegularFile`` for a FIFO, a device: never opened)."""
+    return digests.file_sha256(content_file(path))
+
+
+def read_content(path: os.PathLike) -> Tuple[str, object, Optional[tuple]]:
+    """What identifies a model now -> (SHA-256, what ``open_model`` loads, signature): a model file is
+    read into memory once (``ModelBytes``: the SHA-256 is of the bytes the model is then built from);
+    an export folder is its path, summed by its padim.json. Raises PadimError (a file missing, not a
+    regular file, not a model, changed while read)."""
+    if isinstance(path, ModelBytes) or not Path(path).is_dir():
+        source = read_file(path)
+        return source.sha256, source, source.signature
+    signature = file_signature(path)
+    try:
+        return file_sha256(path), Path(path), signature
+    except OSError as exc:
+        raise PadimError(f"export {path} cannot be read: {exc.strerror or exc}") from None
 
 
 def open_model(path: os.PathLike, name: Optional[str] = None, device: Optional[str] = None, batch_size: int = 16,
                engine: str = "torch", precision: str = "f32") -> ServedModel:
     """One model file (or export folder) loaded with ``engine`` (an export folder: onnxruntime unless
-    ``engine`` is openvino), with its SHA-256. A file that changes while it is read is refused
-    (PadimError): what was loaded and what was summed must be the same bytes."""
-    path = Path(path)
-    before = file_signature(path)
-    try:
-        sha256 = file_sha256(path)
-    except OSError as exc:
-        raise PadimError(f"model file {path} cannot be read: {exc.strerror or exc}") from None
-    if path.is_dir():
+    ``engine`` is openvino), with its SHA-256. ``path``: a path, or a model file already read
+    (``ModelBytes``, from ``read_content``).
+
+    A model file is read into memory once (``padim.files.safetensors_read.read_file``) and its
+    SHA-256 is of those bytes; the torch engine builds the model from the same bytes, so the version
+    served is exactly the bytes its SHA-256 names, and writing or truncating the file afterwards
+    changes nothing it computes (the watcher sees a new version, or refuses it). The other engines
+    read the model's cached export: the file is verified unchanged (its signature) after they load.
+    A file that changes while it is read, or is not a regular file, is refused (PadimError)."""
+    sha256, content, before = read_content(path)
+    path = Path(content)
+    if isinstance(content, ModelBytes):
+        if engine == "torch":
+            model = open_scoring_model(engine, precision, content, device=device, batch_size=batch_size)
+        else:
+            model = open_scoring_model(engine, precision, path, device=device, batch_size=batch_size)
+    else:
         model = open_scoring_model("onnxruntime" if engine == "torch" else engine, precision, None, path,
                                    batch_size=batch_size)
-    else:
-        model = open_scoring_model(engine, precision, path, device=device, batch_size=batch_size)
-    if file_signature(path) != before:
-        raise PadimError(f"model file {path} changed while it was loaded (still being written?): it is read again "
+    if (engine != "torch" or path.is_dir()) and file_signature(path) != before:
+        raise PadimError(f"model {path} changed while it was loaded (still being written?): it is read again "
                          "when it changes next")
     return ServedModel(name or (path.name if path.is_dir() else path.stem), model, str(path), (), sha256, before)
 
@@ -120,9 +140,11 @@ def model_files(paths: Sequence[os.PathLike] = (), folder: Optional[os.PathLike]
     if not files:
         raise PadimError("no model to serve: give model files (padim serve MODEL...) or a folder (`models_dir` DIR)")
     for path in files:
-        if not path.is_file() and not (path / "padim.json").is_file():
-            raise PadimError(f"model file {path} does not exist" if not path.is_dir() else
-                             f"{path} is a folder but not a padim export (it has no padim.json)")
+        if path.is_dir() and not (path / "padim.json").is_file():
+            raise PadimError(f"{path} is a folder but not a padim export (it has no padim.json)")
+        why = None if path.is_dir() else not_regular(path)
+        if why is not None:  # missing, a FIFO, a device: said, never opened
+            raise PadimError(f"model file {path} {why}")
     return files
 
 

@@ -1,10 +1,12 @@
 """Noticing new, changed and removed model files while serving.
 
 Every ``interval_s`` seconds (and on ``POST /admin/reload``) the source's files are looked at: a
-file whose (device, inode, size, mtime) differs from the last look is summed (SHA-256); when its
-bytes differ from the version serving, it is loaded (the model file's own checks: checksum, header,
-tensors), warmed up in its own batcher, and only then swapped in (``service.swap``). A file that
-fails any step is refused in one log line and noted (``errors``, shown in ``/models`` as
+file whose (device, inode, size, mtime) differs from the last look is read into memory once and
+summed (SHA-256); when its bytes differ from the version serving, the model is built from those
+same bytes (the model file's own checks: checksum, header, tensors), warmed up in its own batcher,
+and only then swapped in (``service.swap``). A loaded version never reads its file again: writing
+or truncating the file in place is a new version or a refusal, never a change under a SHA-256. A
+file that fails any step is refused in one log line and noted (``errors``, shown in ``/models`` as
 ``last_reload_error``); the old version keeps serving, and the file is tried again when it changes
 again. A file that is gone stops being served once its requests in flight are answered.
 """
@@ -16,13 +18,9 @@ import os
 import threading
 from typing import Dict, Optional
 
-from padim.errors import PadimError
-from padim.serve.registry import file_sha256, file_signature
+from padim.errors import PadimError, one_line
+from padim.serve.registry import file_sha256, file_signature, read_content
 from padim.serve.versions import ModelSource, now_iso
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:400] or type(exc).__name__
 
 
 class Reloader:
@@ -55,7 +53,7 @@ class Reloader:
             try:
                 self.reload()
             except Exception as exc:  # noqa: BLE001 - a bug here must not stop the polling
-                self.log.warning("padim serve: looking at the model files failed: %s", _one_line(exc))
+                self.log.warning("padim serve: looking at the model files failed: %s", one_line(exc, typed=False))
 
     def status(self) -> dict:
         return {"interval_s": self.interval_s, "last": self.last, "errors": dict(self.errors)}
@@ -70,8 +68,8 @@ class Reloader:
             try:
                 found, clashes = self.source.scan()
             except PadimError as exc:
-                self.log.warning("padim serve: %s; the models served stay as they are", _one_line(exc))
-                summary["error"] = _one_line(exc)
+                self.log.warning("padim serve: %s; the models served stay as they are", one_line(exc, typed=False))
+                summary["error"] = one_line(exc, typed=False)
                 summary["errors"] = dict(self.errors)
                 self.last = summary
                 return summary
@@ -99,26 +97,31 @@ class Reloader:
         if signature is None or self.seen.get(name) == (str(path), signature):
             summary["unchanged"] += signature is not None
             return
+        file, sha256 = os.path.basename(str(path)), None
         try:
-            sha256 = file_sha256(path)
-        except OSError:
-            return  # gone or unreadable between two calls: looked at again next time
-        if version is not None and version.sha256 == sha256 and version.entry.path == str(path):
-            self.seen[name] = (str(path), signature)  # touched, same bytes
-            self.errors.pop(name, None)
-            summary["unchanged"] += 1
-            return
-        file = os.path.basename(str(path))
-        try:
-            entry = self.source.load(name, path)
+            sha256, content, signature = read_content(path)  # a model file: read once, summed, loaded from memory
+            if version is not None and version.sha256 == sha256 and version.entry.path == str(path):
+                self.seen[name] = (str(path), signature)  # touched, same bytes
+                self.errors.pop(name, None)
+                summary["unchanged"] += 1
+                return
+            entry = self.source.load(name, content)
             new = self.service.start_version(entry)
         except Exception as exc:  # noqa: BLE001 - whatever a file does, the old version keeps serving
+            if file_signature(path) is None:
+                return  # gone between two looks: the next look stops serving it
             self.seen[name] = (str(path), signature)  # tried again when it changes again
-            why = _one_line(exc)
+            why = one_line(exc, typed=False)
+            if sha256 is None:  # refused before it was summed (not a model, truncated, a FIFO): sum what is there
+                try:
+                    sha256 = file_sha256(path)
+                except OSError:
+                    pass
             self.errors[name] = {"time": now_iso(), "file": file, "sha256": sha256, "error": why}
             self.service.metrics.reloads.labels(name, "refused").inc()
-            self.log.warning("padim serve: model %s: %s (sha256 %s) refused: %s; %s", name, file, sha256[:12], why,
-                             f"version {version.sha256[:12]} keeps serving" if version is not None else "not served")
+            kept = f"version {version.sha256[:12]} keeps serving" if version is not None else "not served"
+            self.log.warning("padim serve: model %s: %s (sha256 %s) refused: %s; %s", name, file, (sha256 or "?")[:12],
+                             why, kept)
             summary["refused"].append({"name": name, "file": file, "sha256": sha256, "error": why})
             return
         if self._stop.is_set():  # the server began to stop while this version warmed up

@@ -1,19 +1,51 @@
 """The routes of a line that runs for months (issue 23): drift state and reset, operators' feedback,
-model reloads. All of them need the API key when the server has one."""
+model reloads. All of them need the API key when the server has one.
+
+The key is checked before any body is read, and a body is read within a bound: FastAPI reads and
+parses a route's declared body model *before* its dependencies run (the key among them), whatever
+its size, so feedback takes its JSON from the request itself (``uploads.read_body``, at most
+``FEEDBACK_MAX_BYTES``, 413 beyond) once the key was checked, and validates it with ``Feedback``.
+The other routes take no body and never read one."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from fastapi import Depends, FastAPI, HTTPException, Path
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from padim.monitor import DecisionLogError
 from padim.serve.monitoring import MEANING, LogUnavailable
 from padim.serve.schemas import Feedback, FeedbackAnswer, Problem, Reload
+from padim.serve.uploads import UploadError, discard_rest, read_body
 
 log = logging.getLogger("uvicorn.error")
 NAME = Path(description="a model's name or alias")
+FEEDBACK_MAX_BYTES = 16 * 1024  # a verdict is about 100 bytes of JSON
+FEEDBACK_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": Feedback.model_json_schema()}}}}
+
+
+async def json_body(request: Request, schema: type, max_bytes: int) -> BaseModel:
+    """The request's JSON body as ``schema``, read within ``max_bytes`` (413 beyond, answered once the
+    rest is dropped as ``padim.serve.uploads.discard_rest`` does) and validated (422, the message
+    FastAPI gives for a body it validates itself)."""
+    chunks, length = request.stream(), request.headers.get("content-length")
+    try:
+        try:
+            data = await read_body(chunks, length, max_bytes)
+        except UploadError as exc:
+            ended = await discard_rest(chunks, length, max_bytes)
+            raise HTTPException(exc.status, exc.reason, headers=None if ended else {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise HTTPException(499, "the client disconnected before its request ended") from None
+    try:
+        return schema.model_validate_json(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]) from None
 
 
 def add_admin_routes(app: FastAPI, service, require_key, retry: dict) -> None:
@@ -52,12 +84,15 @@ def add_admin_routes(app: FastAPI, service, require_key, retry: dict) -> None:
         return drift_answer(version, state)
 
     @app.post("/models/{name}/feedback", response_model=FeedbackAnswer, dependencies=[Depends(require_key)],
-              responses={404: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}})
-    async def feedback(body: Feedback, name: str = NAME) -> dict:
-        """An operator's verdict ("good" or "defect") on image ``index`` of a recent request: counted
-        against the model's verdict (``/metrics``: padim_override_rate, padim_feedback_images) and
-        written to the decision log. A second verdict on one image replaces the first."""
+              openapi_extra=FEEDBACK_BODY, responses={404: {"model": Problem}, 413: {"model": Problem},
+                                                      422: {"model": Problem}, 503: {"model": Problem}})
+    async def feedback(request: Request, name: str = NAME) -> dict:
+        """An operator's verdict ("good" or "defect") on image ``index`` of a recent request (JSON:
+        ``request_id``, ``index``, ``truth``): counted against the model's verdict (``/metrics``:
+        padim_override_rate, padim_feedback_images) and written to the decision log. A second verdict
+        on one image replaces the first."""
         version = service.current(name)
+        body = await json_body(request, Feedback, FEEDBACK_MAX_BYTES)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(service.pool, service.monitoring.feedback, version.name,

@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from starlette.requests import ClientDisconnect
 
 from padim.errors import DataError, PadimError
-from padim.pipeline.records import ignored_pixels, label as decided_label
+from padim.pipeline.records import DECISION_FIELDS, decided, ignored_pixels
 from padim.render import overlays as render
 from padim.serve.batcher import BatcherClosed, QueueFull
 from padim.serve.monitoring import LogUnavailable, brief
@@ -134,9 +134,8 @@ def add_predict_route(app: FastAPI, service, require_key, retry: dict) -> None:
             score, anomaly_map, drift_log10 = scored[i]
             drawn = render.heatmap(anomaly_map, (height, width), picture, pixels, cropped,
                                    point.pixel_threshold, ignore) if heatmap else None
-            return ImageResult(index=i, file=files[i].filename, width=width, height=height, score=score,
-                               p_value=p_of[i], label=decided_label(score, point.image_threshold),
-                               threshold=point.image_threshold, threshold_source=point.source,
+            return ImageResult(index=i, file=files[i].filename, width=width, height=height,
+                               **decided(score, p_of[i], point),  # the fields and values of every record
                                pixel_threshold=point.pixel_threshold, pixel_threshold_source=point.pixel_source,
                                drift_log10=drift_log10, heatmap=drawn)
 
@@ -164,6 +163,6 @@ def _record(version: ModelVersion, request_id: str, upload, result: ImageResult)
     return {"kind": "decision", "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": request_id, "index": result.index, "model": version.name, "sha256": version.sha256,
             "fit_date": version.fit_date, "engine": version.model.engine, "file": result.file,
-            "bytes": len(upload.data), "width": result.width, "height": result.height, "score": result.score,
-            "p_value": result.p_value, "threshold": result.threshold, "threshold_source": result.threshold_source,
-            "label": result.label, "drift_log10": result.drift_log10, "error": result.error}
+            "bytes": len(upload.data), "width": result.width, "height": result.height,
+            **{field: getattr(result, field) for field in DECISION_FIELDS},  # as the answer gave them
+            "drift_log10": result.drift_log10, "error": result.error}

@@ -14,6 +14,9 @@ bytes are handed to it through an anonymous in-memory file (``memfd_create``, re
 from client input). Elsewhere the bytes are opened by Pillow from memory and passed as a PIL image
 (the same rules, except that big JPEGs are decoded at full size before the reduction).
 
+Other bodies (the JSON of ``POST /models/NAME/feedback``) are read by ``read_body`` within their
+route's small limit, after the API key was checked, like uploads.
+
 A refused body is not left unread: a client still sending it (Python's urllib, requests) only reads
 the answer once it has sent everything, and a connection closed under it is a reset, not a 413.
 ``discard_rest`` reads and drops the rest within bounds (as nginx's lingering close does), and a body
@@ -142,6 +145,20 @@ async def read_multipart(content_type: Optional[str], content_length: Optional[s
         raise UploadError(422, "no image in the request: send one or more files as multipart form parts "
                                "(e.g. curl -F files=@image.png)")
     return files
+
+
+async def read_body(chunks: AsyncIterator[bytes], content_length: Optional[str], max_bytes: int) -> bytes:
+    """A small body (a JSON request) read into memory -> its bytes. Raises UploadError 413 as soon as
+    it says (Content-Length) or proves to be larger than ``max_bytes``: no more than that is kept."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes:
+        raise UploadError(413, f"the body is {int(content_length)} bytes, more than the {max_bytes} bytes this route "
+                               "accepts")
+    data = bytearray()
+    async for chunk in chunks:
+        if len(data) + len(chunk) > max_bytes:
+            raise UploadError(413, f"the body is more than the {max_bytes} bytes this route accepts")
+        data += chunk
+    return bytes(data)
 
 
 async def discard_rest(chunks: AsyncIterator[bytes], content_length: Optional[str], max_bytes: int) -> bool:

@@ -146,5 +146,6 @@ class ModelSource:
             found[name] = path
         return found, clashes
 
-    def load(self, name: str, path: Path) -> ServedModel:
+    def load(self, name: str, path) -> ServedModel:
+        """``path``: a model file or export folder, or a file already read (``registry.read_content``)."""
         return open_model(path, name, self.device, self.batch_size, self.engine, self.precision)
