@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from padim.files.digests import file_sha256
+from padim.files.digests import CHECKSUM_PLACEHOLDER, CHECKSUM_PREFIX, CHECKSUM_RE, checksum_of, file_sha256
 from padim.settings import calibration as cal
 from padim.errors import PadimError, one_line
 
@@ -31,9 +31,6 @@ EXPORT_PRECISIONS = ("f32", "int8")  # what a graph is ("precision"; absent: f32
 CHECKSUM_KEY = "checksum"  # padim.json's own: "sha256:<hex>" of its bytes with those 64 digits read as "0"
 FILES_SHA256_KEY = "sha256"  # file name -> SHA-256 (hex) of that file's bytes
 IGNORE_KEY = "ignore_mask"  # the model's ignore mask (ignore_record), for maps and masks at full size
-_CHECKSUM_PREFIX = "sha256:"
-_CHECKSUM_PLACEHOLDER = _CHECKSUM_PREFIX + "0" * 64
-_CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 MAX_METADATA_BYTES = 100 << 20  # padim.json: a few kB (calibration quantiles); more is not ours
 
@@ -55,18 +52,10 @@ def checksummed_json(record: dict) -> bytes:
     """padim.json's bytes: ``record`` as JSON (NaN and infinities refused: JSON has none) with
     ``checksum`` last, the SHA-256 of these bytes with its own 64 digits read as "0" (as model files')."""
     record = {key: value for key, value in record.items() if key != CHECKSUM_KEY}
-    record[CHECKSUM_KEY] = _CHECKSUM_PLACEHOLDER
+    record[CHECKSUM_KEY] = CHECKSUM_PLACEHOLDER
     raw = (json.dumps(record, indent=2, allow_nan=False) + "\n").encode("utf-8")
-    where = raw.rindex(_CHECKSUM_PLACEHOLDER.encode()) + len(_CHECKSUM_PREFIX)
+    where = raw.rindex(CHECKSUM_PLACEHOLDER.encode()) + len(CHECKSUM_PREFIX)
     return raw[:where] + hashlib.sha256(raw).hexdigest().encode() + raw[where + 64:]
-
-
-def _json_checksum(raw: bytes, stored: str) -> str:
-    where = raw.rfind(stored.encode())
-    if where >= 0:
-        start = where + len(_CHECKSUM_PREFIX)
-        raw = raw[:start] + b"0" * 64 + raw[start + 64:]
-    return _CHECKSUM_PREFIX + hashlib.sha256(raw).hexdigest()
 
 
 def _no_constant(name: str):
@@ -107,7 +96,7 @@ def read_export(folder) -> dict:
     if stored is None and type(version) is int and version < EXPORT_VERSION:
         raise EngineError(f"export {folder} was made by an older padim (export version {version}, without "
                           f"checksums): {again}")
-    if not isinstance(stored, str) or not _CHECKSUM_RE.fullmatch(stored) or _json_checksum(raw, stored) != stored:
+    if not isinstance(stored, str) or not CHECKSUM_RE.fullmatch(stored) or checksum_of(raw, stored) != stored:
         raise EngineError(f"export {folder}: {METADATA_FILE} does not match its checksum: damaged or edited; {again}")
     if version != EXPORT_VERSION or type(version) is not int:
         raise EngineError(f"export {folder} has version {version!r}; this padim reads version {EXPORT_VERSION}: "

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
+from padim.files.digests import CHECKSUM_PLACEHOLDER, CHECKSUM_PREFIX, CHECKSUM_RE, checksum_of
 from padim.errors import ModelFileError
 from padim.files.atomic import atomic_write
 from padim.files.safetensors_read import (DTYPES, MAX_HEADER_BYTES, ModelBytes, read_file, read_header,  # noqa: F401
@@ -43,9 +43,6 @@ _METADATA_KEY = "padim"
 CHECKSUM_KEY = "checksum"
 # LAYOUT_KEY (padim.headers): what the tensors' shapes mean, written a second time beside the config: a
 # header whose backbone, layers or input size was edited (even with a recomputed checksum) contradicts it.
-_CHECKSUM_PREFIX = "sha256:"
-_CHECKSUM_PLACEHOLDER = _CHECKSUM_PREFIX + "0" * 64
-_CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _BLOCK = 16 << 20
 
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -64,7 +61,7 @@ def save(path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
     if isinstance(metadata.get("config"), dict):
         header[LAYOUT_KEY] = _layout_record(metadata["config"])
     header.pop(CHECKSUM_KEY, None)
-    header[CHECKSUM_KEY] = _CHECKSUM_PLACEHOLDER  # the last key: replaced by the digest once known
+    header[CHECKSUM_KEY] = CHECKSUM_PLACEHOLDER  # the last key: replaced by the digest once known
     contiguous = {name: t.detach().to("cpu").contiguous() for name, t in sorted(tensors.items())}
     entries, offset = {}, 0
     for name, tensor in contiguous.items():
@@ -77,7 +74,7 @@ def save(path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
     raw = text.encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     prefix = len(raw).to_bytes(8, "little") + raw
-    where = 8 + raw.rindex(_CHECKSUM_PLACEHOLDER.encode())
+    where = 8 + raw.rindex(CHECKSUM_PLACEHOLDER.encode())
 
     def write(handle) -> None:
         digest = hashlib.sha256(prefix)
@@ -90,7 +87,7 @@ def save(path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
                 block = data[start : start + _BLOCK]
                 digest.update(block)
                 handle.write(block)
-        handle.seek(where + len(_CHECKSUM_PREFIX))
+        handle.seek(where + len(CHECKSUM_PREFIX))
         handle.write(digest.hexdigest().encode())
 
     atomic_write(path, write, ModelFileError, "model file")
@@ -109,21 +106,6 @@ def read_metadata(path) -> dict:
         return json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise ModelFileError(f"model file {path} has corrupted metadata ({exc})") from None
-
-
-def _checksum(data: bytearray, header_bytes: int, stored: str) -> str:
-    """SHA-256 of a file's bytes with the stored digest (inside the header) read as zeros."""
-    view = memoryview(data)
-    where = bytes(view[: 8 + header_bytes]).rfind(stored.encode())
-    digest = hashlib.sha256()
-    if where >= 0:
-        start = where + len(_CHECKSUM_PREFIX)
-        digest.update(view[:start])
-        digest.update(b"0" * 64)
-        digest.update(view[start + 64 :])
-    else:
-        digest.update(view)
-    return _CHECKSUM_PREFIX + digest.hexdigest()
 
 
 def load(path, expected_tensors: Dict[str, int]) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -152,9 +134,9 @@ def load(path, expected_tensors: Dict[str, int]) -> Tuple[Dict[str, torch.Tensor
         raise ModelFileError(f"{path} is not a padim model file")
     stored = metadata.get(CHECKSUM_KEY)
     if stored is not None:
-        if not isinstance(stored, str) or not _CHECKSUM_RE.fullmatch(stored):
+        if not isinstance(stored, str) or not CHECKSUM_RE.fullmatch(stored):
             raise ModelFileError(f"model file {path} is corrupted (its checksum field is damaged)")
-        if _checksum(data, header_bytes, stored) != stored:
+        if checksum_of(data, stored, 8 + header_bytes) != stored:
             raise ModelFileError(f"model file {path} is corrupted: its SHA-256 checksum does not match "
                                  "(changed or damaged after it was written)")
     version = metadata.get("format_version")
