@@ -310,7 +310,8 @@ def _serve_parser(commands) -> None:
                        help="inference precision of --engine openvino: bf16 where the CPU has it, or int8 (a model "
                             "file's cached int8 export, or an int8 export folder as MODEL) (default: f32)")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
-                       help="uvicorn's log level; info shows each request (default: warning)")
+                       help="uvicorn's log level: info adds the server's start and stop lines (requests are not logged; "
+                            "the decision log records each answer) (default: warning)")
     _line_options(serve)
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 from padim.errors import DataError
 from padim.files.images import IMAGE_EXTENSIONS
+from padim.files.paths import not_regular
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -71,13 +72,12 @@ def _skip_reason(path: Path) -> Optional[str]:
     """None for a usable picture file; else why an entry named like a picture is skipped."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return "format not read by padim"
-    if path.is_symlink() and not path.exists():
+    why = not_regular(path)  # files.paths: the words every surface uses ("a FIFO", "a folder", ...)
+    if why is None:
+        return None
+    if why == "is a broken link":
         return "broken link"
-    if path.is_dir():
-        return "a folder"
-    if not path.is_file():
-        return "not a regular file"
-    return None
+    return why[3:].split(", not a regular file")[0] if why.startswith("is ") else why
 
 
 def list_images(folder: Path, note: Optional[Callable[[str], None]] = None) -> List[Path]:
@@ -126,7 +126,7 @@ def find_category(data_root, name: str, need_test: bool = False,
     """Finds a category's images. Raises DataError for a missing root, category or train/good folder,
     an empty train/good, and (with ``need_test``) a missing or empty test folder. Skipped entries
     named like images are reported through ``note`` (see ``list_images``)."""
-    root = Path(data_root)
+    root = Path(data_root).expanduser()
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist or is not a folder")
     folder = root / name
