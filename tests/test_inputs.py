@@ -309,10 +309,11 @@ def test_no_usable_mask_gives_image_metrics_and_pixel_metrics_na(writable_root, 
     monkeypatch.setattr(benchmark, "fit_category", fit)
     out = tmp_path / "bench"
     bench = ["--backbone", "resnet18", "--weights", "random", "--image-size", "64", "--device", "cpu",
-             "--batch-size", "8"]
+             "--batch-size", "8", "--max-images", "1"]
     assert main(["benchmark", "--data-root", str(writable_root), "--categories", "broken,fabric", "--output",
-                 str(out), *bench]) == 0
+                 str(out), *bench]) == 1  # the broken category fails the command; fabric still runs
     err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1].startswith("padim benchmark: error: category 'broken' failed: unexpected ValueError")
     assert "pixel metrics not available" in err
     assert "unexpected ValueError: something padim did not expect" in err and "Traceback" in err
     rows = json.loads((out / "results.json").read_text())["rows"]

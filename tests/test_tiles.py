@@ -108,6 +108,7 @@ def test_the_cli_fits_tests_predicts_exports_and_serves_a_tiled_model(synthetic_
     assert main(["predict", "--model", str(model), str(image), "--output", str(tmp_path / "pics")]) == 0
     heatmap = next((tmp_path / "pics").rglob("*_heatmap.png"))
     assert Image.open(heatmap).size == Image.open(image).size  # at the picture's own geometry
+    pytest.importorskip("pyarrow", reason="the ray extra is not installed (pip install '.[ray]')")
     from padim.cluster import ray_scoring
 
     loaded = PaDiM.load(model, device="cpu")

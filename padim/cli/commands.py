@@ -110,19 +110,31 @@ def _print_results(output: Path) -> None:
     print(f"report: {(output / 'report.html').resolve()}")
 
 
+def _fail_on_failed_categories(rows) -> None:
+    """After the table is printed: a failed category makes the command fail (exit 1, one line), so a
+    script or CI never takes a benchmark whose categories failed for a success."""
+    failed = [row for row in rows if "error" in row]
+    if len(failed) == 1:
+        raise PadimError(f"category {failed[0]['category']!r} failed: {failed[0]['error']}")
+    if failed:
+        raise PadimError(f"{len(failed)} of {len(rows)} categories failed "
+                         f"({', '.join(row['category'] for row in failed)}): see the table above")
+
+
 def cmd_benchmark(args) -> None:
     from padim.jobs.benchmark import parse_categories, run_benchmark
 
     if args.ray is not None:
         ray_cluster(args.ray)
-    run_benchmark(args.data_root, parse_categories(args.categories), args.output, force=args.force,
-                  max_images=args.max_images, batch_size=args.batch_size, device=args.device,
-                  backbone=args.backbone, weights=args.weights, n_features=args.n_features,
-                  image_size=args.image_size, seed=args.seed, tune_malloc=True, engine=args.engine,
-                  precision=args.precision, reduction=args.reduction, covariance=args.covariance, ray=args.ray,
-                  cpus_per_category=args.cpus_per_category, tile=args.tile, tile_overlap=args.tile_overlap,
-                  tile_statistics=args.tile_statistics)
+    rows = run_benchmark(args.data_root, parse_categories(args.categories), args.output, force=args.force,
+                         max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+                         backbone=args.backbone, weights=args.weights, n_features=args.n_features,
+                         image_size=args.image_size, seed=args.seed, tune_malloc=True, engine=args.engine,
+                         precision=args.precision, reduction=args.reduction, covariance=args.covariance, ray=args.ray,
+                         cpus_per_category=args.cpus_per_category, tile=args.tile, tile_overlap=args.tile_overlap,
+                         tile_statistics=args.tile_statistics)
     _print_results(args.output)
+    _fail_on_failed_categories(rows)
 
 
 def cmd_export(args) -> None:
@@ -171,9 +183,10 @@ def cmd_demo(args) -> None:
     output: Path = args.output
     print(f"generating a synthetic fabric category in {output / 'data'} ...")
     folder = make_synthetic_category(output / "data")
-    run_benchmark(output / "data", [folder.name], output, force=True, device=args.device,
-                  backbone="efficientnet_lite0", weights="imagenet", tune_malloc=True)
+    rows = run_benchmark(output / "data", [folder.name], output, force=True, device=args.device,
+                         backbone="efficientnet_lite0", weights="imagenet", tune_malloc=True)
     _print_results(output)
+    _fail_on_failed_categories(rows)
     print(f"demo done in {time.perf_counter() - started:.0f} s")
 
 

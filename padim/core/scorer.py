@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,12 +126,10 @@ class PatchScorer(nn.Module):
         return self.score_embeddings(self.embedder(pixels))
 
 
-def score_pixels(scorer: PatchScorer, pixels) -> Tuple["np.ndarray", "np.ndarray"]:
+def score_pixels(scorer: PatchScorer, pixels) -> Tuple[np.ndarray, np.ndarray]:
     """(B, H, W, 3) uint8 pixels decoded by ``files.images.load_pixels`` -> scores (B,), maps (B, H, W)
     float32 NumPy arrays: the torch engine, for every caller (a model's ``score_pixels``, a fit's
     held-out images)."""
-    import numpy as np
-
     with torch.inference_mode():
         maps, scores = scorer(torch.as_tensor(np.asarray(pixels, dtype=np.uint8)).to(scorer.mean.device))
         return scores.cpu().numpy(), maps.cpu().numpy()
