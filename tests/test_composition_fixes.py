@@ -34,7 +34,7 @@ from conftest import FAST
 
 INT8_PACKAGES = ("onnx", "onnxscript", "openvino", "nncf")
 needs_int8 = pytest.mark.skipif(any(importlib.util.find_spec(name) is None for name in INT8_PACKAGES),
-                                reason='pip install "padim[int8]" (onnx, onnxscript, openvino, nncf)')
+                                reason='pip install "padim-inspect[int8]" (onnx, onnxscript, openvino, nncf)')
 # int8 scores of good pictures against the torch engine's f32 scores, relative: measured here within
 # 1 % (random resnet18 at 64 px); the bound leaves room for another CPU's int8 kernels
 INT8_RTOL = 0.05

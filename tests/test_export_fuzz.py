@@ -20,9 +20,9 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx", reason='pip install "padim[export]"')
-pytest.importorskip("onnxscript", reason='pip install "padim[export]"')
-pytest.importorskip("onnxruntime", reason='pip install "padim[export]"')
+pytest.importorskip("onnx", reason='pip install "padim-inspect[export]"')
+pytest.importorskip("onnxscript", reason='pip install "padim-inspect[export]"')
+pytest.importorskip("onnxruntime", reason='pip install "padim-inspect[export]"')
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_damaged_exports_are_refused(original, tmp_path):
     assert outcome == "refused" and "is not the scoring graph of a 64x64 model" in message, message
 
 
-@pytest.mark.skipif(not HAS_OPENVINO, reason='pip install "padim[openvino]"')
+@pytest.mark.skipif(not HAS_OPENVINO, reason='pip install "padim-inspect[openvino]"')
 def test_damaged_openvino_exports_are_refused(original, tmp_path):
     rng = random.Random(20240621)
     source = original["openvino"]

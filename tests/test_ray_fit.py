@@ -139,7 +139,7 @@ def test_ray_options_are_checked_before_work(tmp_path, capsys, monkeypatch):
                  ["benchmark", "--data-root", str(tmp_path), "--output", str(tmp_path / "b"), "--ray", "local"]):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "pip install 'padim[ray]'" in err
+        assert len(err.splitlines()) == 1 and "pip install 'padim-inspect[ray]'" in err
     assert not out.exists()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxscript", reason='pip install "padim[export]"')
+pytest.importorskip("onnxscript", reason='pip install "padim-inspect[export]"')
 
 from padim import PaDiM  # noqa: E402
 from padim.data import find_category  # noqa: E402

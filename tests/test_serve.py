@@ -535,7 +535,7 @@ def test_serve_command_errors_are_one_line(served, capsys, monkeypatch, tmp_path
     monkeypatch.setitem(__import__("sys").modules, "fastapi", None)  # as if the extra were not installed
     assert main(["serve", str(served / "tile.safetensors")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and 'pip install "padim[serve]"' in err
+    assert err.count("\n") == 1 and 'pip install "padim-inspect[serve]"' in err
 
 
 def test_a_cropped_model_draws_over_the_crop_it_saw(synthetic_root, test_images, tmp_path):

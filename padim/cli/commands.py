@@ -196,7 +196,7 @@ def cmd_serve(args) -> None:
     missing = [name for name in ("fastapi", "prometheus_client", "python_multipart", "uvicorn")  # the serve extra
                if importlib.util.find_spec(name) is None]
     if missing:
-        raise PadimError(f"the service needs the serve extra ({missing[0]} is missing): pip install \"padim[serve]\" "
+        raise PadimError(f"the service needs the serve extra ({missing[0]} is missing): pip install \"padim-inspect[serve]\" "
                          "(from a checkout: pip install \".[serve]\")")
     from padim.cli.checks import serve_settings
     from padim.serve import load_models

@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if exc.name not in TORCH_STACK:
             raise
         hint = ("pip install matplotlib" if exc.name == "matplotlib" else
-                "pip install padim (without torch only 'padim predict --engine onnxruntime|openvino --export DIR', "
+                "pip install padim-inspect (without torch only 'padim predict --engine onnxruntime|openvino --export DIR', "
                 "without --output, runs)")
         print(f"padim {args.command}: error: this needs {exc.name}, which is not installed: {hint}", file=sys.stderr)
         return 1

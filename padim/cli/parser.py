@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--output", required=True, type=Path, help="model file to write, e.g. bottle.safetensors")
     fit.add_argument("--ray", default=None, metavar="ADDRESS",
                      help="fit on a Ray cluster: 'local' (this machine) or HOST:PORT of a running cluster; images "
-                          "must be readable at the same paths on every node (needs: pip install 'padim[ray]')")
+                          "must be readable at the same paths on every node (needs: pip install 'padim-inspect[ray]')")
     fit.add_argument("--shards", type=int, default=None, metavar="N",
                      help="with --ray: image shards, one task each (default: the cluster's CPUs / --cpus-per-shard)")
     fit.add_argument("--cpus-per-shard", type=int, default=1, metavar="N",
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="score on a Ray cluster: 'local' (this machine) or HOST:PORT of a running cluster; the "
                               "model and images must be readable at the same paths on every node; rows (path, score, "
                               "p_value, label, threshold, threshold_source, error) go to --output as Parquet "
-                              "(needs: pip install 'padim[ray]')")
+                              "(needs: pip install 'padim-inspect[ray]')")
     predict.add_argument("--actors", type=int, default=None, metavar="N",
                          help="with --ray: scoring actors, each loading the model once (default: one per CPU of the "
                               "cluster, divided by --actor-threads)")
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", required=True, type=Path, help="folder for the results and the report")
     bench.add_argument("--ray", default=None, metavar="ADDRESS",
                        help="run the categories as parallel tasks on a Ray cluster: 'local' or HOST:PORT; the data "
-                            "root and output must be at the same paths on every node (needs: pip install 'padim[ray]')")
+                            "root and output must be at the same paths on every node (needs: pip install 'padim-inspect[ray]')")
     bench.add_argument("--cpus-per-category", type=int, default=1, metavar="N",
                        help="with --ray: CPUs (and threads) each category's task takes (default: 1)")
     bench.add_argument("--engine", choices=ENGINE_NAMES, default="torch", help="what scores the tests (default: torch)")
@@ -283,7 +283,7 @@ def _serve_parser(commands) -> None:
                                 description="Serve fitted models: GET /health, GET /models, "
                                             "POST /models/NAME/predict, GET /metrics, GET /models/NAME/drift, "
                                             "POST /models/NAME/feedback, POST /admin/reload, a page at / and API "
-                                            "docs at /docs. Needs the serve extra: pip install \"padim[serve]\".")
+                                            "docs at /docs. Needs the serve extra: pip install \"padim-inspect[serve]\".")
     serve.add_argument("models", nargs="*", type=Path, metavar="MODEL",
                        help="model files; each is reached by its file stem (and its category when unambiguous)")
     serve.add_argument("--models", dest="models_dir", type=Path, default=None, metavar="DIR",

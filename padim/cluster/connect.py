@@ -15,7 +15,7 @@ from typing import Optional
 
 from padim.errors import PadimError, one_line
 
-INSTALL_HINT = "pip install 'padim[ray]'"
+INSTALL_HINT = "pip install 'padim-inspect[ray]'"
 
 # Ray reads these when it starts processes. Usage statistics would try to reach the internet; and on
 # Linux Ray replaces a loopback node address by the machine's network address unless it believes it

@@ -47,8 +47,8 @@ OPTIONAL_TENSORS = ("projection", "ignore_mask")  # in the key only when the mod
 # (lean-2: padim.json carries the ignore mask)
 GRAPH_REVISION = "lean-2"
 
-EXPORT_INSTALL_HINT = 'pip install "padim[export]"'
-OPENVINO_INSTALL_HINT = 'pip install "padim[openvino]"'
+EXPORT_INSTALL_HINT = 'pip install "padim-inspect[export]"'
+OPENVINO_INSTALL_HINT = 'pip install "padim-inspect[openvino]"'
 
 
 class ExportError(PadimError):

@@ -44,7 +44,7 @@ from padim.deploy.sessions import open_session
 
 QUANTIZATION_IMAGES = 300  # training images NNCF calibrates its ranges on, at most (its own default subset)
 SCORING_BATCH = 8  # held-out images per int8 batch (OpenVINO's kernels, chosen by shape, move the last bits with it)
-NNCF_INSTALL_HINT = 'pip install nncf openvino (or: pip install "padim[int8]")'
+NNCF_INSTALL_HINT = 'pip install nncf openvino (or: pip install "padim-inspect[int8]")'
 PRECISION_KEY, QUANTIZATION_KEY = "precision", "quantization"  # padim.json's fields of an int8 export
 
 

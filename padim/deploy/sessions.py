@@ -15,8 +15,8 @@ from padim.errors import one_line
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16", "int8")  # int8: an int8 export (padim.deploy.quantize), OpenVINO only
-RUNTIME_INSTALL_HINT = {"onnxruntime": 'pip install onnxruntime (with padim and torch: pip install "padim[runtime]")',
-                        "openvino": 'pip install openvino (with padim and torch: pip install "padim[openvino]")'}
+RUNTIME_INSTALL_HINT = {"onnxruntime": 'pip install onnxruntime (with padim and torch: pip install "padim-inspect[runtime]")',
+                        "openvino": 'pip install openvino (with padim and torch: pip install "padim-inspect[openvino]")'}
 
 
 def _import_engine(engine: str):

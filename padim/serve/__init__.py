@@ -6,7 +6,7 @@ concurrent requests into one backbone batch, ``render`` draws the pictures, ``ve
 ``reloader`` swap model versions live, ``monitoring`` feeds the drift alarms, the decision log and
 the operators' feedback, ``service`` holds the state, ``app`` and ``routes_*`` the routes, and
 ``server`` runs uvicorn with a graceful stop. It needs the ``serve`` extra
-(``pip install "padim[serve]"``: FastAPI, uvicorn, prometheus-client, python-multipart); nothing else
+(``pip install "padim-inspect[serve]"``: FastAPI, uvicorn, prometheus-client, python-multipart); nothing else
 in padim imports this package but the CLI, and this file imports nothing eagerly, so that
 ``padim.serve.settings`` (the option checks) loads without the extra.
 """
