@@ -2,74 +2,84 @@
 works or is refused in one line before any work.
 
     engines     torch, onnxruntime, openvino (f32), openvino_int8
-    geometries  square (64 x 64), hxw (48 x 80), tiles_position and tiles_shared (48 x 80 in 2 x 3
-                tiles of 32 px, Gaussians per tile position or one set for every tile)
+    geometries  square (64 x 64), hxw (48 x 80, height x width), tiles_position and tiles_shared
+                (32 x 56 in two tiles of 32 px: Gaussians per tile position, or one set for both)
     masks       nomask, mask (the pictures' top-left quarter never counts)
-    surfaces    predict, cli, serve, ray, update (see tests/composition_matrix.py)
+    surfaces    predict, cli, serve, ray, update (tests/composition_matrix.py says what each runs)
 
-A cell scores the 20 held-out training images of its model (the fit's seeded split,
-``calibration.split_indices``, redone here) and three test pictures (one clean, the same with a
-bright square inside the ignored rectangle, and outside it) on its surface, and asserts, each with
-its own exception type so that an expected failure cannot hide another:
+A cell scores, on its surface, the 20 pictures its model held out for calibration (the fit's seeded
+split, redone) and three test pictures (a clean one, the same with a bright square inside the
+ignored rectangle, and with it outside), and asserts, each with its own exception so that an
+expected failure cannot hide another:
 
     EngineMismatch      the scores are the torch engine's on the same pictures: 1e-4 relative for
-                        the f32 engines; int8 within the INT8_* bounds (below, measured); an updated
-                        model's torch scores are those of a fresh fit on the same images
-    CalibrationMismatch the model's calibration scores (the model file's; an int8 export's own)
-                        are what this surface scores on the held-out images (sorted), its image
-                        threshold is the split-conformal cut of those scores (recomputed here), its
-                        p-values are (1 + #{calibration >= s}) / (n + 1); an int8 export's
-                        thresholds come from int8 scores; an updated model has no calibration
-    LabelMismatch       a label is "anomalous" exactly when score >= the threshold the surface
-                        reports (the model's own), and a threshold equal to a score (the clean
-                        picture alone, scored by the same engine) labels it anomalous
-    RegionCounts        with a mask, the square inside the rectangle changes neither the score
-                        nor (where the surface gives maps) the map outside the rectangle, and the
-                        map inside it is 0; without one, the same square raises the score (the
-                        test can see it); the square outside always raises the score
+                        the f32 engines, int8 within the measured INT8_* bounds below; an updated
+                        model's torch scores are those of a fresh fit on the same pictures
+    CalibrationMismatch the model's calibration scores (the model file's; an int8 export's own) are
+                        what this surface gives for the held-out pictures (sorted; 1e-5 relative,
+                        1e-4 for the f32 exports, whose calibration is torch's), its image threshold
+                        is their split-conformal cut (recomputed here), the p-values are
+                        (1 + #{calibration >= s}) / (n + 1); an int8 export's thresholds come from
+                        int8 scores; an updated model has no calibration left
+    LabelMismatch       "anomalous" exactly when score >= the threshold the surface reports (the
+                        model's), and a threshold equal to a score (the clean picture alone, scored
+                        by the same engine) labels that picture anomalous
+    RegionCounts        with a mask, the square inside the rectangle changes neither the score nor
+                        (where the surface gives maps) the map outside it, and the map is 0 inside
+                        it; without one, the same square raises the score (the test can see it);
+                        the square outside always raises the score
 
-Cells broken today are ``xfail(strict=True, raises=...)`` with the bug in one line (issue 26 lists
-them): when a fix lands the cell passes, pytest reports XPASS(strict) as a failure, and the marker
-goes. Cells that are not supported are refused in one line (``REFUSED``) and assert it.
+Cells broken today are ``xfail(strict=True)`` with the bug in one line (issue 26 lists each) and
+the exceptions it causes: when a fix lands the cell passes, pytest reports XPASS(strict) as a
+failure, and the marker goes. Cells not supported are refused in one line before any work
+(``REFUSED``) and assert it.
 
-Extra-dependent columns skip with the reason when their extra is missing. Cost: a small graph
-(resnet18 layer1 + layer2, random weights, d = 8), 40 training pictures of 96 x 160, each model
-fitted, exported and opened once per module.
+Cost. Each model is fitted, updated, exported and opened once per module, on a small graph (resnet18
+layer1 + layer2, random weights, d = 8) and 40 training pictures of 96 x 160. Most of the time is
+torch.export (4-9 s of CPU per trace here; an int8 export traces twice and quantises twice, about 16
+s), so CI runs a subset that still meets every engine, geometry, mask, surface and bug (``in_ci``,
+about 2 minutes on 2 cores); PADIM_COMPOSITION=full runs every cell (the figures are in ``FULL``).
+Extra-dependent columns skip, with the reason, when their extra is missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from typing import Optional
 
 import numpy as np
 import pytest
 
-from composition_data import INSIDE, make_pictures
-from composition_matrix import ENGINES, GEOMETRIES, Crash, Matrix, Refused, Rows
+from composition_data import HEIGHT, IGNORED, WIDTH
+from composition_matrix import ENGINES, GEOMETRIES, MASKS, Crash, Matrix, Refused, Rows
 from padim.core import calibration as cal
 
-MASKS = ("nomask", "mask")
 SURFACES = ("predict", "cli", "serve", "ray", "update")
 N_HELD = 20  # 40 training pictures: 20 held out for calibration (calibration.calibration_size)
+CLEAN, INSIDE_AT, OUTSIDE_AT = N_HELD, N_HELD + 1, N_HELD + 2  # the test pictures' rows in ``Matrix.images``
 
-# int8 against torch. Its Gaussians are refitted on int8 features and its activation ranges calibrated
-# on good pictures, so its scores are its own: measured on this matrix (square and hxw, no mask; OpenVINO
-# 2026, NNCF 3.4, AVX2 without VNNI), the good pictures' scores differ from torch's by at most 0.104
-# relative (mean 0.02) with a rank correlation of 0.986-0.990, and the bright defects, saturated by
-# ranges calibrated without them, score 4.1-6.6 where torch gives 18.7-19.6: still above every good
-# picture (at most 2.05). The bounds leave room for other CPUs' int8 kernels.
-INT8_GOOD_RELATIVE = 0.25  # |int8 - torch| / torch on every good picture
-INT8_GOOD_RANK = 0.8  # Spearman rank correlation with torch over the good pictures
+# int8 against torch. An int8 export's Gaussians are refitted on int8 features and its activation
+# ranges calibrated on good pictures, so its scores are its own. Measured on this matrix (square and
+# hxw without a mask; OpenVINO 2026, NNCF 3.4, an AVX2 CPU without VNNI): the good pictures' scores
+# differ from torch's by at most 0.104 relative (mean 0.02), rank correlation 0.986-0.990; the bright
+# squares, saturated by ranges calibrated without them, score 4.1-6.6 where torch gives 18.7-19.6,
+# still above every good picture (at most 2.05). The bounds leave room for other CPUs' int8 kernels.
+INT8_GOOD_RELATIVE = 0.25  # |int8 - torch| / torch on every good picture, at most
+INT8_GOOD_RANK = 0.8  # Spearman rank correlation with torch over the good pictures, at least
+
+FULL = os.environ.get("PADIM_COMPOSITION") == "full"
+FULL_FIGURE = ("the whole matrix: 261 s of CPU, 9 min on a busy 2-core machine (2 min for the CI subset); "
+               "each int8 export about 16 s of CPU")
 
 
 class EngineMismatch(AssertionError):
-    """Scores differ from the torch engine's."""
+    """Scores differ from the torch engine's (or, after an update, from a fresh fit's)."""
 
 
 class CalibrationMismatch(AssertionError):
-    """The calibration scores (and the thresholds made of them) are not what the surface scores."""
+    """The calibration scores, or the thresholds and p-values made of them, are not what the surface scores."""
 
 
 class LabelMismatch(AssertionError):
@@ -81,55 +91,74 @@ class RegionCounts(AssertionError):
 
 
 # ----------------------------------------------------------------------------------------- the grid
-EXTRAS = {  # (module, why it is missing)
-    "onnxruntime": [("onnx", 'pip install "padim[export]"'), ("onnxscript", 'pip install "padim[export]"'),
-                    ("onnxruntime", 'pip install "padim[export]"')],
-    "openvino": [("onnx", 'pip install "padim[export]"'), ("onnxscript", 'pip install "padim[export]"'),
-                 ("onnxruntime", 'pip install "padim[export]"'), ("openvino", 'pip install "padim[openvino]"')],
-    "serve": [("fastapi", "pip install \"padim[serve]\""), ("httpx", "FastAPI's TestClient needs httpx"),
+_EXPORT = 'pip install "padim[export]"'
+EXTRAS = {  # column -> [(module, how to install it)]
+    "onnxruntime": [("onnx", _EXPORT), ("onnxscript", _EXPORT), ("onnxruntime", _EXPORT)],
+    "openvino": [("onnx", _EXPORT), ("onnxscript", _EXPORT), ("onnxruntime", _EXPORT),
+                 ("openvino", 'pip install "padim[openvino]"')],
+    "openvino_int8": [("onnx", _EXPORT), ("onnxscript", _EXPORT), ("onnxruntime", _EXPORT),
+                      ("openvino", 'pip install "padim[openvino]"'), ("nncf", 'pip install "padim[int8]"')],
+    "serve": [("fastapi", 'pip install "padim[serve]"'), ("httpx", "FastAPI's TestClient needs httpx"),
               ("prometheus_client", 'pip install "padim[serve]"'), ("python_multipart", 'pip install "padim[serve]"')],
     "ray": [("ray", 'pip install "padim[ray]"'), ("pyarrow", 'pip install "padim[ray]"')],
 }
-EXTRAS["openvino_int8"] = EXTRAS["openvino"] + [("nncf", 'pip install "padim[int8]"')]
 
-BUGS = {
+BUGS = {  # issue 26's bugs that break cells today, one line each
     "int8_mask": "int8 export of a masked model: its refitted scorer has no ignore mask (Gaussians refitted on "
-                 "masked features, the shipped graph unmasked): every score is off and a defect inside the region "
-                 "counts",
+                 "masked features, shipped graph unmasked): every score is off and a defect inside the region counts",
     "int8_tiles": "int8 export of a tiled model: its refitted scorer has no tile layout, torch.export fails "
-                  "(size mismatch)",
+                  "(size mismatch traceback)",
     "update_shared": "padim update refuses a tile_statistics=shared model's own statistics (they count tiles, "
                      "not images)",
     "leak": "maps at the picture's resolution are interpolated across the ignored region's edge and not masked "
             "again: 1-2 rows leak into it",
 }
-# cells not supported: refused in one line before any work (the docs list them)
-REFUSED = {
-    "int8_update": "an updated model has no held-out images: its int8 export has no scores to recompute the "
-                   "thresholds from, and the training folder is not the one it was fitted on",
+REFUSED = {  # cells not supported: refused in one line before any work (the docs list them)
+    "int8_update": "an int8 export of an updated model: it holds no held-out pictures to recompute the int8 "
+                   "thresholds on, and the training folder is not the pictures it was fitted on",
 }
 
 
 def broken(engine: str, geometry: str, mask: str, surface: str):
-    """-> (reasons, exception types) of a cell broken today, or None."""
-    reasons, raises = [], []
+    """-> (reasons, exceptions) of a cell broken today, or None."""
     if surface == "update" and geometry == "tiles_shared":
         return [BUGS["update_shared"]], (Refused,)  # the update itself is refused: nothing after it runs
-    if engine == "openvino_int8" and surface == "update":
-        return None  # refused (REFUSED): before any int8 work
-    if engine == "openvino_int8" and geometry.startswith("tiles"):
+    if engine != "openvino_int8" or surface == "update":
+        return None  # (int8 of an updated model is refused before any int8 work: REFUSED)
+    reasons, raises = [], []
+    if geometry.startswith("tiles"):
         reasons.append(BUGS["int8_tiles"])
         raises.append(Crash)
-    if engine == "openvino_int8" and mask == "mask":
+    if mask == "mask":
         reasons.append(BUGS["int8_mask"])
         raises += [EngineMismatch, RegionCounts]
     return (reasons, tuple(raises)) if reasons else None
 
 
-def refused(engine: str, geometry: str, mask: str, surface: str) -> Optional[str]:
-    if engine == "openvino_int8" and surface == "update":
-        return "int8_update"
-    return None
+def refused(engine: str, surface: str) -> Optional[str]:
+    return "int8_update" if engine == "openvino_int8" and surface == "update" else None
+
+
+def in_ci(engine: str, geometry: str, mask: str, surface: str) -> bool:
+    """The CI subset: every cell whose export (the costly part) is shared with others or absent, and
+    of the rest (int8 exports; exports of updated models) enough that each bug, geometry and mask
+    still meets each engine: int8 on hxw with a mask and tiles_shared without, updated exports of hxw
+    with a mask and tiles_position without."""
+    if engine == "torch" or refused(engine, surface):
+        return True
+    if engine == "openvino_int8":
+        return (geometry, mask) in {("hxw", "mask"), ("tiles_shared", "nomask")}
+    return surface != "update" or geometry == "tiles_shared" or (geometry, mask) in {("hxw", "mask"),
+                                                                                     ("tiles_position", "nomask")}
+
+
+def marks(ci: bool, bug) -> list:
+    found = []
+    if bug is not None:
+        found.append(pytest.mark.xfail(strict=True, reason="; ".join(bug[0]), raises=bug[1]))
+    if not (ci or FULL):
+        found.append(pytest.mark.skip(reason=f"outside the CI subset: PADIM_COMPOSITION=full runs it ({FULL_FIGURE})"))
+    return found
 
 
 def cells():
@@ -137,12 +166,10 @@ def cells():
         for geometry in GEOMETRIES:
             for mask in MASKS:
                 for surface in SURFACES:
-                    marks = []
-                    bug = broken(engine, geometry, mask, surface)
-                    if bug is not None:
-                        marks.append(pytest.mark.xfail(strict=True, reason="; ".join(bug[0]), raises=bug[1]))
-                    yield pytest.param(engine, geometry, mask, surface, marks=marks,
-                                       id=f"{engine}-{geometry}-{mask}-{surface}")
+                    cell_id = f"{engine}-{geometry}-{mask}-{surface}"
+                    yield pytest.param(engine, geometry, mask, surface, id=cell_id,
+                                       marks=marks(in_ci(engine, geometry, mask, surface),
+                                                   broken(engine, geometry, mask, surface)))
 
 
 def require(*columns: str) -> None:
@@ -152,11 +179,12 @@ def require(*columns: str) -> None:
                 pytest.skip(f"{column} needs {module}, which is not installed ({hint})")
 
 
-# ----------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    """The pictures and the matrix's models, exports and engines (made on first use), with the export
-    cache in a folder of this module's (PADIM_CACHE_DIR, restored after)."""
+    """The pictures, and the matrix's models, exports and engines (made on first use), with the export
+    cache in this module's own folder (PADIM_CACHE_DIR, restored after)."""
+    from composition_data import make_pictures
+
     work = tmp_path_factory.mktemp("composition")
     patch = pytest.MonkeyPatch()
     patch.setenv("PADIM_CACHE_DIR", str(work / "cache"))
@@ -164,9 +192,6 @@ def matrix(tmp_path_factory):
         yield Matrix(make_pictures(work / "data"), work)
     finally:
         patch.undo()
-
-
-CLEAN, INSIDE_AT, OUTSIDE_AT = N_HELD, N_HELD + 1, N_HELD + 2  # rows of the test pictures in ``Matrix.images``
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -179,19 +204,19 @@ def check_scores(rows: Rows, reference: np.ndarray, engine: str, mask: str, what
         return
     from scipy.stats import spearmanr
 
-    good = np.arange(len(reference)) <= (INSIDE_AT if mask == "mask" else CLEAN)  # the defect inside: ignored
+    good = np.arange(len(reference)) <= (INSIDE_AT if mask == "mask" else CLEAN)  # the square inside is ignored
     relative = np.abs(rows.scores[good] - reference[good]) / reference[good]
     rank = spearmanr(rows.scores[good], reference[good])[0]
     separated = all(scores[~good].min() > scores[good].max() for scores in (rows.scores, reference))
     if not (relative.max() <= INT8_GOOD_RELATIVE and rank >= INT8_GOOD_RANK and separated):
-        raise EngineMismatch(f"int8 scores are not torch's within the int8 tolerance: good pictures {relative.max():.3g} "
+        raise EngineMismatch(f"int8 scores are not torch's within the int8 bounds: good pictures {relative.max():.3g} "
                              f"relative (<= {INT8_GOOD_RELATIVE}), rank correlation {rank:.3f} (>= {INT8_GOOD_RANK}), "
                              f"defects above every good picture: {separated}; {rows.scores.tolist()} vs "
                              f"{reference.tolist()}")
 
 
 def conformal_cut(scores: np.ndarray, alpha: float) -> float:
-    """The split-conformal image threshold, by hand: the next float above s_(k), k = ceil((n + 1)(1 - alpha))."""
+    """The split-conformal image threshold by hand: the next float above s_(k), k = ceil((n + 1)(1 - alpha))."""
     n = len(scores)
     k = min(math.ceil((n + 1) * (1 - alpha) - 1e-9), n)
     return float(np.nextafter(np.sort(scores)[k - 1], np.inf))
@@ -203,12 +228,12 @@ def check_calibration(rows: Rows, scoring, engine: str, updated: bool) -> None:
         if calibration is not None or not np.isnan(rows.p_values).all():
             raise CalibrationMismatch("an updated model still has calibration scores (they scored the old model)")
         return
-    if calibration is None:
-        raise CalibrationMismatch("the model has no calibration")
+    if calibration is None or calibration.n != N_HELD:
+        raise CalibrationMismatch(f"the model has no calibration of its {N_HELD} held-out pictures: {calibration}")
     got = np.sort(rows.scores[:N_HELD])
-    tolerance = 1e-4 if engine in ("onnxruntime", "openvino") else 1e-5  # their calibration is torch's
+    tolerance = 1e-4 if engine in ("onnxruntime", "openvino") else 1e-5
     relative = np.abs(got - calibration.image_scores) / calibration.image_scores
-    if calibration.n != N_HELD or not relative.max() <= tolerance:
+    if not relative.max() <= tolerance:
         raise CalibrationMismatch(f"the calibration scores differ from this surface's scores of the held-out "
                                   f"pictures by {relative.max():.3g} relative: {calibration.image_scores.tolist()} "
                                   f"vs {got.tolist()}")
@@ -224,111 +249,85 @@ def check_calibration(rows: Rows, scoring, engine: str, updated: bool) -> None:
         raise CalibrationMismatch(f"an int8 export's thresholds come from {scoring.thresholds_from_!r}")
 
 
-def check_labels(rows: Rows, threshold: Optional[float]) -> None:
+def check_labels(rows: Rows, threshold: Optional[float], at: Rows, alone: float) -> None:
+    """``rows`` at the model's threshold; ``at``: the clean picture alone with the threshold ``alone``, its score."""
     if any(t != threshold for t in rows.thresholds):
         raise LabelMismatch(f"the surface reports thresholds {set(rows.thresholds)}, the model's is {threshold}")
     expected = [None if threshold is None else "anomalous" if s >= threshold else "good" for s in rows.scores]
     if rows.labels != expected:
         raise LabelMismatch(f"labels {rows.labels} are not score >= {threshold}: {expected}")
+    if at.scores[0] != alone or at.labels != ["anomalous"] or at.thresholds != [alone]:
+        raise LabelMismatch(f"a score equal to the threshold {alone!r}: got score {at.scores[0]!r}, label "
+                            f"{at.labels[0]}, threshold {at.thresholds[0]!r}")
+
+
+def ignored_at(size) -> np.ndarray:
+    """The ignored rectangle at the model's input size (nearest, as an ignore mask is resized), by hand."""
+    rows = (np.arange(size[0]) + 0.5) * HEIGHT / size[0]
+    cols = (np.arange(size[1]) + 0.5) * WIDTH / size[1]
+    return (rows < IGNORED[0].stop)[:, None] & (cols < IGNORED[1].stop)[None, :]
 
 
 def check_region(rows: Rows, mask: str, input_size) -> None:
     clean, inside, outside = rows.scores[CLEAN], rows.scores[INSIDE_AT], rows.scores[OUTSIDE_AT]
     if not outside > 1.5 * clean:
-        raise RegionCounts(f"the defect outside the rectangle is not seen: {outside} vs clean {clean}")
+        raise RegionCounts(f"the square outside the rectangle is not seen: {outside} vs clean {clean}")
     if mask == "nomask":
         if not inside > 1.5 * clean:
-            raise RegionCounts(f"without a mask the defect inside the rectangle is not seen: {inside} vs {clean}")
+            raise RegionCounts(f"without a mask the square inside the rectangle is not seen: {inside} vs {clean}")
         return
     if not math.isclose(inside, clean, rel_tol=1e-6):
-        raise RegionCounts(f"a defect inside the ignored rectangle changed the score: {inside} vs clean {clean}")
+        raise RegionCounts(f"a square inside the ignored rectangle changed the score: {inside} vs clean {clean}")
     if rows.maps is not None:
         region = ignored_at(input_size)
         top = float(rows.maps[CLEAN].max())
         if not np.allclose(rows.maps[INSIDE_AT][~region], rows.maps[CLEAN][~region], rtol=1e-6, atol=1e-6 * top):
-            raise RegionCounts("a defect inside the ignored rectangle changed the map outside it")
+            raise RegionCounts("a square inside the ignored rectangle changed the map outside it")
         if rows.maps[INSIDE_AT][region].any() or rows.maps[CLEAN][region].any():
             raise RegionCounts("the map is not 0 inside the ignored rectangle")
-
-
-def ignored_at(size) -> np.ndarray:
-    """The ignored rectangle at the model's input size (nearest, as an ignore mask is resized), by hand."""
-    from composition_data import HEIGHT, IGNORED, WIDTH
-
-    rows = (np.arange(size[0]) + 0.5) * HEIGHT / size[0]
-    cols = (np.arange(size[1]) + 0.5) * WIDTH / size[1]
-    return (rows < IGNORED[0].stop)[:, None] & (cols < IGNORED[1].stop)[None, :]
 
 
 # ----------------------------------------------------------------------------------------- the matrix
 @pytest.mark.parametrize("engine, geometry, mask, surface", list(cells()))
 def test_cell(matrix, engine, geometry, mask, surface, capsys):
     require(engine, surface)
-    which = "updated" if surface == "update" else "fitted"
-    reason = refused(engine, geometry, mask, surface)
-    if reason is not None:
-        target = matrix.target(geometry, mask, which)
+    target = matrix.target(geometry, mask, "updated" if surface == "update" else "fitted")
+    if refused(engine, surface):
+        cache = matrix.work / "cache"
+        before = set(cache.iterdir()) if cache.exists() else set()
         with pytest.raises(Refused) as refusal:
             matrix.export(target.key, engine)
         assert len(str(refusal.value).splitlines()) == 1, str(refusal.value)
+        assert (set(cache.iterdir()) if cache.exists() else set()) == before  # refused before any export was made
         return
-    target = matrix.target(geometry, mask, which)
     scoring = matrix.scoring(target.key, engine)
-    images = matrix.images
-    rows = matrix.rows(surface, target, engine, images, capsys=capsys)
+    images, alone = matrix.images, matrix.alone(target.key, engine)
+    rows, at = matrix.rows(surface, target, engine, [(images, None), ([images[CLEAN]], alone)], capsys)
 
     check_scores(rows, matrix.reference(*target.key), engine, mask)
     if surface == "update" and engine == "torch":
-        check_scores(rows, fresh_fit(matrix, geometry, mask).predict(images).scores.astype(np.float64), engine, mask,
-                     "a fresh fit's on the same images")
+        fresh = matrix.fresh(geometry, mask).predict(images).scores.astype(np.float64)
+        check_scores(rows, fresh, engine, mask, "a fresh fit's on the same pictures")
     check_calibration(rows, scoring, engine, updated=surface == "update")
-    check_labels(rows, scoring.image_threshold_)
-    alone = matrix.alone(target.key, engine)  # the clean picture alone, by the same engine's predict
-    at = matrix.rows(surface, target, engine, [images[CLEAN]], threshold=alone, capsys=capsys)
-    if at.scores[0] != alone or at.labels != ["anomalous"] or at.thresholds != [alone]:
-        raise LabelMismatch(f"a score equal to the threshold {alone!r}: got score {at.scores[0]!r}, "
-                            f"label {at.labels[0]}, threshold {at.thresholds[0]!r}")
+    check_labels(rows, scoring.image_threshold_, at, alone)
     check_region(rows, mask, scoring.config_.input_size)
-
-
-_FRESH = {}
-
-
-def fresh_fit(matrix, geometry: str, mask: str):
-    """A fit on the images the updated model holds (the fitted model's 20 + the 4 added), without
-    calibration: what ``padim update`` must equal."""
-    from padim import PaDiM
-    from composition_matrix import SMALL
-
-    if (geometry, mask) not in _FRESH:
-        held = set(matrix.images[:N_HELD])
-        fitted = [p for p in matrix.data["train"] if p not in held]
-        ignore = matrix.data["ignore"] if mask == "mask" else None
-        _FRESH[geometry, mask] = PaDiM(**SMALL, **GEOMETRIES[geometry], ignore_mask=ignore,
-                                       calibration_fraction=0.0).fit(fitted + list(matrix.data["more"]))
-    return _FRESH[geometry, mask]
 
 
 # ----------------------------------------------------------------------------------------- full resolution
 def leak_cells():
     for engine in ENGINES:
         for geometry in GEOMETRIES:
-            reasons = [BUGS["leak"]]
-            raises = [RegionCounts]
-            if engine == "openvino_int8" and geometry.startswith("tiles"):
-                reasons.append(BUGS["int8_tiles"])
-                raises.append(Crash)
+            bug = broken(engine, geometry, "mask", "predict") or ([], ())
+            bug = ([BUGS["leak"], *bug[0]], (RegionCounts, *bug[1]))
             yield pytest.param(engine, geometry, id=f"{engine}-{geometry}-mask-predict",
-                               marks=pytest.mark.xfail(strict=True, reason="; ".join(reasons), raises=tuple(raises)))
+                               marks=marks(in_ci(engine, geometry, "mask", "predict"), bug))
 
 
 @pytest.mark.parametrize("engine, geometry", list(leak_cells()))
 def test_maps_at_the_pictures_resolution_are_0_in_the_ignored_region(matrix, engine, geometry):
-    """``predict(original_resolution=True)``: the maps (and so the masks at any pixel threshold) are 0
-    in the ignored rectangle at the picture's own size, as they are at the model's input size."""
+    """``predict(original_resolution=True)``: the maps (so the masks, at any pixel threshold) are 0 in
+    the ignored rectangle at the picture's own size, as they are at the model's input size."""
     require(engine)
-    from composition_data import IGNORED
-
     target = matrix.target(geometry, "mask", "fitted")
     result = matrix.scoring(target.key, engine).predict([matrix.data["outside"]], original_resolution=True)
     inside = result.maps[0][IGNORED]
@@ -340,15 +339,13 @@ def test_maps_at_the_pictures_resolution_are_0_in_the_ignored_region(matrix, eng
 
 # ----------------------------------------------------------------------------------------- a Ray cluster
 CLUSTER = [("torch", "hxw", "mask"), ("onnxruntime", "hxw", "mask"), ("openvino_int8", "hxw", "nomask")]
+CLUSTER_CI = {"torch", "onnxruntime"}
 
 
 @pytest.fixture(scope="module")
 def ray_connected(matrix, ray_address):
-    """This process connected to the session's loopback cluster (tests/conftest.py), the actors of its
-    jobs given this module's export cache (PADIM_CACHE_DIR: the exported engines' cached exports)."""
-    require("ray")
-    import os
-
+    """This process connected to the session's loopback cluster (tests/conftest.py); the actors of its
+    jobs see this module's export cache (PADIM_CACHE_DIR, where the exported engines' exports are)."""
     import ray
 
     if ray.is_initialized():
@@ -359,10 +356,11 @@ def ray_connected(matrix, ray_address):
     ray.shutdown()
 
 
-@pytest.mark.parametrize("engine, geometry, mask", [pytest.param(*c, id="-".join(c) + "-ray_cluster") for c in CLUSTER])
+@pytest.mark.parametrize("engine, geometry, mask", [
+    pytest.param(*c, id="-".join(c) + "-ray_cluster", marks=marks(c[0] in CLUSTER_CI, None)) for c in CLUSTER])
 def test_a_loopback_ray_cluster_writes_the_rows_score_files_gives(matrix, engine, geometry, mask, tmp_path, request):
     """``score_archive`` (``padim predict --ray``) on the loopback cluster: its Parquet rows are the
-    rows ``score_files`` gives in this process (the Ray cells above) for the same engine."""
+    rows ``score_files`` gives in this process (the ray cells) with the same engine."""
     require(engine, "ray")
     pd = pytest.importorskip("pandas")
     ray = request.getfixturevalue("ray_connected")
@@ -376,7 +374,7 @@ def test_a_loopback_ray_cluster_writes_the_rows_score_files_gives(matrix, engine
                             batch_size=len(images), engine=kind, precision=precision)
     assert (summary.scored, summary.errors) == (len(images), 0)
     rows = pd.read_parquet(tmp_path / "rows").set_index("path").loc[[str(p) for p in images]]
-    local = matrix.rows("ray", target, engine, images)
+    (local,) = matrix.rows("ray", target, engine, [(images, None)])
     np.testing.assert_allclose(rows["score"].to_numpy(), local.scores, rtol=1e-5)
     assert list(rows["label"]) == local.labels and list(rows["threshold"]) == local.thresholds
     np.testing.assert_allclose(rows["p_value"].to_numpy(), local.p_values, rtol=0)
