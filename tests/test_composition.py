@@ -37,8 +37,8 @@ failure, and the marker goes. Cells not supported are refused in one line before
 Cost. Each model is fitted, updated, exported and opened once per module, on a small graph (resnet18
 layer1 + layer2, random weights, d = 8) and 40 training pictures of 96 x 160. Most of the time is
 torch.export (4-9 s of CPU per trace here; an int8 export traces twice and quantises twice, about 16
-s), so CI runs a subset that still meets every engine, geometry, mask, surface and bug (``in_ci``,
-about 2 minutes on 2 cores); PADIM_COMPOSITION=full runs every cell (the figures are in ``FULL``).
+s), so CI runs a subset that still meets every bug, engine, mask and surface (``in_ci``: 136 s of CPU),
+and PADIM_COMPOSITION=full runs every cell (252 s of CPU; ``FULL_FIGURE``).
 Extra-dependent columns skip, with the reason, when their extra is missing.
 """
 
@@ -70,8 +70,8 @@ INT8_GOOD_RELATIVE = 0.25  # |int8 - torch| / torch on every good picture, at mo
 INT8_GOOD_RANK = 0.8  # Spearman rank correlation with torch over the good pictures, at least
 
 FULL = os.environ.get("PADIM_COMPOSITION") == "full"
-FULL_FIGURE = ("the whole matrix: 261 s of CPU, 9 min on a busy 2-core machine (2 min for the CI subset); "
-               "each int8 export about 16 s of CPU")
+FULL_FIGURE = ("the whole matrix took 252 s of CPU, 7.5 min on a busy 2-core machine, the CI subset 136 s and "
+               "3 min; an int8 export alone about 16 s of CPU")
 
 
 class EngineMismatch(AssertionError):
@@ -140,10 +140,11 @@ def refused(engine: str, surface: str) -> Optional[str]:
 
 
 def in_ci(engine: str, geometry: str, mask: str, surface: str) -> bool:
-    """The CI subset: every cell whose export (the costly part) is shared with others or absent, and
-    of the rest (int8 exports; exports of updated models) enough that each bug, geometry and mask
-    still meets each engine: int8 on hxw with a mask and tiles_shared without, updated exports of hxw
-    with a mask and tiles_position without."""
+    """The CI subset: every cell whose export (the costly part) is shared with other cells or not
+    needed, and of the rest (int8 exports, exports of updated models) a few that still meet every bug,
+    both masks and both kinds of geometry (whole and tiled): int8 on hxw with a mask and on
+    tiles_shared without one (int8 on a square without a mask is tests/test_int8.py's), the exported
+    engines after an update on hxw with a mask and tiles_position without."""
     if engine == "torch" or refused(engine, surface):
         return True
     if engine == "openvino_int8":
@@ -186,10 +187,13 @@ def matrix(tmp_path_factory):
     from composition_data import make_pictures
 
     work = tmp_path_factory.mktemp("composition")
+    outside = os.environ.get("PADIM_CACHE_DIR")
     patch = pytest.MonkeyPatch()
     patch.setenv("PADIM_CACHE_DIR", str(work / "cache"))
     try:
-        yield Matrix(make_pictures(work / "data"), work)
+        matrix = Matrix(make_pictures(work / "data"), work)
+        matrix.outside_cache = outside  # the value outside this module (None: unset)
+        yield matrix
     finally:
         patch.undo()
 
@@ -330,11 +334,12 @@ def test_maps_at_the_pictures_resolution_are_0_in_the_ignored_region(matrix, eng
     require(engine)
     target = matrix.target(geometry, "mask", "fitted")
     result = matrix.scoring(target.key, engine).predict([matrix.data["outside"]], original_resolution=True)
-    inside = result.maps[0][IGNORED]
+    inside = result.maps[0][IGNORED]  # the rectangle is the top-left corner: its edges are its last row and column
     if inside.any():
-        rows = np.flatnonzero(inside.any(axis=1))
-        raise RegionCounts(f"the map at the picture's resolution is not 0 in {len(rows)} rows of the ignored "
-                           f"rectangle (rows {rows.min()}-{rows.max()} of 0-{IGNORED[0].stop - 1})")
+        rows, cols = np.nonzero(inside)
+        depth = np.minimum(IGNORED[0].stop - 1 - rows, IGNORED[1].stop - 1 - cols)
+        raise RegionCounts(f"the map at the picture's resolution is not 0 in {len(rows)} pixels of the ignored "
+                           f"rectangle, up to {depth.max() + 1} pixels in from its edge")
 
 
 # ----------------------------------------------------------------------------------------- a Ray cluster
@@ -343,14 +348,20 @@ CLUSTER_CI = {"torch", "onnxruntime"}
 
 
 @pytest.fixture(scope="module")
-def ray_connected(matrix, ray_address):
+def ray_connected(matrix, request):
     """This process connected to the session's loopback cluster (tests/conftest.py); the actors of its
-    jobs see this module's export cache (PADIM_CACHE_DIR, where the exported engines' exports are)."""
+    jobs, and theirs only, see this module's export cache (PADIM_CACHE_DIR, the exported engines')."""
     import ray
 
+    with pytest.MonkeyPatch.context() as env:  # a cluster started now keeps the session's environment
+        if matrix.outside_cache is None:
+            env.delenv("PADIM_CACHE_DIR")
+        else:
+            env.setenv("PADIM_CACHE_DIR", matrix.outside_cache)
+        address = request.getfixturevalue("ray_address")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PADIM_CACHE_DIR": os.environ["PADIM_CACHE_DIR"]}})
     yield ray
     ray.shutdown()
