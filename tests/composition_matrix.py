@@ -131,7 +131,7 @@ class Matrix:
     @property
     def images(self) -> List[Path]:
         """The fit's 20 held-out pictures (its seeded split, redone here), then clean, inside, outside."""
-        from padim.core import calibration as cal
+        from padim.settings import calibration as cal
 
         n = len(self.data["train"])
         _, held = cal.split_indices(n, cal.calibration_size(n, cal.DEFAULT_CALIBRATION_FRACTION), SEED)
@@ -185,7 +185,7 @@ class Matrix:
         use: the model file's cached ONNX export (what openvino f32 runs too), or its cached int8
         export, quantised and calibrated on the category's training folder (``padim test --engine
         openvino --precision int8 --data-root D --category part``). Refused or Crash if it cannot."""
-        from padim.pipeline.engines import open_engine
+        from padim.deploy.engines import open_engine
 
         kind, precision = ENGINES[engine]
         if kind == "torch":
@@ -201,7 +201,7 @@ class Matrix:
 
     def _open(self, key: tuple, engine: str):
         """The engine as the surfaces open it (``open_scoring_model``): a loaded PaDiM, or an ExportedModel."""
-        from padim.pipeline.engines import open_scoring_model
+        from padim.deploy.engines import open_scoring_model
 
         kind, precision = ENGINES[engine]
         folder = self.export(key, engine)

@@ -54,7 +54,7 @@ import pytest
 
 from composition_data import HEIGHT, IGNORED, WIDTH
 from composition_matrix import ENGINES, GEOMETRIES, MASKS, Crash, Matrix, Refused, Rows
-from padim.core import calibration as cal
+from padim.settings import calibration as cal
 
 SURFACES = ("predict", "cli", "serve", "ray", "update")
 N_HELD = 20  # 40 training pictures: 20 held out for calibration (calibration.calibration_size)
@@ -103,36 +103,11 @@ EXTRAS = {  # column -> [(module, how to install it)]
     "ray": [("ray", 'pip install "padim[ray]"'), ("pyarrow", 'pip install "padim[ray]"')],
 }
 
-BUGS = {  # issue 26's bugs that break cells today, one line each
-    "int8_mask": "int8 export of a masked model: its refitted scorer has no ignore mask (Gaussians refitted on "
-                 "masked features, shipped graph unmasked): every score is off and a defect inside the region counts",
-    "int8_tiles": "int8 export of a tiled model: its refitted scorer has no tile layout, torch.export fails "
-                  "(size mismatch traceback)",
-    "update_shared": "padim update refuses a tile_statistics=shared model's own statistics (they count tiles, "
-                     "not images)",
-    "leak": "maps at the picture's resolution are interpolated across the ignored region's edge and not masked "
-            "again: 1-2 rows leak into it",
-}
-REFUSED = {  # cells not supported: refused in one line before any work (the docs list them)
-    "int8_update": "an int8 export of an updated model: it holds no held-out pictures to recompute the int8 "
-                   "thresholds on, and the training folder is not the pictures it was fitted on",
-}
-
-
 def broken(engine: str, geometry: str, mask: str, surface: str):
-    """-> (reasons, exceptions) of a cell broken today, or None."""
-    if surface == "update" and geometry == "tiles_shared":
-        return [BUGS["update_shared"]], (Refused,)  # the update itself is refused: nothing after it runs
-    if engine != "openvino_int8" or surface == "update":
-        return None  # (int8 of an updated model is refused before any int8 work: REFUSED)
-    reasons, raises = [], []
-    if geometry.startswith("tiles"):
-        reasons.append(BUGS["int8_tiles"])
-        raises.append(Crash)
-    if mask == "mask":
-        reasons.append(BUGS["int8_mask"])
-        raises += [EngineMismatch, RegionCounts]
-    return (reasons, tuple(raises)) if reasons else None
+    """-> (reasons, exceptions) of a cell broken today, or None: none is (issue 26's four bugs, int8 of
+    a masked or tiled model, update with shared-tile statistics and maps leaking into the ignored region
+    at the picture's resolution, are fixed; a cell that breaks again fails)."""
+    return None
 
 
 def refused(engine: str, surface: str) -> Optional[str]:
@@ -321,8 +296,7 @@ def test_cell(matrix, engine, geometry, mask, surface, capsys):
 def leak_cells():
     for engine in ENGINES:
         for geometry in GEOMETRIES:
-            bug = broken(engine, geometry, "mask", "predict") or ([], ())
-            bug = ([BUGS["leak"], *bug[0]], (RegionCounts, *bug[1]))
+            bug = broken(engine, geometry, "mask", "predict")
             yield pytest.param(engine, geometry, id=f"{engine}-{geometry}-mask-predict",
                                marks=marks(in_ci(engine, geometry, "mask", "predict"), bug))
 

@@ -80,6 +80,10 @@ def held_out_split(metadata: dict, images: Sequence, hashes: Optional[Sequence[s
     if metadata.get("calibration_method") == "cv":
         raise PadimError("`precision` int8 recomputes the thresholds on the model's held-out images; this model was "
                          "cross-fitted (calibration cv) and holds none out: refit it with calibration holdout")
+    if metadata.get("stale_images"):
+        raise PadimError(f"`precision` int8 recomputes the thresholds on the model's held-out images; "
+                         f"{metadata['stale_images']} good images were added to this model (padim update) after its "
+                         "calibration, so none are held out from its Gaussians: refit it to export it to int8")
     fraction = metadata.get("calibration_fraction")  # None in files whose estimator did not store it
     expected = n_held if fraction is None else cal.calibration_size(len(images), float(fraction))
     if len(images) != (n_fit or 0) + n_held or expected != n_held:
