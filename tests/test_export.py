@@ -256,7 +256,7 @@ def test_a_missing_engine_package_says_how_to_install_it(resnet, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     from padim.deploy.export import export_model
 
-    with pytest.raises(PadimError, match=r'pip install "padim\[export\]"'):
+    with pytest.raises(PadimError, match=r'pip install "padim-inspect\[export\]"'):
         export_model(resnet["model"], resnet["export"].parent / "never", "onnx")
 
 
