@@ -91,16 +91,16 @@ class RegionCounts(AssertionError):
 
 
 # ----------------------------------------------------------------------------------------- the grid
-_EXPORT = 'pip install "padim[export]"'
+_EXPORT = 'pip install "padim-inspect[export]"'
 EXTRAS = {  # column -> [(module, how to install it)]
     "onnxruntime": [("onnx", _EXPORT), ("onnxscript", _EXPORT), ("onnxruntime", _EXPORT)],
     "openvino": [("onnx", _EXPORT), ("onnxscript", _EXPORT), ("onnxruntime", _EXPORT),
-                 ("openvino", 'pip install "padim[openvino]"')],
+                 ("openvino", 'pip install "padim-inspect[openvino]"')],
     "openvino_int8": [("onnx", _EXPORT), ("onnxscript", _EXPORT), ("onnxruntime", _EXPORT),
-                      ("openvino", 'pip install "padim[openvino]"'), ("nncf", 'pip install "padim[int8]"')],
-    "serve": [("fastapi", 'pip install "padim[serve]"'), ("httpx", "FastAPI's TestClient needs httpx"),
-              ("prometheus_client", 'pip install "padim[serve]"'), ("python_multipart", 'pip install "padim[serve]"')],
-    "ray": [("ray", 'pip install "padim[ray]"'), ("pyarrow", 'pip install "padim[ray]"')],
+                      ("openvino", 'pip install "padim-inspect[openvino]"'), ("nncf", 'pip install "padim-inspect[int8]"')],
+    "serve": [("fastapi", 'pip install "padim-inspect[serve]"'), ("httpx", "FastAPI's TestClient needs httpx"),
+              ("prometheus_client", 'pip install "padim-inspect[serve]"'), ("python_multipart", 'pip install "padim-inspect[serve]"')],
+    "ray": [("ray", 'pip install "padim-inspect[ray]"'), ("pyarrow", 'pip install "padim-inspect[ray]"')],
 }
 
 def broken(engine: str, geometry: str, mask: str, surface: str):

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx", reason='pip install "padim[export]"')
-pytest.importorskip("onnxscript", reason='pip install "padim[export]"')
-pytest.importorskip("onnxruntime", reason='pip install "padim[export]"')
+pytest.importorskip("onnx", reason='pip install "padim-inspect[export]"')
+pytest.importorskip("onnxscript", reason='pip install "padim-inspect[export]"')
+pytest.importorskip("onnxruntime", reason='pip install "padim-inspect[export]"')
 
 from padim import PaDiM  # noqa: E402
 from padim.cli import main  # noqa: E402
@@ -32,7 +32,7 @@ from conftest import FAST  # noqa: E402
 
 RTOL = 1e-4  # the parity bound, elementwise on maps and scores (measured: ~2e-6)
 ENGINES = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
-    __import__("importlib").util.find_spec("openvino") is None, reason='pip install "padim[openvino]"'))]
+    __import__("importlib").util.find_spec("openvino") is None, reason='pip install "padim-inspect[openvino]"'))]
 
 
 def _fit_and_export(root, tmp, **params):
@@ -283,7 +283,7 @@ def test_an_export_of_another_model_is_refused_beside_a_model_file(resnet, synth
         open_engine("onnxruntime", model_path=tmp_path / "other.safetensors", export=resnet["export"])
 
 
-@pytest.mark.skipif(not _has("openvino"), reason='pip install "padim[openvino]"')
+@pytest.mark.skipif(not _has("openvino"), reason='pip install "padim-inspect[openvino]"')
 def test_bf16_is_refused_where_the_cpu_lacks_it_and_close_where_it_has_it(resnet):
     import openvino
 

@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx", reason='pip install "padim[export]"')
-pytest.importorskip("onnxscript", reason='pip install "padim[export]"')
-pytest.importorskip("onnxruntime", reason='pip install "padim[export]"')
+pytest.importorskip("onnx", reason='pip install "padim-inspect[export]"')
+pytest.importorskip("onnxscript", reason='pip install "padim-inspect[export]"')
+pytest.importorskip("onnxruntime", reason='pip install "padim-inspect[export]"')
 
 from export_helpers import copy_export, rewrite_json, tiny_model  # noqa: E402
 from padim.cli import main  # noqa: E402
@@ -188,7 +188,7 @@ def test_padim_json_holds_no_nan_and_a_nan_threshold_is_not_exported(exports, tm
     assert not (tmp_path / "nan" / "padim.json").exists()
 
 
-@pytest.mark.skipif(not HAS_OPENVINO, reason='pip install "padim[openvino]"')
+@pytest.mark.skipif(not HAS_OPENVINO, reason='pip install "padim-inspect[openvino]"')
 def test_a_truncated_openvino_bin_is_one_line(exports, tmp_path):
     folder = copy_export(exports["openvino"], tmp_path / "e")
     ExportedModel(folder, "openvino").predict(exports["images"][:1])

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx", reason='pip install "padim[export]"')
-pytest.importorskip("onnxscript", reason='pip install "padim[export]"')
-pytest.importorskip("openvino", reason='pip install "padim[openvino]"')
+pytest.importorskip("onnx", reason='pip install "padim-inspect[export]"')
+pytest.importorskip("onnxscript", reason='pip install "padim-inspect[export]"')
+pytest.importorskip("openvino", reason='pip install "padim-inspect[openvino]"')
 pytest.importorskip("nncf", reason="pip install nncf")
 
 from padim import PaDiM  # noqa: E402
