@@ -5,7 +5,7 @@ data set: image AUROC, and pixel AUROC and AUPRO where there are masks.
 
 Why it is affordable on 2 cores: the backbone forward dominates a fit and a test, and it does not
 depend on the reduction, the covariance, d or (with ImageNet weights) the seed. So each image goes
-through the backbone once (``padim.files.images.input_batches`` + ``padim.core.backbones.build_extractor``, as a
+through the backbone once (``padim.files.images.pixel_batches`` + ``PatchEmbedder.normalise`` + ``build_extractor``, as a
 fit does), its layer maps are cached on disk at their native resolutions (float32 memmaps:
 0.67 MB per image for efficientnet_lite0 at 256 px), and every cell then feeds those maps through
 padim's own code: ``features.make_reduction`` + ``features.embed`` -> ``gaussian.GaussianAccumulator``

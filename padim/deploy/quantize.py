@@ -6,7 +6,7 @@ Why the thresholds are recomputed: int8 scores are not the f32 scores (a few per
 the split-conformal guarantee holds for the scores the threshold was computed from. So an int8
 export carries its own thresholds and calibration scores, computed from *int8* scores of the same
 held-out images the fit calibrated on (the seeded split of the training folder is reproducible:
-``core.calibration.split_indices`` with ``calibration_size``, as ``core.fitting.fit_model``), and
+``settings.calibration.split_indices`` with ``calibration_size``, as ``core.fitting.fit_model``), and
 its header says so (``thresholds_from``: "int8 graph, 20 held-out images"). It never decides with
 a model file's f32 thresholds (``padim.deploy.sessions`` and ``exported`` refuse the pairing).
 

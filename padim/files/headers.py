@@ -1,5 +1,5 @@
 """The checks of a model header that need no tensor and no torch, shared by model files
-(``padim.io.verify``, ``padim.modelfile``) and export folders (``padim.runtime.read_export``), so
+(``padim.files.safetensors_io``, ``padim.files.modelfile``) and export folders (``padim.runtime.read_export``), so
 that a header is held to the same rules wherever it travels: the config (``validate_config_dict``),
 the layout record, the feature grid, the thresholds and other fields, the calibration scores.
 
@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 
 from padim.files.digests import file_sha256
 
-LAYOUT_KEY = "layout"  # see padim.io
+LAYOUT_KEY = "layout"  # see padim.files.safetensors_io
 # SHA-256 of the bytes of each held-out calibration image, in the fit's order (None: they were not
 # files); an int8 export finds them by these in the folder it is given (padim.deploy.quantize)
 CALIBRATION_HASHES_KEY = "calibration_images_sha256"
@@ -44,7 +44,7 @@ def number_or_none(value) -> bool:
 
 
 def layout_record(config: dict) -> dict:
-    """What a config's tensor shapes mean, written beside it (``padim.io.LAYOUT_KEY``)."""
+    """What a config's tensor shapes mean, written beside it (``LAYOUT_KEY``)."""
     from padim.settings.options import feature_layout
 
     spec_layers = config.get("layers")
