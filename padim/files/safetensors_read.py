@@ -12,6 +12,7 @@ with SIGBUS). ``padim.files.safetensors_io`` is the checked reader built on this
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -75,27 +76,19 @@ def read_file(path) -> ModelBytes:
     if isinstance(path, ModelBytes):
         return path
     path = Path(path)
-    why = not_regular(path)
-    if why is not None:
-        raise ModelFileError(f"model file {path} {why}")
-    try:
-        with open_regular(path) as handle:
-            before = os.fstat(handle.fileno())
-            _header_from(handle.read(8), handle.read, before.st_size, path)  # before the bytes are read
-            data = bytearray(before.st_size)
-            handle.seek(0)
-            view, done = memoryview(data), 0
-            while done < len(data):
-                got = handle.readinto(view[done:])
-                if not got:
-                    break
-                done += got
-            extra = handle.read(1)
-            after = os.fstat(handle.fileno())
-    except NotRegularFile as exc:
-        raise ModelFileError(f"model file {path} {exc}") from None
-    except OSError as exc:
-        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    with _opened(path) as handle:
+        before = os.fstat(handle.fileno())
+        _header_from(handle.read(8), handle.read, before.st_size, path)  # before the bytes are read
+        data = bytearray(before.st_size)
+        handle.seek(0)
+        view, done = memoryview(data), 0
+        while done < len(data):
+            got = handle.readinto(view[done:])
+            if not got:
+                break
+            done += got
+        extra = handle.read(1)
+        after = os.fstat(handle.fileno())
     if done != len(data) or extra or _signature(after) != _signature(before):
         raise ModelFileError(f"model file {path} changed while it was read (still being written?)")
     return ModelBytes(path, data, _signature(before))
@@ -109,12 +102,20 @@ def read_header(path) -> Tuple[dict, int]:
         data = memoryview(path.data)
         return _header_from(bytes(data[:8]), lambda n: bytes(data[8 : 8 + n]), len(data), path.path)
     path = Path(path)
+    with _opened(path) as handle:
+        return _header_from(handle.read(8), handle.read, os.fstat(handle.fileno()).st_size, path)
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """``path`` open for reading as a model file: anything but a regular file (never opened), or a
+    read error while it is open, is a one-line ModelFileError saying which."""
     why = not_regular(path)
     if why is not None:
         raise ModelFileError(f"model file {path} {why}")
     try:
         with open_regular(path) as handle:
-            return _header_from(handle.read(8), handle.read, os.fstat(handle.fileno()).st_size, path)
+            yield handle
     except NotRegularFile as exc:
         raise ModelFileError(f"model file {path} {exc}") from None
     except OSError as exc:
