@@ -38,8 +38,20 @@ def check_args(args) -> None:
             if args.device == "cuda":
                 raise PadimError("--ray fits on the workers' CPUs; --device cuda is for a local fit")
             require_ray(args.ray)
-    elif args.command == "update":
+    elif args.command == "recalibrate":
         outputs.check_output_file(args.output)
+        for name in ("target_fpr", "target_pixel_fpr"):
+            value = getattr(args, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise PadimError(f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
+    elif args.command == "update":
+        if not args.add and not args.from_log:
+            raise PadimError("give good pictures to add: --add PATH... and/or --from-log DIR...")
+        if not args.from_log and (args.log_model is not None or args.keep_defects is not None):
+            raise PadimError("--log-model and --keep-defects are --from-log options")
+        outputs.check_output_file(args.output)
+        if args.from_log:
+            outputs.check_output_folder(defects_folder(args), "--keep-defects")
         if args.keep_statistics is not None:
             outputs.check_output_file(args.keep_statistics, "--keep-statistics")
     elif args.command == "benchmark":
@@ -111,7 +123,8 @@ def serve_settings(args):
                          log_decisions=None if args.log_decisions is None else str(args.log_decisions),
                          log_max_mb=args.log_max_mb,
                          keep_flagged=None if args.keep_flagged is None else str(args.keep_flagged),
-                         keep_max_gb=1.0 if args.keep_max_gb is None else args.keep_max_gb)
+                         keep_max_gb=1.0 if args.keep_max_gb is None else args.keep_max_gb,
+                         keep_good_sample=args.keep_good_sample)
 
 
 def check_serve(args) -> None:
@@ -179,8 +192,11 @@ def check_overlaps(args) -> None:
                          {"--output": args.output, "--keep-statistics": args.keep_statistics})
     elif args.command == "update":
         check_no_overlap({"--model": [args.model], "--statistics": [args.statistics], "--add": args.add,
-                          "--weights": weights},
-                         {"--output": args.output, "--keep-statistics": args.keep_statistics})
+                          "--from-log": args.from_log, "--weights": weights},
+                         {"--output": args.output, "--keep-statistics": args.keep_statistics},
+                         {"--keep-defects": defects_folder(args)} if args.from_log else {})
+    elif args.command == "recalibrate":
+        check_no_overlap({"--model": [args.model], "--add": args.add, "--weights": weights}, {"--output": args.output})
     elif args.command == "predict":
         inputs = {"--model": [args.model], "--export": [args.export], "PATH": args.paths, "--weights": weights}
         check_no_overlap(inputs, {}, {"--output": args.output, "--heatmaps": args.heatmaps})
@@ -193,3 +209,8 @@ def check_overlaps(args) -> None:
         data = [args.data_root / args.category] if args.data_root is not None and args.category is not None else []
         check_no_overlap({"--model": [args.model], "--weights": weights, "--data-root": data}, {},
                          {"--output": args.output})
+
+
+def defects_folder(args) -> Path:
+    """padim update --from-log: where the pictures marked defect go (--keep-defects, or OUTPUT-defects)."""
+    return args.keep_defects if args.keep_defects is not None else args.output.with_name(args.output.stem + "-defects")

@@ -55,7 +55,17 @@ def cmd_update(args) -> None:
 
     model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None, weights=args.weights)
     model.attach_statistics(FitStatistics.load(args.statistics))
-    images = expand_paths(args.add)
+    images = expand_paths(args.add) if args.add else []
+    verdicts = None
+    if args.from_log:
+        from padim.monitor.verdicts import read_verdicts
+
+        verdicts = read_verdicts(args.from_log, args.log_model or args.model.stem)
+        images += verdicts.good
+        if not images:
+            raise PadimError(f"no picture to add: under {', '.join(map(str, args.from_log))}, {verdicts.feedback} "
+                             f"verdicts on model {args.log_model or args.model.stem}, none 'good' on a kept picture"
+                             + (f" (models there: {', '.join(verdicts.models)}; --log-model NAME)" if verdicts.models else ""))
     before = model.n_train_images_
     model.partial_fit(images)
     writes = [(args.output, model.save)]
@@ -64,8 +74,35 @@ def cmd_update(args) -> None:
     write_together(writes)  # both or neither
     print(f"added {len(images)} images to {before}: {args.output} is fitted on {model.n_train_images_} images"
           + (f"; statistics -> {args.keep_statistics}" if args.keep_statistics is not None else ""))
+    if verdicts is not None:
+        from padim.cli.checks import defects_folder
+        from padim.monitor.verdicts import keep_labelled
+
+        folder = defects_folder(args)
+        keep_labelled(verdicts.defect, folder)
+        print(f"from the line: {len(verdicts.good)} pictures operators marked good ({verdicts.false_alarms} of them "
+              f"false alarms) added; {len(verdicts.defect)} marked defect -> {folder}"
+              + (f"; {verdicts.unmatched} verdicts on pictures not kept" if verdicts.unmatched else ""))
     if model.image_threshold_ is not None or model.pixel_threshold_ is not None:
         stderr(f"note: {model.calibration_note_}")
+
+
+def cmd_recalibrate(args) -> None:
+    from padim.core.estimator import PaDiM
+
+    model = PaDiM.load(args.model, device=args.device, batch_size=args.batch_size, progress=None, weights=args.weights)
+    before = model.image_threshold_
+    images = expand_paths(args.add)
+    model.recalibrate(images, target_fpr=args.target_fpr, target_pixel_fpr=args.target_pixel_fpr)
+    model.save(args.output)
+    was = "none" if before is None else f"{before:.4g}"
+    print(f"recalibrated on {model.calibration_.n} good pictures: image threshold {was} -> "
+          f"{model.image_threshold_:.4g} ({model.threshold_source_}), pixel threshold {model.pixel_threshold_:.4g}; "
+          f"scores unchanged -> {args.output}")
+    print(f"the guarantee now covers pictures exchangeable with these {model.calibration_.n} (same line, lighting and "
+          "camera as they were taken)")
+    if model.calibration_.rank(model.target_fpr_) > model.calibration_.n:
+        stderr(f"warning: {model.threshold_source_}")
 
 
 def _metrics_table(category: str, metrics: dict) -> str:

@@ -8,11 +8,12 @@ from typing import List, Optional
 
 from padim.cli.checks import check_args
 from padim.cli.commands import cmd_benchmark, cmd_demo, cmd_download, cmd_export, cmd_fit, cmd_serve, cmd_test, cmd_update
+from padim.cli.commands import cmd_recalibrate
 from padim.cli.parser import BACKBONE_NAMES, ENGINE_NAMES, PRECISION_NAMES, TORCH_STACK, build_parser  # noqa: F401
 from padim.cli.predict import cmd_predict
 from padim.errors import PadimError
 
-COMMANDS = {"fit": cmd_fit, "update": cmd_update, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark,
+COMMANDS = {"fit": cmd_fit, "update": cmd_update, "recalibrate": cmd_recalibrate, "test": cmd_test, "predict": cmd_predict, "benchmark": cmd_benchmark,
             "download": cmd_download, "demo": cmd_demo, "export": cmd_export, "serve": cmd_serve}
 
 

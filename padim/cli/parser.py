@@ -148,13 +148,40 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit'")
     update.add_argument("--statistics", required=True, type=Path, metavar="STATS",
                         help="that model's statistics ('padim fit --keep-statistics', or a previous update's)")
-    update.add_argument("--add", required=True, type=Path, nargs="+", metavar="PATH",
+    update.add_argument("--add", type=Path, nargs="+", default=[], metavar="PATH",
                         help="good image files or folders of them to add")
+    update.add_argument("--from-log", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="also add the pictures operators marked good on a served line: DIR are padim serve's "
+                             "--log-decisions and --keep-flagged folders (the false alarms first); those marked defect "
+                             "are copied to --keep-defects")
+    update.add_argument("--log-model", default=None, metavar="NAME",
+                        help="with --from-log: the served model's name whose verdicts count (default: --model's file "
+                             "name without its suffix)")
+    update.add_argument("--keep-defects", type=Path, default=None, metavar="DIR",
+                        help="with --from-log: where the pictures marked defect go, with labels.jsonl (default: "
+                             "OUTPUT's name + '-defects' beside it)")
     update.add_argument("--output", required=True, type=Path, help="model file to write")
     update.add_argument("--keep-statistics", type=Path, default=None, metavar="STATS2",
                         help="write the updated statistics here (for the next update)")
     _weights_location_option(update)
     _device_option(update)
+
+    recalibrate = commands.add_parser(
+        "recalibrate", help="new thresholds from new good pictures, without refitting",
+        description="Score the good pictures of --add with the model as it is and make them its calibration set: "
+                    "new image and pixel thresholds, p-values and drift reference, the Gaussians (and every score) "
+                    "unchanged. The false-positive guarantee then holds for pictures exchangeable with these "
+                    "(19 pictures guarantee 5 %%); the model file records them and the date.")
+    recalibrate.add_argument("--model", required=True, type=Path, help="model file written by 'padim fit' or 'padim update'")
+    recalibrate.add_argument("--add", required=True, type=Path, nargs="+", metavar="PATH",
+                             help="good picture files or folders of them, taken after the change (none used in the fit)")
+    recalibrate.add_argument("--output", required=True, type=Path, help="model file to write")
+    recalibrate.add_argument("--target-fpr", type=float, default=None,
+                             help="false-positive rate the new image threshold guarantees (default: the model's own)")
+    recalibrate.add_argument("--target-pixel-fpr", type=float, default=None,
+                             help="fraction of the new pictures' pixels above the pixel threshold (default: the model's own)")
+    _weights_location_option(recalibrate)
+    _device_option(recalibrate)
 
     test = commands.add_parser("test", help="evaluate a model on a category's test images",
                                description="Score DATA_ROOT/CATEGORY/test, print image/pixel AUROC, best F1 and AUPRO "
@@ -340,3 +367,7 @@ def _line_options(serve) -> None:
                        help="keep the images labelled anomalous (with their decision as JSON) in DIR for review")
     serve.add_argument("--keep-max-gb", type=float, default=None, metavar="N",
                        help="with --keep-flagged: at most N GB there, the oldest dropped first (default: 1)")
+    serve.add_argument("--keep-good-sample", type=int, default=None, metavar="N",
+                       help="with --keep-flagged DIR: keep a uniform sample of N of each model's scored pictures since "
+                            "its last drift alarm in DIR/good-sample/NAME: the pictures POST /models/NAME/recalibrate "
+                            "takes the operators' confirmed good ones from")

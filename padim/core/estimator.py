@@ -206,6 +206,16 @@ class PaDiM(Parameters):
 
         return attach_statistics(self, statistics)
 
+    def recalibrate(self, images: Sequence[ImageInput], target_fpr: Optional[float] = None,
+                    target_pixel_fpr: Optional[float] = None) -> "PaDiM":
+        """New calibration and thresholds from new good ``images``, with the same Gaussians (no refit;
+        scores and maps do not change): after a change on the line, the split-conformal guarantee
+        then holds for pictures exchangeable with these (``padim.core.recalibration``). Targets
+        default to the model's own. Nothing changes when a picture cannot be read."""
+        from padim.core.recalibration import recalibrate
+
+        return recalibrate(self, images, target_fpr, target_pixel_fpr)
+
     @classmethod
     def from_statistics(cls, statistics, device: Optional[str] = None, batch_size: int = 32, workers: int = 2,
                         progress: Optional[bool] = False) -> "PaDiM":

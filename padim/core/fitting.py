@@ -26,7 +26,7 @@ from padim.core.statistics import FitStatistics, now
 from padim.core.tiling import embed_size, layout_of
 from padim.errors import DataError, PadimError
 from padim.files import modelfile
-from padim.files.headers import CALIBRATION_HASHES_KEY, calibration_image_hashes
+from padim.files.headers import CALIBRATION_HASHES_KEY, calibration_image_hashes, image_names
 from padim.files.images import ImageInput, load_ignore_mask, pixel_batches
 from padim.files.memory import release_free_memory
 from padim.pipeline.predict import iter_scored
@@ -92,6 +92,8 @@ def fit_model(model, images: Sequence, keep_statistics: bool, runner=None):
             "fit_seconds": time.perf_counter() - started,
             "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if calibration is not None:
+        info.update(calibrated_by="fit", calibration_date=info["fit_date"],
+                    calibration_images=image_names(held_out if held_out else images))
         point = cal.operating_point(calibration, cal.OperatingPoint(), model.target_fpr,
                                     target_pixel_fpr=model.target_pixel_fpr)
         info.update(image_threshold=point.image_threshold, pixel_threshold=point.pixel_threshold,

@@ -143,6 +143,6 @@ def stale_thresholds(model, n_added: int) -> Optional[Dict[str, Any]]:
             fields[key] = f"stale: calibrated before {total} images were added ({original})"
     dropped = "; its calibration scores were dropped" if model.calibration_ is not None else ""
     note = (f"stale calibration: {n_added} good images were added after the thresholds were set{dropped}; "
-            "refit with calibration to recalibrate")
+            "recalibrate with new good pictures (padim recalibrate)")
     return {**fields, "image_threshold": model.image_threshold_, "pixel_threshold": model.pixel_threshold_,
             "target_fpr": model.target_fpr_, "calibration_note": note, "n_calibration_images": 0}

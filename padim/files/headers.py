@@ -34,6 +34,14 @@ def calibration_image_hashes(images: Sequence) -> Optional[List[str]]:
         return None
 
 
+def image_names(images: Sequence) -> Optional[List[str]]:
+    """``calibration_images`` of a calibration: each picture's path as given, in order; None when one of
+    them is not a file (pixels in memory have no name)."""
+    if not all(isinstance(image, (str, os.PathLike)) for image in images):
+        return None
+    return [os.fspath(image) for image in images]
+
+
 def number_or_none(value) -> bool:
     """None or a finite number (not a bool; an int as large as a float can hold)."""
     if value is None:
@@ -106,11 +114,15 @@ def check_fields(metadata: dict, refuse: Callable[[str], None]) -> None:
     if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, str) and _SHA256.fullmatch(h)
                                                                     for h in hashes)):
         refuse(f"{CALIBRATION_HASHES_KEY} must be a list of SHA-256 digests (64 hexadecimal digits) or null")
+    names = metadata.get("calibration_images")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        refuse(f"calibration_images must be a list of texts or null, got {str(names)[:80]}")
     sha = metadata.get("weights_sha256")
     if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
         refuse(f"weights_sha256 must be 64 hexadecimal digits, got {sha!r}")
     for key in ("weights_source", "category", "fit_date", "thresholds_note", "package_version", "threshold_source",
-                "pixel_threshold_source", "calibration_note", "calibration_method", "thresholds_from"):
+                "pixel_threshold_source", "calibration_note", "calibration_method", "thresholds_from",
+                "calibration_date", "calibrated_by"):
         if not (metadata.get(key) is None or isinstance(metadata.get(key), str)):
             refuse(f"{key} must be text or null, got {metadata.get(key)!r}")
 

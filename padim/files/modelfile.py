@@ -37,6 +37,9 @@ INFO_DEFAULTS: Dict[str, Any] = {
     "calibration_note": None,  # why a model has no calibration
     "calibration_method": None,  # "holdout" or "cv"
     "calibration_images_sha256": None,  # headers.CALIBRATION_HASHES_KEY: the held-out images' SHA-256
+    "calibration_images": None,  # the calibration pictures' names, as given (None: pictures in memory)
+    "calibration_date": None,  # when the thresholds were calibrated (at fit, or a later recalibration)
+    "calibrated_by": None,  # "fit", "padim recalibrate", "padim serve" (padim.core.recalibration)
     "image_threshold": None,
     "pixel_threshold": None,
     "threshold_source": None,  # e.g. "calibration: target FPR 5% on 76 good images", "manual"
@@ -52,7 +55,8 @@ INFO_DEFAULTS: Dict[str, Any] = {
 FITTED_INFO = ("weights_source", "weights_sha256", "n_train_images", "fit_seconds", "fit_date", "category",
                "n_calibration_images", "calibration_note", "image_threshold", "pixel_threshold", "threshold_source",
                "pixel_threshold_source", "target_fpr", "thresholds_note", "stale_images", "calibrated_sources",
-               "package_version", "calibration_images_sha256")
+               "package_version", "calibration_images_sha256", "calibration_images", "calibration_date",
+               "calibrated_by")
 
 
 @dataclass

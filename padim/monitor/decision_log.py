@@ -275,32 +275,52 @@ class FlaggedStore:
             self._items[number] = (image, sidecar, size)
             self._total += size
             while self._total > self.max_bytes:
-                old_image, old_sidecar, old_size = self._items.popitem(last=False)[1]
-                old_sidecar.unlink(missing_ok=True)  # sidecar first: an image left alone is removed at the next scan
-                old_image.unlink(missing_ok=True)
-                self._total -= old_size
+                self._drop(next(iter(self._items)))
             return image
+
+    def remove(self, image: Path) -> None:
+        """Drops the kept item whose image is ``image`` (nothing when it is not kept)."""
+        with self._lock:
+            for number, (kept, _, _) in list(self._items.items()):
+                if kept == image:
+                    self._drop(number)
+
+    def metadata(self, image: Path) -> dict:
+        """The sidecar of a kept image ({} when it cannot be read)."""
+        try:
+            return json.loads(Path(str(image) + ".json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _drop(self, number: int) -> None:
+        old_image, old_sidecar, old_size = self._items.pop(number)
+        old_sidecar.unlink(missing_ok=True)  # sidecar first: an image left alone is removed at the next scan
+        old_image.unlink(missing_ok=True)
+        self._total -= old_size
 
 
 class OverrideCounter:
     """Operator feedback against the model's verdicts.
 
-    ``remember(request_id, labels)``: a response's verdicts ("good" / "anomalous" / None per image),
-    kept for the last ``max_requests`` requests. ``feedback(request_id, index, truth)`` ("good" /
-    "defect") records the operator's verdict (a second one for the same image replaces the first)
-    and returns {"verdict", "truth", "override"}. ``state()``: counts and override rate, JSON-ready.
+    ``remember(request_id, labels, version)``: a response's verdicts ("good" / "anomalous" / None per
+    image) and the model version (its SHA-256) that gave them, kept for the last ``max_requests``
+    requests. ``feedback(request_id, index, truth)`` ("good" / "defect") records the operator's
+    verdict (a second one for the same image replaces the first) and returns {"verdict", "truth",
+    "override"}. ``state()``: counts and override rate, JSON-ready; ``by_version()``: the counts of
+    each version; ``truth(request_id, index)``: the operator's verdict on an image, or None.
     """
 
     def __init__(self, max_requests: int = 100_000):
         self.max_requests = max_requests
-        self._verdicts: "OrderedDict[str, list]" = OrderedDict()
+        self._verdicts: "OrderedDict[str, tuple]" = OrderedDict()  # request_id -> (labels, version)
         self._truths: "dict[tuple, str]" = {}
         self._counts = {(v, t): 0 for v in VERDICTS for t in TRUTHS}
+        self._versions: "dict[Optional[str], dict]" = {}
         self._lock = threading.Lock()
 
-    def remember(self, request_id: str, labels: Sequence[Optional[str]]) -> None:
+    def remember(self, request_id: str, labels: Sequence[Optional[str]], version: Optional[str] = None) -> None:
         with self._lock:
-            self._verdicts[str(request_id)] = list(labels)
+            self._verdicts[str(request_id)] = (list(labels), version)
             self._verdicts.move_to_end(str(request_id))
             while len(self._verdicts) > self.max_requests:
                 old, _ = self._verdicts.popitem(last=False)
@@ -311,7 +331,7 @@ class OverrideCounter:
         if truth not in TRUTHS:
             raise DecisionLogError(f"truth must be 'good' or 'defect', got {truth!r}")
         with self._lock:
-            labels = self._verdicts.get(str(request_id))
+            labels, version = self._verdicts.get(str(request_id), (None, None))
             if labels is None:
                 raise DecisionLogError(f"unknown request_id {request_id!r} (or older than the last "
                                        f"{self.max_requests})")
@@ -322,17 +342,35 @@ class OverrideCounter:
             if verdict not in VERDICTS:
                 raise DecisionLogError("that image has no verdict (the model had no threshold)")
             key = (str(request_id), index)
+            counts = self._versions.setdefault(version, {(v, t): 0 for v in VERDICTS for t in TRUTHS})
             if key in self._truths:
                 self._counts[(verdict, self._truths[key])] -= 1
+                counts[(verdict, self._truths[key])] -= 1
             self._truths[key] = truth
             self._counts[(verdict, truth)] += 1
+            counts[(verdict, truth)] += 1
         return {"verdict": verdict, "truth": truth, "override": (verdict == "anomalous") != (truth == "defect")}
+
+    def truth(self, request_id: str, index: int) -> Optional[str]:
+        with self._lock:
+            return self._truths.get((str(request_id), index))
 
     def state(self) -> dict:
         with self._lock:
             counts = dict(self._counts)
-        total = sum(counts.values())
-        overrides = counts[("good", "defect")] + counts[("anomalous", "good")]
-        return {"feedback": total, "overrides": overrides, "override_rate": overrides / total if total else None,
-                "missed_defects": counts[("good", "defect")], "false_alarms": counts[("anomalous", "good")],
-                "counts": {f"{v}/{t}": n for (v, t), n in counts.items()}}
+        return summarise(counts)
+
+    def by_version(self) -> "dict[Optional[str], dict]":
+        """{version: ``state()`` of the verdicts that version gave}."""
+        with self._lock:
+            versions = {version: dict(counts) for version, counts in self._versions.items()}
+        return {version: summarise(counts) for version, counts in versions.items()}
+
+
+def summarise(counts: dict) -> dict:
+    """{(verdict, truth): n} -> feedback, overrides, override rate, missed defects, false alarms, counts."""
+    total = sum(counts.values())
+    overrides = counts[("good", "defect")] + counts[("anomalous", "good")]
+    return {"feedback": total, "overrides": overrides, "override_rate": overrides / total if total else None,
+            "missed_defects": counts[("good", "defect")], "false_alarms": counts[("anomalous", "good")],
+            "counts": {f"{v}/{t}": n for (v, t), n in counts.items()}}

@@ -53,6 +53,14 @@ class Metrics:
         self.override_rate = Gauge("padim_override_rate", "fraction of the verdicts given feedback that the "
                                    "operator overrode (NaN before any feedback)", ["model"], registry=r)
         self.overrides = Gauge("padim_overrides", "verdicts the operator overrode", ["model"], registry=r)
+        # issue 28: live accuracy per model version, from the operators' verdicts (padim.monitor.accuracy)
+        self.false_alarm_rate = Gauge("padim_live_false_alarm_rate", "of the pictures an operator confirmed good, "
+                                      "the fraction the version flagged: estimate and 95 % Clopper-Pearson bounds",
+                                      ["model", "version", "bound"], registry=r)
+        self.missed_defect_rate = Gauge("padim_live_missed_defect_rate", "of the pictures an operator confirmed "
+                                        "defect, the fraction the version called good: estimate and 95 % bounds",
+                                        ["model", "version", "bound"], registry=r)
+        self.sampled = Counter("padim_good_sample_kept", "scored pictures kept in the good sample", registry=r)
         self.accepted = 0  # requests that reached the app, and those answered: equal after a clean stop
         self.answered = 0
 

@@ -15,6 +15,7 @@ import queue
 import threading
 import urllib.request
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
 
@@ -22,7 +23,9 @@ from padim.errors import one_line
 from padim.version import __version__
 from padim.settings.calibration import DEFAULT_TARGET_FPR
 from padim.monitor import STREAM_MEANING, DecisionLog, DecisionLogError, DriftMonitor, FlaggedStore, OverrideCounter
+from padim.monitor.accuracy import live_accuracy
 from padim.monitor.drift import STREAMS
+from padim.monitor.good_sample import GoodSample
 
 MEANING = STREAM_MEANING
 
@@ -108,6 +111,7 @@ class Monitoring:
             self.close()
             raise
         self.overrides: Dict[str, OverrideCounter] = {}
+        self.samples: Dict[str, GoodSample] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ drift
@@ -150,6 +154,9 @@ class Monitoring:
 
     def _alarm(self, name: str, sha256: Optional[str], state: dict, stream: str) -> None:
         s = state["streams"][stream]
+        sample = self.sample(name)
+        if sample is not None:
+            sample.restart()  # the pictures kept so far are of the line before the change
         self.metrics.drift_alarms.labels(name, stream).inc()
         self.log.warning("padim serve: drift alarm: model %s (version %s), stream %s: martingale 10^%.2f >= 1/delta "
                          "= %g at image %d since reset: %s", name, (sha256 or "?")[:12], stream,
@@ -162,6 +169,17 @@ class Monitoring:
                                "streams_alarmed": [x for x in STREAMS if state["streams"][x]["alarm"]]})
 
     # ------------------------------------------------------------------------------------ decisions
+    def sample(self, name: str) -> Optional[GoodSample]:
+        """Model ``name``'s sample of scored pictures (``--keep-good-sample``), None without one."""
+        if self.settings.keep_good_sample is None:
+            return None
+        with self._lock:
+            if name not in self.samples:
+                folder = Path(self.settings.keep_flagged) / "good-sample" / name
+                self.samples[name] = GoodSample(folder, self.settings.keep_good_sample,
+                                                self.settings.keep_max_gb * 1e9, self.settings.drift_seed)
+            return self.samples[name]
+
     def counter(self, name: str) -> OverrideCounter:
         with self._lock:
             return self.overrides.setdefault(name, OverrideCounter())
@@ -172,6 +190,15 @@ class Monitoring:
         is one log line), its verdicts remembered for feedback. Raises LogUnavailable."""
         if self.decisions is not None:
             self._write(records)
+        sample = self.sample(name)
+        for record, upload in zip(records, uploads) if sample is not None else ():
+            if record.get("error") is None:
+                try:
+                    if sample.offer(bytes(upload.data), record, upload.filename) is not None:
+                        self.metrics.sampled.inc()
+                except DecisionLogError as exc:
+                    self.log.warning("padim serve: sampled picture %s not kept: %s", upload.filename,
+                                     one_line(exc, typed=False))
         if self.flagged is not None:
             for record, upload in zip(records, uploads):
                 if record.get("label") != "anomalous":
@@ -181,9 +208,11 @@ class Monitoring:
                         self.metrics.flagged.inc()
                 except DecisionLogError as exc:
                     self.log.warning("padim serve: flagged image %s not kept: %s", upload.filename, one_line(exc, typed=False))
-        self.counter(name).remember(request_id, [record.get("label") for record in records])
+        self.counter(name).remember(request_id, [record.get("label") for record in records],
+                                    records[0].get("sha256") if records else None)
 
-    def feedback(self, name: str, request_id: str, index: int, truth: str, sha256: Optional[str]) -> dict:
+    def feedback(self, name: str, request_id: str, index: int, truth: str, sha256: Optional[str],
+                 target_fpr: Optional[float] = None) -> dict:
         """An operator's verdict on image ``index`` of request ``request_id`` -> the feedback and the
         counts. Raises DecisionLogError (unknown request, bad index, no verdict), LogUnavailable."""
         counter = self.counter(name)
@@ -198,7 +227,26 @@ class Monitoring:
         self.metrics.overrides.labels(name).set(state["overrides"])
         rate = state["override_rate"]
         self.metrics.override_rate.labels(name).set(float("nan") if rate is None else rate)
+        self.publish_accuracy(name, target_fpr)
         return {**result, **state}
+
+    def accuracy(self, name: str, target_fpr: Optional[float]) -> Dict[str, dict]:
+        """{version SHA-256: ``live_accuracy``} of model ``name``'s versions that were given verdicts."""
+        return {str(version): live_accuracy(state["counts"], target_fpr)
+                for version, state in self.counter(name).by_version().items()}
+
+    def publish_accuracy(self, name: str, target_fpr: Optional[float]) -> None:
+        """The live-accuracy gauges of model ``name``'s versions; a warning line when a version's
+        false-alarm rate is above the target beyond its interval."""
+        for version, accuracy in self.accuracy(name, target_fpr).items():
+            for which, gauge in (("false_alarms", self.metrics.false_alarm_rate),
+                                 ("missed_defects", self.metrics.missed_defect_rate)):
+                found = accuracy[which]
+                low, high = found["interval"] or (None, None)
+                for bound, value in (("estimate", found["rate"]), ("low", low), ("high", high)):
+                    gauge.labels(name, version[:12], bound).set(float("nan") if value is None else value)
+            if accuracy["warning"] is not None:
+                self.log.warning("padim serve: model %s version %s: %s", name, version[:12], accuracy["warning"])
 
     def _write(self, records: List[dict]) -> None:
         try:

@@ -1,5 +1,5 @@
-"""The routes of a line that runs for months (issue 23): drift state and reset, operators' feedback,
-model reloads. All of them need the API key when the server has one.
+"""The routes of a line that runs for months (issues 23, 28): drift state and reset, operators' feedback,
+recalibration, model reloads. All of them need the API key when the server has one.
 
 The key is checked before any body is read, and a body is read within a bound: FastAPI reads and
 parses a route's declared body model *before* its dependencies run (the key among them), whatever
@@ -19,7 +19,8 @@ from starlette.requests import ClientDisconnect
 
 from padim.monitor import DecisionLogError
 from padim.serve.monitoring import MEANING, LogUnavailable
-from padim.serve.schemas import Feedback, FeedbackAnswer, Problem, Reload
+from padim.serve.recalibration import RecalibrationRefused, recalibrate_served
+from padim.serve.schemas import Feedback, FeedbackAnswer, Problem, Recalibrate, RecalibrateAnswer, Reload
 from padim.serve.uploads import UploadError, discard_rest, read_body
 
 log = logging.getLogger("uvicorn.error")
@@ -27,9 +28,11 @@ NAME = Path(description="a model's name or alias")
 FEEDBACK_MAX_BYTES = 16 * 1024  # a verdict is about 100 bytes of JSON
 FEEDBACK_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": Feedback.model_json_schema()}}}}
+RECALIBRATE_BODY = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": Recalibrate.model_json_schema()}}}}
 
 
-async def json_body(request: Request, schema: type, max_bytes: int) -> BaseModel:
+async def json_body(request: Request, schema: type, max_bytes: int, empty_ok: bool = False) -> BaseModel:
     """The request's JSON body as ``schema``, read within ``max_bytes`` (413 beyond, answered once the
     rest is dropped as ``padim.serve.uploads.discard_rest`` does) and validated (422, the message
     FastAPI gives for a body it validates itself)."""
@@ -42,6 +45,8 @@ async def json_body(request: Request, schema: type, max_bytes: int) -> BaseModel
             raise HTTPException(exc.status, exc.reason, headers=None if ended else {"Connection": "close"}) from None
     except ClientDisconnect:
         raise HTTPException(499, "the client disconnected before its request ended") from None
+    if empty_ok and not bytes(data).strip():
+        return schema()  # every field has its default
     try:
         return schema.model_validate_json(data)
     except ValidationError as exc:
@@ -96,13 +101,30 @@ def add_admin_routes(app: FastAPI, service, require_key, retry: dict) -> None:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(service.pool, service.monitoring.feedback, version.name,
-                                              body.request_id, body.index, body.truth, version.sha256)
+                                              body.request_id, body.index, body.truth, version.sha256,
+                                              version.model.target_fpr_)
         except LogUnavailable as exc:
             raise HTTPException(503, f"the decision log cannot be written ({exc}); try again shortly",
                                 headers=retry) from None
         except DecisionLogError as exc:
             status = 404 if str(exc).startswith("unknown request_id") else 422
             raise HTTPException(status, " ".join(str(exc).split())) from None
+
+    @app.post("/models/{name}/recalibrate", response_model=RecalibrateAnswer, dependencies=[Depends(require_key)],
+              openapi_extra=RECALIBRATE_BODY, responses={404: {"model": Problem}, 409: {"model": Problem},
+                                                         422: {"model": Problem}})
+    async def recalibrate(request: Request, name: str = NAME) -> dict:
+        """New thresholds from the sampled pictures operators confirmed good (``--keep-good-sample``),
+        the same Gaussians: the model file is rewritten (the previous kept beside it) and the new
+        version swapped in live, its drift alarm starting on the new calibration. JSON (all optional):
+        ``since``, ``include_unconfirmed``, ``target_fpr``. See padim.serve.recalibration."""
+        version = service.current(name)
+        body = await json_body(request, Recalibrate, FEEDBACK_MAX_BYTES, empty_ok=True)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, recalibrate_served, service, version.name, body.since, body.include_unconfirmed, body.target_fpr)
+        except RecalibrationRefused as exc:
+            raise HTTPException(409, " ".join(str(exc).split())) from None
 
     def reloader():
         if service.reloader is None:

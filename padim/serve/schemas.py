@@ -76,6 +76,10 @@ class ModelInfo(BaseModel):
     last_reload_error: Optional[ReloadError] = Field(None, description="the newest file of this name that was "
                                                                        "refused, until one loads")
     drift: Optional[DriftBrief] = Field(None, description="null for a model without calibration")
+    live_accuracy: Dict[str, Any] = Field({}, description="per version (SHA-256) given operators' verdicts: false "
+                                          "alarms among pictures confirmed good, missed defects among those confirmed "
+                                          "defect, each with a 95 % Clopper-Pearson interval, and a warning when false "
+                                          "alarms are above the target beyond it")
 
 
 class Heatmap(BaseModel):
@@ -128,6 +132,29 @@ class Feedback(BaseModel):
     request_id: str = Field(max_length=200)
     index: int = Field(ge=0, description="the image's index in that request")
     truth: str = Field(pattern="^(good|defect)$", description="the operator's verdict: good or defect")
+
+
+class Recalibrate(BaseModel):
+    since: Optional[str] = Field(None, max_length=64, description="ISO 8601 date and time with a zone: only "
+                                 "pictures scored at or after it (default: all of the sample, which restarts at "
+                                 "each drift alarm)")
+    include_unconfirmed: bool = Field(False, description="also the sampled pictures no operator gave a verdict on "
+                                      "(never those marked defect)")
+    target_fpr: Optional[float] = Field(None, gt=0, lt=1, description="default: the model's own")
+
+
+class RecalibrateAnswer(BaseModel):
+    model: str
+    previous_sha256: Optional[str]
+    sha256: Optional[str] = Field(description="the new version serving")
+    kept_previous: str = Field(description="the previous model file, kept beside the new one (not served)")
+    pictures: int = Field(description="pictures the new thresholds come from")
+    counts: Dict[str, int] = Field(description="the sample: sampled, confirmed_good, unconfirmed, defect, older")
+    since: Optional[str]
+    image_threshold: Dict[str, Optional[float]] = Field(description="before and after")
+    threshold_source: Optional[str]
+    pixel_threshold: Optional[float]
+    guarantee: str
 
 
 class FeedbackAnswer(BaseModel):

@@ -184,7 +184,8 @@ class Service:
         info = describe(version.entry)
         info.update(aliases=own, sha256=version.sha256, fit_date=version.fit_date, loaded_at=version.loaded_at,
                     versions=history, last_reload_error=error,
-                    drift=brief(None if version.drift is None else version.drift.state()))
+                    drift=brief(None if version.drift is None else version.drift.state()),
+                    live_accuracy=self.monitoring.accuracy(name, version.model.target_fpr_))
         return info
 
     def stop(self) -> None:

@@ -41,7 +41,11 @@ class ServeSettings:
     (None: none), with webhook_timeout_s; reload_interval: how often model files are looked at (0:
     only on POST /admin/reload); log_decisions: folder of the decision log (None: no log), files
     rotated at log_max_mb; keep_flagged: folder keeping images labelled anomalous, at most
-    keep_max_gb (oldest dropped first)."""
+    keep_max_gb (oldest dropped first).
+
+    The learning line (issue 28): keep_good_sample: a uniform sample of at most this many of each
+    model's scored pictures since its last drift alarm, kept in keep_flagged/good-sample/NAME
+    (``padim.monitor.good_sample``): where ``POST /models/NAME/recalibrate`` takes its pictures."""
 
     max_batch: int = 16
     max_wait_ms: float = 8.0
@@ -60,6 +64,7 @@ class ServeSettings:
     log_max_mb: float = 64.0
     keep_flagged: Optional[str] = None
     keep_max_gb: float = 1.0
+    keep_good_sample: Optional[int] = None
 
     def check(self) -> None:
         for name in ("max_batch", "queue", "max_files", "decode_workers"):
@@ -73,6 +78,13 @@ class ServeSettings:
             raise PadimError(f"`queue` ({self.queue}) must hold at least `max_files` ({self.max_files}) images")
         check_drift_delta(self.drift_delta)
         check_webhook(self.webhook)
+        if self.keep_good_sample is not None:
+            if isinstance(self.keep_good_sample, bool) or not isinstance(self.keep_good_sample, int) \
+                    or self.keep_good_sample < 1:
+                raise PadimError(f"`keep_good_sample` must be a whole number of at least 1, got {self.keep_good_sample!r}")
+            if self.keep_flagged is None:
+                raise PadimError("`keep_good_sample` keeps its pictures under `keep_flagged` DIR/good-sample: give that "
+                                 "folder too")
         for name, low in (("webhook_timeout_s", 0.0), ("log_max_mb", 0.0), ("keep_max_gb", 0.0)):
             value = getattr(self, name)
             if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > low):
