@@ -363,3 +363,21 @@ def test_a_loopback_ray_cluster_writes_the_rows_score_files_gives(matrix, engine
     np.testing.assert_allclose(rows["score"].to_numpy(), local.scores, rtol=1e-5)
     assert list(rows["label"]) == local.labels and list(rows["threshold"]) == local.thresholds
     np.testing.assert_allclose(rows["p_value"].to_numpy(), local.p_values, rtol=0)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_recalibrating_with_the_held_out_pictures_gives_the_fits_own_calibration(matrix, geometry, mask):
+    """``PaDiM.recalibrate`` (issue 28) composes with every geometry and mask: given the fit's own 20
+    held-out pictures it rebuilds the fit's calibration (two paths: the fit's held-out scoring and
+    recalibration's), the ignored region left out of the pixel quantiles in both; scores unchanged."""
+    from padim import PaDiM
+
+    target = matrix.target(geometry, mask, "fitted")
+    fitted, again = PaDiM.load(target.path, device="cpu"), PaDiM.load(target.path, device="cpu")
+    held = matrix.images[:N_HELD]
+    again.recalibrate(held)
+    np.testing.assert_array_equal(again.calibration_.image_scores, fitted.calibration_.image_scores)
+    np.testing.assert_array_equal(again.calibration_.pixel_quantiles, fitted.calibration_.pixel_quantiles)
+    assert (again.image_threshold_, again.pixel_threshold_) == (fitted.image_threshold_, fitted.pixel_threshold_)
+    np.testing.assert_array_equal(again.predict(matrix.images[N_HELD:]).scores, fitted.predict(matrix.images[N_HELD:]).scores)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from padim.monitor.decision_log import DecisionLog, DecisionLogError, FlaggedStore, OverrideCounter
+from padim.monitor.decision_log import DecisionLog, DecisionLogError, FlaggedStore
+from padim.monitor.feedback import OverrideCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,14 +6,14 @@ intervals against the Clopper-Pearson formula (SciPy's beta quantiles)."""
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 from scipy.stats import beta
 
 from padim import PaDiM
 from padim.cli import main
 from padim.monitor.accuracy import live_accuracy
-from padim.monitor.decision_log import DecisionLog, FlaggedStore, OverrideCounter
+from padim.monitor.decision_log import DecisionLog, FlaggedStore
+from padim.monitor.feedback import OverrideCounter
 from padim.monitor.good_sample import GoodSample
 
 from conftest import FAST

@@ -39,6 +39,7 @@ def test_recalibration_swaps_in_thresholds_from_confirmed_good_pictures_with_no_
     with TestClient(create_app(load_models(source.scan()[0].values(), device="cpu"), settings, source=source)) as client:
         wait_ready(client)
         assert client.post("/models/m/recalibrate", json={}).status_code == 409  # nothing sampled yet
+        assert client.get("/models/m").json()["drift"] is None  # fitted without calibration: no drift alarm
         answers = [post(client, "m", [p.read_bytes()]) for p in pictures]
         labels = [a["results"][0]["label"] for a in answers]
         truths = ["defect" if "/good/" not in str(p) else "good" for p in pictures]
@@ -76,6 +77,7 @@ def test_recalibration_swaps_in_thresholds_from_confirmed_good_pictures_with_no_
     assert sha256(folder / answer["kept_previous"]) == old
     assert statuses and set(statuses) == {200}, statuses  # the live swap failed no request
     assert info["sha256"] == answer["sha256"] and info["image_threshold"] == answer["image_threshold"]["after"]
+    assert info["drift"] is not None and info["drift"]["images_seen"] == 0  # a drift alarm on the new reference
     assert after["model_sha256"] == answer["sha256"]
     recalibrated = PaDiM.load(folder / "m.safetensors", device="cpu")
     assert recalibrated.calibrated_by_ == "padim serve" and recalibrated.calibration_.n == 15

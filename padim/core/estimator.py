@@ -99,16 +99,13 @@ class PaDiM(Parameters):
         self.image_size = image_size
         self.crop = crop
         self.seed = seed
-        self.sigma = sigma
-        self.epsilon = epsilon
+        self.sigma, self.epsilon = sigma, epsilon
         self.factor_dtype = factor_dtype
         self.reduction = reduction
         self.covariance = covariance
         self.tile, self.tile_overlap, self.tile_statistics = tile, tile_overlap, tile_statistics
         self.ignore_mask = ignore_mask  # a picture (path) or (h, w) array: non-black pixels never count
-        self.calibration_fraction = calibration_fraction
-        self.calibration = calibration
-        self.folds = folds
+        self.calibration_fraction, self.calibration, self.folds = calibration_fraction, calibration, folds
         self.target_fpr = target_fpr
         self.target_pixel_fpr = target_pixel_fpr
         self.batch_size = batch_size
@@ -208,10 +205,8 @@ class PaDiM(Parameters):
 
     def recalibrate(self, images: Sequence[ImageInput], target_fpr: Optional[float] = None,
                     target_pixel_fpr: Optional[float] = None) -> "PaDiM":
-        """New calibration and thresholds from new good ``images``, with the same Gaussians (no refit;
-        scores and maps do not change): after a change on the line, the split-conformal guarantee
-        then holds for pictures exchangeable with these (``padim.core.recalibration``). Targets
-        default to the model's own. Nothing changes when a picture cannot be read."""
+        """New calibration and thresholds from new good ``images``, the same Gaussians (scores do not
+        change); the guarantee then covers pictures like these (``padim.core.recalibration``)."""
         from padim.core.recalibration import recalibrate
 
         return recalibrate(self, images, target_fpr, target_pixel_fpr)

@@ -5,7 +5,8 @@
 NumPy and the standard library only: no torch, no scipy, so both work in the torch-free runtime.
 """
 
-from padim.monitor.decision_log import DecisionLog, DecisionLogError, FlaggedStore, OverrideCounter
+from padim.monitor.decision_log import DecisionLog, DecisionLogError, FlaggedStore
+from padim.monitor.feedback import OverrideCounter
 from padim.monitor.drift import DriftError, DriftMonitor
 
 # What an alarm of each stream says, in the words the service and padim predict print.

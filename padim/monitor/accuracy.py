@@ -36,7 +36,7 @@ def rate(k: int, n: int) -> dict:
 
 
 def live_accuracy(counts: dict, target_fpr: Optional[float]) -> dict:
-    """``counts``: {"verdict/truth": n} (``OverrideCounter.summarise``) -> {"false_alarms": rate among
+    """``counts``: {"verdict/truth": n} (``padim.monitor.feedback.summarise``) -> {"false_alarms": rate among
     confirmed good, "missed_defects": rate among confirmed defects, "confidence", "warning"}."""
     alarms, good = counts.get("anomalous/good", 0), counts.get("anomalous/good", 0) + counts.get("good/good", 0)
     missed, defects = counts.get("good/defect", 0), counts.get("good/defect", 0) + counts.get("anomalous/defect", 0)
