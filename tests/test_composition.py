@@ -377,7 +377,10 @@ def test_recalibrating_with_the_held_out_pictures_gives_the_fits_own_calibration
     fitted, again = PaDiM.load(target.path, device="cpu"), PaDiM.load(target.path, device="cpu")
     held = matrix.images[:N_HELD]
     again.recalibrate(held)
-    np.testing.assert_array_equal(again.calibration_.image_scores, fitted.calibration_.image_scores)
-    np.testing.assert_array_equal(again.calibration_.pixel_quantiles, fitted.calibration_.pixel_quantiles)
-    assert (again.image_threshold_, again.pixel_threshold_) == (fitted.image_threshold_, fitted.pixel_threshold_)
+    # within float32 rounding: the fit scores its held-out pictures in other batches than predict does
+    np.testing.assert_allclose(again.calibration_.image_scores, fitted.calibration_.image_scores, rtol=1e-6)
+    np.testing.assert_allclose(again.calibration_.pixel_quantiles, fitted.calibration_.pixel_quantiles, rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose([again.image_threshold_, again.pixel_threshold_],
+                               [fitted.image_threshold_, fitted.pixel_threshold_], rtol=1e-6)
     np.testing.assert_array_equal(again.predict(matrix.images[N_HELD:]).scores, fitted.predict(matrix.images[N_HELD:]).scores)
