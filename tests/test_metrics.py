@@ -56,13 +56,15 @@ def test_pixel_metrics_equal_sklearn_and_the_pro_definition(seed):
     assert ours["pixel_threshold"] == pytest.approx(best_t)
 
     assert ours["pixel_AUPRO"] == pytest.approx(_reference_aupro(masks, maps), abs=1e-9)
+    assert ours["pixel_AUPRO_05"] == pytest.approx(_reference_aupro(masks, maps, limit=0.05), abs=1e-9)
+    assert ours["pixel_AUPRO_05"] != pytest.approx(ours["pixel_AUPRO"], abs=1e-3)  # two limits, two areas
 
 
 def test_perfect_and_inverted_maps_have_known_answers():
     masks, _ = _pixel_case(0)
     perfect = pixel_metrics(masks, masks.astype(np.float32))
     assert perfect["pixel_AUROC"] == 1.0 and perfect["pixel_F1Score"] == 1.0
-    assert perfect["pixel_AUPRO"] == pytest.approx(1.0)
+    assert perfect["pixel_AUPRO"] == pytest.approx(1.0) and perfect["pixel_AUPRO_05"] == pytest.approx(1.0)
     inverted = pixel_metrics(masks, (~masks).astype(np.float32))
     assert inverted["pixel_AUROC"] == 0.0 and inverted["pixel_AUPRO"] == 0.0
 

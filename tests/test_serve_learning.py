@@ -94,14 +94,15 @@ def test_recalibration_swaps_in_thresholds_from_confirmed_good_pictures_with_no_
         pytest.approx(alarms / len(good))
 
 
-def test_recalibration_needs_a_sample(synthetic_root, tmp_path):
+def test_recalibration_needs_the_key_and_a_sample(synthetic_root, tmp_path):
     train = sorted((synthetic_root / "fabric" / "train" / "good").glob("*.png"))
     folder = tmp_path / "models"
     folder.mkdir()
     PaDiM(**FAST).fit(train).save(folder / "m.safetensors")
     source = ModelSource(folder=folder, device="cpu")
-    with TestClient(create_app(load_models(source.scan()[0].values(), device="cpu"), ServeSettings(reload_interval=0),
-                               source=source)) as client:
+    with TestClient(create_app(load_models(source.scan()[0].values(), device="cpu"),
+                               ServeSettings(reload_interval=0, api_key="k"), source=source)) as client:
         wait_ready(client)
-        refused = client.post("/models/m/recalibrate")
+        assert client.post("/models/m/recalibrate").status_code == 401  # the API key first
+        refused = client.post("/models/m/recalibrate", headers={"Authorization": "Bearer k"})
     assert refused.status_code == 409 and "--keep-good-sample" in refused.json()["detail"]

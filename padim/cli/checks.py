@@ -21,8 +21,7 @@ def check_args(args) -> None:
         layers = [layer.strip() for layer in args.layers.split(",")] if args.layers else None
         checks.check_fit_options(args.backbone, layers, args.n_features, args.image_size, args.crop, args.seed,
                                  args.batch_size, args.factor_dtype, args.device, reduction=args.reduction,
-                                 covariance=args.covariance, tile=args.tile, tile_overlap=args.tile_overlap,
-                                 tile_statistics=args.tile_statistics)
+                                 covariance=args.covariance, **_tile_options(args))
         outputs.check_output_file(args.output)
         if args.keep_statistics is not None:
             outputs.check_output_file(args.keep_statistics, "--keep-statistics")
@@ -57,8 +56,7 @@ def check_args(args) -> None:
     elif args.command == "benchmark":
         checks.check_fit_options(args.backbone, None, args.n_features, args.image_size, None, args.seed,
                                  args.batch_size, "float32", args.device, reduction=args.reduction,
-                                 covariance=args.covariance, tile=args.tile, tile_overlap=args.tile_overlap,
-                                 tile_statistics=args.tile_statistics)
+                                 covariance=args.covariance, **_tile_options(args))
         outputs.check_output_folder(args.output)
         if args.cpus_per_category < 1:
             raise PadimError(f"--cpus-per-category must be at least 1, got {args.cpus_per_category}")
@@ -214,3 +212,11 @@ def check_overlaps(args) -> None:
 def defects_folder(args) -> Path:
     """padim update --from-log: where the pictures marked defect go (--keep-defects, or OUTPUT-defects)."""
     return args.keep_defects if args.keep_defects is not None else args.output.with_name(args.output.stem + "-defects")
+
+
+def _tile_options(args) -> dict:
+    """The tile options as a fit is checked before work: with --tile auto (chosen from the training
+    pictures once they are found, ``padim.jobs.runs.choose_geometry``), as without tiles."""
+    auto = args.tile == "auto"
+    return {"tile": None if auto else args.tile, "tile_overlap": None if auto else args.tile_overlap,
+            "tile_statistics": args.tile_statistics or "position"}

@@ -19,6 +19,16 @@ REDUCTION_NAMES, COVARIANCE_NAMES = ("random", "semi-orthogonal"), ("fixed", "oa
 TORCH_STACK = ("torch", "torchvision", "timm", "scipy", "sklearn", "matplotlib", "tqdm")
 
 
+def _tile(text: str):
+    """'auto' or a whole number of pixels."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or auto, got {text!r}") from None
+
+
 def _size(text: str):
     """'256' -> 256, '256x320' -> (256, 320) (height x width)."""
     try:
@@ -54,16 +64,18 @@ def _engine_option(parser: argparse.ArgumentParser, export_help: str) -> None:
 
 
 def _tile_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tile", type=int, default=None, metavar="S",
+    parser.add_argument("--tile", type=_tile, default=None, metavar="S|auto",
                         help="cut each picture, at --image-size (HxW, up to its native size), into S x S tiles, each "
-                             "embedded at S x S; maps stitched back; for large pictures and small defects "
-                             "(default: no tiles, the whole picture resized to --image-size)")
+                             "embedded at S x S; maps stitched back; for large pictures and small defects. auto: the "
+                             "rule from the training pictures' size and aspect (tiles when their long side is more "
+                             "than twice the input), printed (default: no tiles, the whole picture resized to "
+                             "--image-size)")
     parser.add_argument("--tile-overlap", type=int, default=None, metavar="O",
                         help="pixels neighbouring tiles share (default: S / 8)")
-    parser.add_argument("--tile-statistics", choices=("position", "shared"), default="position",
+    parser.add_argument("--tile-statistics", choices=("position", "shared"), default=None,
                         help="position: Gaussians per position of every tile (parts in a fixed place); shared: one "
                              "set for all tiles (uniform textures and surfaces; T times fewer statistics) "
-                             "(default: position)")
+                             "(default: position; shared when --tile auto chooses tiles)")
 
 
 def _accuracy_options(parser: argparse.ArgumentParser) -> None:

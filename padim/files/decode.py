@@ -114,6 +114,17 @@ def _open_file(path) -> Tuple[Image.Image, object]:
     return img, fp
 
 
+def picture_hw(path) -> Tuple[int, int]:
+    """(height, width) of a picture file as padim reads it (EXIF rotations applied), from its header
+    only (nothing is decoded). Raises DataError as ``decode`` does."""
+    img, fp = _open_file(path)
+    try:
+        width, height = img.size
+        return (width, height) if _orientation(img) in _SWAPS_AXES else (height, width)
+    finally:
+        fp.close()
+
+
 def _one_line(exc: BaseException) -> str:
     text = re.sub(r"\s*<_io\.\w+ name=(?:'[^']*'|\d+)>", "", str(exc))  # Pillow names its file object
     return " ".join(text.split()) or type(exc).__name__

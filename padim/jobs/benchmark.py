@@ -107,8 +107,8 @@ def run_benchmark(data_root, categories: Sequence[str], output: Path, force: boo
                 log(outcome["traceback"])
         else:
             log(f"{category}: image_AUROC {outcome['image_AUROC']:.3f}  pixel_AUROC {_fmt(outcome['pixel_AUROC'])}  "
-                f"pixel_AUPRO {_fmt(outcome['pixel_AUPRO'])}  fit {outcome['fit_s']:.1f} s  "
-                f"{outcome['test_ms_per_image']:.1f} ms/image")
+                f"pixel_AUPRO {_fmt(outcome['pixel_AUPRO'])} (to FPR 0.05: {_fmt(outcome['pixel_AUPRO_05'])})  "
+                f"fit {outcome['fit_s']:.1f} s  {outcome['test_ms_per_image']:.1f} ms/image")
         _write_results(output, *_rows(categories, finished), params, device)
     bar.close()
     rows, summaries = _rows(categories, finished)

@@ -18,10 +18,10 @@ from padim.pipeline.records import ignored_pixels
 from padim.jobs.metrics import image_metrics, pixel_metrics
 from padim.core.estimator import PaDiM
 
-METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO")
+METRIC_KEYS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "pixel_AUPRO_05")
 # at the model's calibrated operating point (None without calibration): what a line would see
 CALIBRATED_KEYS = ("image_F1_calibrated", "image_recall_calibrated", "good_FPR_calibrated", "pixel_F1_calibrated")
-PIXEL_KEYS = ("pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "pixel_threshold")  # None when not available
+PIXEL_KEYS = ("pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "pixel_AUPRO_05", "pixel_threshold")  # None when not available
 THRESHOLDS_NOTE = "thresholds maximise F1 on the test set: an optimistic choice, not validated on held-out data"
 
 

@@ -22,7 +22,7 @@ from padim.files.atomic import atomic_write
 from padim.render.visualize import heatmap_overlay
 
 # the seed's columns, then the figures at the calibrated thresholds (n/a for a model without calibration)
-RESULT_COLUMNS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "fit_s", "ms_per_image",
+RESULT_COLUMNS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "pixel_AUPRO_05", "fit_s", "ms_per_image",
                   "good_FPR_calibrated", "image_recall_calibrated", "image_F1_calibrated", "pixel_F1_calibrated")
 
 

@@ -27,8 +27,10 @@ def fit_category(data_root, category: str, output: Path, note: Callable[[str], N
     """Fits PaDiM(**params) on DATA_ROOT/CATEGORY/train/good and saves it to ``output``; with
     ``keep_statistics``, also its statistics there (see ``padim.core.statistics``); with ``cluster``
     (a ``padim.cluster.ray_fit.RayFit``), on a Ray cluster."""
+    from padim.jobs.geometry import choose_geometry
+
     found = find_category(data_root, category, note=note)
-    model = PaDiM(**params)
+    model = PaDiM(**choose_geometry(found.train, params, note))
     if model.uses_random_weights:
         note(RANDOM_WEIGHTS_WARNING)
     model.fit(found.train, keep_statistics=keep_statistics is not None, cluster=cluster)

@@ -80,3 +80,36 @@ def fitted_grid(config, tile_grid: Tuple[int, int]) -> Tuple[int, int]:
     if config.tile is None or config.tile_statistics == "shared":
         return tuple(tile_grid)
     return (n_tiles(config) * tile_grid[0], tile_grid[1])
+
+
+# The written rule for large and long pictures (benchmarks/RESULTS.md, "Large pictures and tiles"):
+# tiles when the pictures' long side is more than LONG times the model input's, the aspect ratio kept
+# when it is more than ASPECT.
+AUTO_LONG, AUTO_ASPECT = 2.0, 1.5
+
+
+def _multiple_of_4(value: float) -> int:
+    """The nearest multiple of 4 px (layer1's stride), halves up; at least 32 (the smallest input)."""
+    return max(32, int(value / 4.0 + 0.5) * 4)
+
+
+def auto_geometry(picture_hw: Tuple[int, int], input_hw: Tuple[int, int]) -> Optional[Tuple[Tuple[int, int], Optional[int]]]:
+    """What ``--tile auto`` chooses for pictures of (median) size ``picture_hw`` and a model input of
+    ``input_hw`` -> (image size (H, W), tile S or None), or None to keep the input as it is.
+
+    - long side more than 2x the input's: the pictures at their native size (sides rounded to 4 px)
+      in tiles of the input's long side (256 px by default; the short side when a picture is thinner);
+    - else an aspect ratio above 1.5: no tiles, the short side at the input's short side (at most
+      native), the long side at the pictures' aspect (KolektorSDD: 640 x 256 against 256 x 256 gave
+      AUPRO 0.511 against 0.296);
+    - else None: squeezing to the input loses little."""
+    height, width = picture_hw
+    long_side, short_side = max(height, width), min(height, width)
+    if long_side > AUTO_LONG * max(input_hw):
+        size = (_multiple_of_4(height), _multiple_of_4(width))
+        return size, min(max(input_hw), min(size))
+    if long_side / short_side > AUTO_ASPECT:
+        short = min(min(input_hw), short_side)
+        scaled = (short * height / short_side, short * width / short_side)
+        return (_multiple_of_4(scaled[0]), _multiple_of_4(scaled[1])), None
+    return None
