@@ -87,6 +87,32 @@ def test_a_tiled_model_scores_alike_in_every_engine_and_after_a_reload(pictures,
     np.testing.assert_allclose(exported.maps, again.maps, rtol=1e-4, atol=1e-4 * float(again.maps.max()))
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("statistics", ["position", "shared"])
+def test_scoring_tile_by_tile_equals_every_tile_at_once(pictures, statistics, masked, monkeypatch):
+    """The eager tiled path embeds, scores and stitches tiles group by group (in place); with groups
+    of one tile it gives the maps of the path export traces (all tiles embedded at once, stitched by
+    padding each tile to the picture), and the map's maximum is the score."""
+    import padim.core.scorer as scorer_module
+
+    root, paths = pictures
+    ignore = np.zeros((96, 64), dtype=bool)
+    ignore[30:70, 20:50] = True  # across tile borders
+    model = PaDiM(**TILED, tile_statistics=statistics, calibration_fraction=0,
+                  ignore_mask=ignore if masked else None).fit(paths[:12])
+    pixels = torch.as_tensor(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths[12:16]]))
+    scorer = model.scorer_
+    with torch.inference_mode():
+        all_at_once, _ = scorer.score_embeddings(scorer.embedder(pixels))
+        all_at_once = all_at_once.clone()
+        monkeypatch.setattr(scorer_module, "TILE_GROUP_BYTES", 1)  # one tile per group
+        one_by_one, scores = scorer(pixels)
+    np.testing.assert_allclose(one_by_one.numpy(), all_at_once.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(scores.numpy(), one_by_one.flatten(1).amax(dim=1).numpy())
+    if masked:
+        assert not one_by_one[:, ignore].any()
+
+
 def test_tile_options_are_checked_before_any_work():
     with pytest.raises(PadimError, match="`tile` must be"):
         PaDiM(**{**TILED, "tile": 200}).fit([np.zeros((8, 8, 3), np.uint8)] * 2)

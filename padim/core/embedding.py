@@ -72,8 +72,11 @@ class PatchEmbedder(nn.Module):
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 with the ImageNet mean/std, channels_last
         (a permuted view of the HWC result: no transposing copy); ignored pixels are 0."""
+        return self._normalised(pixels, self.keep)
+
+    def _normalised(self, pixels: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
         x = (pixels.to(torch.float32) * self.scale + self.shift).permute(0, 3, 1, 2)
-        return x if self.keep is None else x * self.keep
+        return x if keep is None else x * keep
 
     def centred(self, pixels: torch.Tensor) -> torch.Tensor:
         """``normalise`` before its per-channel factor: (B, H, W, 3) uint8 -> (B, 3, H, W) pixels minus
@@ -106,6 +109,25 @@ class PatchEmbedder(nn.Module):
                   plan=self.plan)
             del feature_maps
         return out
+
+    def tile_groups(self, pixels: torch.Tensor, max_bytes: int):
+        """uint8 pixels (B, H, W, 3) of a tiled model -> yields (first tile, boxes, embeddings (B g, h, w,
+        d)) for groups of g tiles whose embeddings take at most ``max_bytes`` (at least one tile): what
+        a tiled fit and tiled scoring stream, so that memory holds one group's tiles, not all T, and
+        never the whole picture in float (each group's tiles are cut from the pixels, then normalised:
+        the same numbers as normalising first). The embeddings are a reused buffer: use them before
+        the next group."""
+        side, n_img = self.tiles.tile, len(pixels)
+        grid_bytes = n_img * self.d * 4 * (side // 4) * (side // 4)  # about a tile's h w at layer1, d floats
+        group = max(1, min(len(self.tiles), max_bytes // max(1, grid_bytes)))
+        for start in range(0, len(self.tiles), group):
+            boxes = self.tiles.boxes[start : start + group]
+            tiles = torch.stack([pixels[:, top : top + side, left : left + side] for top, left in boxes], dim=1)
+            keep = None
+            if self.keep is not None:  # (g, S, S) -> (B g, 1, S, S), picture-major as the tiles
+                keep = torch.stack([self.keep[top : top + side, left : left + side] for top, left in boxes])
+                keep = keep.repeat(n_img, 1, 1).unsqueeze(1)
+            yield start, boxes, self.features(self._normalised(tiles.flatten(0, 1), keep))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.normalise(pixels)  # (B, 3, H, W)

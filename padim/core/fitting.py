@@ -21,7 +21,7 @@ from padim.settings.config import PadimConfig
 from padim.core.embedding import PatchEmbedder
 from padim.core.features import CPU_FORWARD_CHUNK, count_channels, make_reduction
 from padim.core.gaussian import GaussianAccumulator, store_factor
-from padim.core.scorer import PatchScorer, score_pixels
+from padim.core.scorer import TILE_GROUP_BYTES, PatchScorer, score_pixels
 from padim.core.statistics import FitStatistics, now
 from padim.core.tiling import embed_size, layout_of
 from padim.errors import DataError, PadimError
@@ -139,7 +139,14 @@ def accumulate(model, embedder: PatchEmbedder, config: PadimConfig, images, desc
     desc = desc if tiles is None else f"{desc} ({len(tiles)} tiles per image)"
     for pixels, _ in pixel_batches(images, config, model.batch_size, embedder.device, model.workers, model.progress,
                                    desc):
-        emb = embedder(pixels.to(embedder.device))  # (B, h, w, d); tiled: see PatchEmbedder
+        pixels = pixels.to(embedder.device)
+        if tiles is not None and tiles.shared and keep is None:  # every tile a sample: streamed, group by group
+            for _, _, emb in embedder.tile_groups(pixels, TILE_GROUP_BYTES):
+                feature_hw = tuple(emb.shape[1:3])
+                stats.update(emb.flatten(1, 2))  # (B g, P, d)
+            release_free_memory()
+            continue
+        emb = embedder(pixels)  # (B, h, w, d); tiled: see PatchEmbedder
         feature_hw = tuple(emb.shape[1:3])
         stats.update(emb.flatten(1, 2))  # (B, P, d)
         if keep is not None:

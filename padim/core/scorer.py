@@ -24,6 +24,12 @@ from padim.core.tiling import stitch
 from padim.files.memory import Workspace
 
 
+# at most this many bytes of tile embeddings at once when a tiled model fits or scores eagerly (about 40
+# tiles of 256 px at d = 100 for one picture; the Mahalanobis step holds two more of its size): beyond
+# it, the tiles are embedded and stitched group by group
+TILE_GROUP_BYTES = 64 * 2 ** 20
+
+
 class PatchScorer(nn.Module):
     """uint8 pixels (B, H, W, 3), already resized to the model's input -> anomaly maps (B, H, W)
     float32 and image scores (B,) float32.
@@ -123,7 +129,40 @@ class PatchScorer(nn.Module):
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._lean is not None:
             return self.finish(self._lean.scored(pixels)[0])
+        if self.tiles is not None and not self._tracing:
+            return self.score_tiles_streamed(pixels)
         return self.score_embeddings(self.embedder(pixels))
+
+    def score_tiles_streamed(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of a tiled model, eagerly, in groups of tiles: each group is cut, embedded,
+        scored, upsampled and added into the stitched map in place, so memory holds the map and one
+        group's tiles, not every tile's embeddings (a 20-megapixel picture has 425 tiles of 256 px:
+        their embeddings alone are 0.7 GB at d = 100), and stitching costs each tile's own pixels
+        (a tile placed by padding to the whole picture costs the whole picture per tile). The same
+        numbers as the traced path (``score_embeddings`` + ``stitch``) up to float rounding."""
+        tiles, (height, width) = self.tiles, self.input_size
+        n_img, side, grid = pixels.shape[0], tiles.tile, self.map_grid
+        positions = grid[0] * grid[1]
+        out = torch.zeros(n_img, height, width, dtype=torch.float32, device=pixels.device)
+        for start, boxes, emb in self.embedder.tile_groups(pixels, TILE_GROUP_BYTES):  # emb: (B g, h, w, d)
+            if tiles.shared:
+                mean, factor, patches = self.mean, self.factor, emb.flatten(1, 2)  # (B g, P, d)
+            else:  # each tile's own Gaussians: rows start P .. (start + g) P of the stacked grid
+                rows = slice(start * positions, (start + len(boxes)) * positions)
+                mean, factor, patches = self.mean[rows], self.factor[rows], emb.reshape(n_img, -1, emb.shape[-1])
+            if factor.dim() == 2:
+                distances = mahalanobis_packed(patches, mean, factor)
+            else:
+                distances = mahalanobis(patches, mean, factor, self._workspace)
+            maps = (self.rows @ distances.reshape(-1, *grid) @ self.cols_t) * self.window  # (B g, S, S)
+            maps = maps.reshape(n_img, len(boxes), side, side)
+            for index, (top, left) in enumerate(boxes):
+                out[:, top : top + side, left : left + side] += maps[:, index]
+            del emb, distances, maps
+        out *= self.inverse_total
+        if self.keep is not None:
+            out *= self.keep
+        return out, out.flatten(1).amax(dim=1)
 
 
 def score_pixels(scorer: PatchScorer, pixels) -> Tuple[np.ndarray, np.ndarray]:

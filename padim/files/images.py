@@ -32,6 +32,16 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 T = TypeVar("T")
 
+# decoded pixels of one batch at most (uint8): beyond it a batch holds fewer pictures than asked for.
+# A 20-megapixel picture is 60 MB of pixels and 240 MB once normalised; 32 of them would be 9.6 GB.
+BATCH_PIXEL_BYTES = 128 * 2 ** 20
+
+
+def pictures_per_batch(batch_size: int, input_size: Tuple[int, int]) -> int:
+    """``batch_size``, or fewer pictures of a large input size (at least 1): what a fit's and a
+    prediction's batches hold, so that memory does not grow with the picture times the batch."""
+    return max(1, min(batch_size, BATCH_PIXEL_BYTES // (input_size[0] * input_size[1] * 3)))
+
 
 def resize_crop(img: Image.Image, config: PadimConfig, resample: int) -> Image.Image:
     height, width = config.image_size
@@ -115,6 +125,7 @@ def pixel_batches(images: Sequence[ImageInput], config: PadimConfig, batch_size:
     import torch  # here, not at the top: decoding (load_pixels) must work without torch (padim.runtime)
 
     ahead = 0 if torch.device(device).type == "cpu" else 1
+    batch_size = pictures_per_batch(batch_size, config.input_size)
     batches = prefetched(list(images), batch_size, lambda item: load_pixels(item, config), workers, ahead)
     total = -(-len(images) // batch_size)
     disable = {False: True, None: None, True: False}[progress]

