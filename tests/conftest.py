@@ -147,6 +147,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("ray"))
     if not _SKIP_PASSED:
         return
+    if not Path(_SKIP_PASSED).is_file():
+        raise pytest.UsageError(f"PADIM_SKIP_PASSED={_SKIP_PASSED}: no such file (the first run records it)")
     passed = set(Path(_SKIP_PASSED).read_text().splitlines())
     kept = [item for item in items if item.nodeid not in passed]
     config.hook.pytest_deselected(items=[item for item in items if item.nodeid in passed])

@@ -66,12 +66,15 @@ def test_too_few_pictures_use_the_highest_score_and_say_so(fitted):
 
 def test_an_unreadable_picture_changes_nothing(fitted, tmp_path):
     model, good = fitted
-    copy = _copy(model)
+    copy = _copy(model).recalibrate(good[:10], target_fpr=0.2)
+    before = {key: getattr(copy, key) for key in vars(copy) if key.endswith("_")}
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a picture")
     with pytest.raises(DataError, match="broken.png"):
-        copy.recalibrate([*good[:3], broken])
-    assert copy.calibration_ is None and copy.image_threshold_ is None
+        copy.recalibrate([*good[10:13], broken], target_fpr=0.1)
+    after = {key: getattr(copy, key) for key in vars(copy) if key.endswith("_")}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert copy.target_fpr == 0.2 and copy.calibration_.n == 10
 
 
 def test_cli_writes_a_new_file_and_leaves_the_model_alone(fitted, tmp_path, capsys):
@@ -110,3 +113,16 @@ def _copy(model):
 
     with tempfile.TemporaryDirectory() as folder:
         return PaDiM.load(_saved(model, Path(folder) / "m.safetensors"), device="cpu")
+
+
+def test_an_int8_export_of_a_recalibrated_model_is_refused_saying_why():
+    """int8 thresholds are recomputed on the fit's held-out training pictures: a recalibrated model's
+    thresholds came from other pictures, so its int8 export is refused in one line, before any work."""
+    from padim.deploy.quantize import held_out_split
+    from padim.errors import PadimError
+
+    metadata = {"calibrated_by": "padim recalibrate", "calibration_date": "2026-12-07T10:00:00+00:00",
+                "n_train_images": 10, "n_calibration_images": 20, "config": {"seed": 0}}
+    with pytest.raises(PadimError, match="recalibration .padim recalibrate") as refused:
+        held_out_split(metadata, [f"{i}.png" for i in range(30)])
+    assert "\n" not in str(refused.value)

@@ -87,9 +87,10 @@ def test_a_tiled_model_scores_alike_in_every_engine_and_after_a_reload(pictures,
     np.testing.assert_allclose(exported.maps, again.maps, rtol=1e-4, atol=1e-4 * float(again.maps.max()))
 
 
+@pytest.mark.parametrize("group", [1, 4])  # 6 tiles: groups of one, and 4 + 2
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("statistics", ["position", "shared"])
-def test_scoring_tile_by_tile_equals_every_tile_at_once(pictures, statistics, masked, monkeypatch):
+def test_scoring_tile_by_tile_equals_every_tile_at_once(pictures, statistics, masked, group, monkeypatch):
     """The eager tiled path embeds, scores and stitches tiles group by group (in place); with groups
     of one tile it gives the maps of the path export traces (all tiles embedded at once, stitched by
     padding each tile to the picture), and the map's maximum is the score."""
@@ -105,7 +106,8 @@ def test_scoring_tile_by_tile_equals_every_tile_at_once(pictures, statistics, ma
     with torch.inference_mode():
         all_at_once, _ = scorer.score_embeddings(scorer.embedder(pixels))
         all_at_once = all_at_once.clone()
-        monkeypatch.setattr(scorer_module, "TILE_GROUP_BYTES", 1)  # one tile per group
+        per_tile = len(pixels) * scorer.embedder.d * 4 * (48 // 4) ** 2  # tile_groups' estimate of one tile
+        monkeypatch.setattr(scorer_module, "TILE_GROUP_BYTES", group * per_tile)
         one_by_one, scores = scorer(pixels)
     np.testing.assert_allclose(one_by_one.numpy(), all_at_once.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(scores.numpy(), one_by_one.flatten(1).amax(dim=1).numpy())

@@ -68,6 +68,11 @@ def cmd_update(args) -> None:
                              + (f" (models there: {', '.join(verdicts.models)}; --log-model NAME)" if verdicts.models else ""))
     before = model.n_train_images_
     model.partial_fit(images)
+    if verdicts is not None:  # before the model is written: a picture gone since is one line, nothing written
+        from padim.cli.checks import defects_folder
+        from padim.monitor.verdicts import keep_labelled
+
+        keep_labelled(verdicts.defect, defects_folder(args))
     writes = [(args.output, model.save)]
     if args.keep_statistics is not None:
         writes.append((args.keep_statistics, model.statistics_.save))
@@ -75,11 +80,7 @@ def cmd_update(args) -> None:
     print(f"added {len(images)} images to {before}: {args.output} is fitted on {model.n_train_images_} images"
           + (f"; statistics -> {args.keep_statistics}" if args.keep_statistics is not None else ""))
     if verdicts is not None:
-        from padim.cli.checks import defects_folder
-        from padim.monitor.verdicts import keep_labelled
-
         folder = defects_folder(args)
-        keep_labelled(verdicts.defect, folder)
         print(f"from the line: {len(verdicts.good)} pictures operators marked good ({verdicts.false_alarms} of them "
               f"false alarms) added; {len(verdicts.defect)} marked defect -> {folder}"
               + (f"; {verdicts.unmatched} verdicts on pictures not kept" if verdicts.unmatched else ""))

@@ -84,6 +84,11 @@ def held_out_split(metadata: dict, images: Sequence, hashes: Optional[Sequence[s
         raise PadimError(f"`precision` int8 recomputes the thresholds on the model's held-out images; "
                          f"{metadata['stale_images']} good images were added to this model (padim update) after its "
                          "calibration, so none are held out from its Gaussians: refit it to export it to int8")
+    if metadata.get("calibrated_by") not in (None, "fit"):
+        raise PadimError(f"`precision` int8 recomputes the thresholds on the model's held-out training images; this "
+                         f"model's thresholds come from a recalibration ({metadata['calibrated_by']}, "
+                         f"{metadata.get('calibration_date')}) on other pictures: export the model file as it was "
+                         "fitted to int8, or export this one in f32")
     fraction = metadata.get("calibration_fraction")  # None in files whose estimator did not store it
     expected = n_held if fraction is None else cal.calibration_size(len(images), float(fraction))
     if len(images) != (n_fit or 0) + n_held or expected != n_held:

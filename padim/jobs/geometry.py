@@ -55,6 +55,8 @@ def choose_geometry(images: Sequence, params: dict, note: Callable[[str], None])
         seen = f"the training pictures are {_shown(median)} px (median of {len(images)})"
         if auto:
             params["tile"] = None
+            if chosen is None or chosen[1] is None:
+                params["tile_overlap"] = None  # no tiles: an overlap asked for has nothing to apply to
             if chosen is None:
                 note(f"--tile auto: {seen}, within twice the {_shown(input_hw)} input and not long: no tiles, "
                      f"--image-size {_shown(input_hw)}")

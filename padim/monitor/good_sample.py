@@ -13,9 +13,12 @@ of the new state of the line (the first ``size`` all kept, then each with probab
 
 Vitter's algorithm R: the t-th picture is kept with probability size / t, in place of a kept one
 chosen at random, so every picture seen since the restart is in the sample with probability
-size / t. Storage: a ``FlaggedStore`` (atomic image + sidecar pairs, a byte limit); ``seen`` is
-written beside it (``.seen``) so that a restart of the service keeps sampling uniformly (up to the
-pictures scored after the last kept one, which are counted again from that point).
+size / t. Storage: a ``FlaggedStore`` (atomic image + sidecar pairs; its byte limit drops the oldest
+first, which only a sample of pictures larger than the limit reaches); ``seen`` is written beside it
+(``.seen``) with each kept picture, not with every one offered (a write per scored picture would
+serialise the service on the disk), so a restart of the service counts from the last kept picture.
+The operators' verdicts the service matches the sample with are held in memory
+(``OverrideCounter``: the last 100,000 requests, not across restarts).
 """
 
 from __future__ import annotations
@@ -63,8 +66,7 @@ class GoodSample:
             if len(kept) >= self.size:
                 slot = int(self._rng.integers(self.seen))
                 if slot >= self.size:
-                    self._write_seen()
-                    return None
+                    return None  # not kept: nothing written (``seen`` is saved with the next kept one)
                 replace = kept[min(slot, len(kept) - 1)]
             if replace is not None:
                 self.store.remove(replace)

@@ -106,9 +106,14 @@ def keep_labelled(defects: Sequence[Tuple[Path, dict]], folder: Path) -> int:
     for path, record in defects:
         if (record.get("request_id"), record.get("index")) in known:
             continue
-        data = path.read_bytes()
-        atomic_write(folder / path.name, lambda f: f.write(data), DecisionLogError, "labelled picture")
-        added.append({**record, "picture": path.name})
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DecisionLogError(f"kept picture {path} cannot be read ({exc.strerror or exc}): was it dropped "
+                                   "while this ran?") from None
+        name = f"{record.get('request_id')}-{record.get('index')}-{path.name[11:] or path.name}"  # unique per image
+        atomic_write(folder / name, lambda f: f.write(data), DecisionLogError, "labelled picture")
+        added.append({**record, "picture": name})
     if added:
         with open(labels, "ab") as handle:
             handle.write(encode_lines(added))

@@ -154,9 +154,12 @@ class Monitoring:
 
     def _alarm(self, name: str, sha256: Optional[str], state: dict, stream: str) -> None:
         s = state["streams"][stream]
-        sample = self.sample(name)
-        if sample is not None:
-            sample.restart()  # the pictures kept so far are of the line before the change
+        try:
+            sample = self.sample(name)
+            if sample is not None:
+                sample.restart()  # the pictures kept so far are of the line before the change
+        except DecisionLogError as exc:
+            self.log.warning("padim serve: the sample of model %s was not emptied: %s", name, one_line(exc, typed=False))
         self.metrics.drift_alarms.labels(name, stream).inc()
         self.log.warning("padim serve: drift alarm: model %s (version %s), stream %s: martingale 10^%.2f >= 1/delta "
                          "= %g at image %d since reset: %s", name, (sha256 or "?")[:12], stream,
@@ -190,7 +193,11 @@ class Monitoring:
         is one log line), its verdicts remembered for feedback. Raises LogUnavailable."""
         if self.decisions is not None:
             self._write(records)
-        sample = self.sample(name)
+        try:
+            sample = self.sample(name)
+        except DecisionLogError as exc:  # the folder cannot be used: the decisions are still given
+            sample = None
+            self.log.warning("padim serve: no sample of model %s kept: %s", name, one_line(exc, typed=False))
         for record, upload in zip(records, uploads) if sample is not None else ():
             if record.get("error") is None:
                 try:

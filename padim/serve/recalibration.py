@@ -20,6 +20,7 @@ The guarantee afterwards covers pictures exchangeable with the recalibration pic
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -76,6 +77,24 @@ def confirmed_pictures(monitoring, name: str, since: Optional[str], include_unco
     return pictures, counts
 
 
+def copies(pictures, folder: Path) -> list:
+    """[(copy, original)] of the chosen pictures still there, copied into ``folder`` (their unique
+    sample names kept): the sample drops pictures as new ones arrive and empties at a drift alarm,
+    while recalibration reads them."""
+    kept = []
+    for picture in pictures:
+        try:
+            data = Path(picture).read_bytes()
+        except OSError:
+            continue  # dropped from the sample since it was chosen
+        target = folder / Path(picture).name
+        target.write_bytes(data)
+        kept.append((target, picture))
+    if not kept:
+        raise RecalibrationRefused("the chosen pictures left the sample before they could be read: ask again")
+    return kept
+
+
 def recalibrate_served(service, name: str, since: Optional[str] = None, include_unconfirmed: bool = False,
                        target_fpr: Optional[float] = None) -> dict:
     """Recalibrates the version serving ``name`` and swaps the result in -> the answer (see the module)."""
@@ -101,10 +120,14 @@ def recalibrate_served(service, name: str, since: Optional[str] = None, include_
         if sha256 != version.sha256:
             raise RecalibrationRefused(f"model file {path.name} changed since the version serving was loaded: it is "
                                        "being reloaded; ask again once it serves")
-        model = PaDiM.load(content, device="cpu", batch_size=min(16, service.settings.max_batch), workers=1)
+        device = str(getattr(version.model, "device_", "cpu"))  # where the serving version scores
+        model = PaDiM.load(content, device=device, batch_size=min(16, service.settings.max_batch), workers=1)
         before = model.image_threshold_
-        model.recalibrate(pictures, target_fpr=target_fpr)
+        with tempfile.TemporaryDirectory() as scratch:  # the sample changes while requests arrive: copies
+            copied = copies(pictures, Path(scratch))
+            model.recalibrate([copy for copy, _ in copied], target_fpr=target_fpr)
         model.calibrated_by_ = "padim serve"
+        model.calibration_images_ = [str(original) for _, original in copied]  # where they were sampled
         stamp = datetime.now().astimezone().strftime("%Y%m%dT%H%M%S")
         kept = path.with_name(f"{path.name}.before-recalibration-{stamp}")
         atomic_write(kept, lambda f: f.write(bytes(content.data)), RecalibrationRefused, "previous model file")

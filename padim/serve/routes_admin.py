@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
+from padim.errors import PadimError
 from padim.monitor import DecisionLogError
 from padim.serve.monitoring import MEANING, LogUnavailable
 from padim.serve.recalibration import RecalibrationRefused, recalibrate_served
@@ -124,7 +125,9 @@ def add_admin_routes(app: FastAPI, service, require_key, retry: dict) -> None:
             return await asyncio.get_running_loop().run_in_executor(
                 None, recalibrate_served, service, version.name, body.since, body.include_unconfirmed, body.target_fpr)
         except RecalibrationRefused as exc:
-            raise HTTPException(409, " ".join(str(exc).split())) from None
+            raise HTTPException(422 if str(exc).startswith("since") else 409, " ".join(str(exc).split())) from None
+        except PadimError as exc:  # a picture that cannot be read, a file that cannot be written or served
+            raise HTTPException(409, f"recalibration failed: {' '.join(str(exc).split())}") from None
 
     def reloader():
         if service.reloader is None:
