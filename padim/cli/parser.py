@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from padim.cli.arg_types import size_value, tile_value
 from padim.cli.line_options import drift_option, line_options
 from padim.cli.one_line_parser import OneLineParser  # noqa: F401  (also imported from here)
 from padim.version import __version__
@@ -17,27 +18,6 @@ ENGINE_NAMES, PRECISION_NAMES = ("torch", "onnxruntime", "openvino"), ("f32", "b
 REDUCTION_NAMES, COVARIANCE_NAMES = ("random", "semi-orthogonal"), ("fixed", "oas", "ledoit-wolf")  # = padim.settings.config's
 # what a command that needs PyTorch imports: its absence is a one-line error, not a traceback
 TORCH_STACK = ("torch", "torchvision", "timm", "scipy", "sklearn", "matplotlib", "tqdm")
-
-
-def _tile(text: str):
-    """'auto' or a whole number of pixels."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of pixels or auto, got {text!r}") from None
-
-
-def _size(text: str):
-    """'256' -> 256, '256x320' -> (256, 320) (height x width)."""
-    try:
-        if "x" in text.lower():
-            height, width = text.lower().split("x")
-            return (int(height), int(width))
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +44,7 @@ def _engine_option(parser: argparse.ArgumentParser, export_help: str) -> None:
 
 
 def _tile_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tile", type=_tile, default=None, metavar="S|auto",
+    parser.add_argument("--tile", type=tile_value, default=None, metavar="S|auto",
                         help="cut each picture, at --image-size (HxW, up to its native size), into S x S tiles, each "
                              "embedded at S x S; maps stitched back; for large pictures and small defects. auto: the "
                              "rule from the training pictures' size and aspect (tiles when their long side is more "
@@ -114,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--layers", default=None,
                      help="comma-separated feature layers, shallow to deep (default: layer1,layer2,layer3 for "
                           "ResNets; blocks.1,blocks.2,blocks.4 for efficientnet_lite0)")
-    fit.add_argument("--image-size", type=_size, default=256, help="resize images to N or HxW pixels (default: 256)")
-    fit.add_argument("--crop", type=_size, default=None,
+    fit.add_argument("--image-size", type=size_value, default=256, help="resize images to N or HxW pixels (default: 256)")
+    fit.add_argument("--crop", type=size_value, default=None,
                      help="centre crop N or HxW after the resize (the paper: --image-size 256 --crop 224)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the random channel subset (default: 0)")
     fit.add_argument("--factor-dtype", default="float32", choices=["float32", "float16"],
@@ -283,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backbone", default="resnet18", choices=BACKBONE_NAMES, help="(default: resnet18)")
     bench.add_argument("--weights", default="imagenet", help="imagenet, a state_dict file, or random (tests only)")
     bench.add_argument("--n-features", type=int, default=None, help="d (default: the backbone's)")
-    bench.add_argument("--image-size", type=_size, default=256, help="N or HxW (default: 256)")
+    bench.add_argument("--image-size", type=size_value, default=256, help="N or HxW (default: 256)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the channel subset (default: 0)")
     _accuracy_options(bench)
     _tile_options(bench)
