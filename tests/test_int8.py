@@ -233,12 +233,16 @@ def test_an_int8_export_scores_without_torch(int8):
 # int8 - f32 on this subset, measured here (2-core AMD EPYC, AVX2 without VNNI or AVX-512, OpenVINO
 # 2026.4, NNCF 3.4; efficientnet_lite0, 256 px, fitted on every 4th training image: 171 + 20 held out;
 # every 3rd test image of each kind): f32 image AUROC 0.8932, pixel AUROC 0.7184, AUPRO 0.6169;
-# int8 - f32: -0.0043, 0.0000, -0.0006. On the whole set (685 + 76 held out, 583 test images):
+# int8 - f32: -0.0043, 0.0000, -0.0006 (quantised on all 171 fit images; on 48 of them, as below:
+# -0.0038, +0.0024, -0.0042). On the whole set (685 + 76 held out, 583 test images):
 # f32 0.9199 / 0.7312 / 0.6518, int8 - f32: -0.0020 / +0.0029 / -0.0086 (without the refitted
 # Gaussians: -0.0276 / +0.0026 / -0.0176). The bound leaves room for another CPU's int8 kernels; it is
 # not the 0.005 target (benchmarks/engines.py measures that on whole sets).
-INT8_MEASURED = {"image_AUROC": -0.0043, "pixel_AUROC": 0.0, "pixel_AUPRO": -0.0006}
+INT8_MEASURED = {"image_AUROC": -0.0038, "pixel_AUROC": 0.0024, "pixel_AUPRO": -0.0042}
 INT8_BOUND = 0.015
+# NNCF's activation ranges from 48 of the 171 fit images here (the command's default is 300, i.e. all
+# 171): its two statistics passes over 171 images took about a third of this test
+INT8_QUANTIZATION_IMAGES = 48
 
 
 def test_int8_accuracy_on_magnetic_tile(magnetic_tile_model, tmp_path):
@@ -250,7 +254,7 @@ def test_int8_accuracy_on_magnetic_tile(magnetic_tile_model, tmp_path):
     category = every_third_test_image(category)
     model.save(tmp_path / "m.safetensors")
     f32 = export_file(tmp_path / "m.safetensors", "openvino", tmp_path / "f32", model=model)
-    int8 = export_int8(tmp_path / "m.safetensors", train, tmp_path / "int8", model=model)
+    int8 = export_int8(tmp_path / "m.safetensors", train, tmp_path / "int8", model=model, n_images=INT8_QUANTIZATION_IMAGES)
     metrics = {}
     for name, folder, precision in (("f32", f32, "f32"), ("int8", int8, "int8")):
         engine = ExportedModel(folder, "openvino", precision)
