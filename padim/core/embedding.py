@@ -122,12 +122,11 @@ class PatchEmbedder(nn.Module):
         group = max(1, min(len(self.tiles), max_bytes // max(1, grid_bytes)))
         for start in range(0, len(self.tiles), group):
             boxes = self.tiles.boxes[start : start + group]
-            tiles = torch.stack([pixels[:, top : top + side, left : left + side] for top, left in boxes], dim=1)
+            tiles = cut(pixels.permute(0, 3, 1, 2), boxes, side).permute(0, 2, 3, 1)  # (B g, S, S, 3) uint8 views
             keep = None
-            if self.keep is not None:  # (g, S, S) -> (B g, 1, S, S), picture-major as the tiles
-                keep = torch.stack([self.keep[top : top + side, left : left + side] for top, left in boxes])
-                keep = keep.repeat(n_img, 1, 1).unsqueeze(1)
-            yield start, boxes, self.features(self._normalised(tiles.flatten(0, 1), keep))
+            if self.keep is not None:  # (g, 1, S, S) -> (B g, 1, S, S), picture-major as the tiles
+                keep = cut(self.keep[None, None], boxes, side).repeat(n_img, 1, 1, 1)
+            yield start, boxes, self.features(self._normalised(tiles, keep))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.normalise(pixels)  # (B, 3, H, W)
